@@ -1,0 +1,237 @@
+//! Record filters, evaluated on the worker before anything is rendered.
+//!
+//! ```json
+//! "filter": {"or": [{"status_code": {"ge": 500}}, {"sample": 0.01}]}
+//! ```
+//! keeps every 5xx and 1% of the rest. `sample` is stable per `x-request-id`: the same request
+//! is kept or dropped by every logger (and every proxy) using the same fraction.
+use serde::Deserialize;
+
+use envoy_obs_common::ffi::access_log::{timing, HeaderKind, Stream};
+
+use crate::format::{Ctx, RESPONSE_FLAGS};
+
+/// Bounds on a number; every bound given must hold.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cmp {
+    /// equal to
+    pub eq: Option<u64>,
+    /// not equal to
+    pub ne: Option<u64>,
+    /// greater than
+    pub gt: Option<u64>,
+    /// greater than or equal to
+    pub ge: Option<u64>,
+    /// less than
+    pub lt: Option<u64>,
+    /// less than or equal to
+    pub le: Option<u64>,
+}
+
+impl Cmp {
+    fn holds(&self, v: u64) -> bool {
+        self.eq.is_none_or(|b| v == b)
+            && self.ne.is_none_or(|b| v != b)
+            && self.gt.is_none_or(|b| v > b)
+            && self.ge.is_none_or(|b| v >= b)
+            && self.lt.is_none_or(|b| v < b)
+            && self.le.is_none_or(|b| v <= b)
+    }
+    fn is_empty(&self) -> bool {
+        *self == Cmp::default()
+    }
+}
+
+/// The filter as written in config.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum FilterSpec {
+    /// HTTP status (`%RESPONSE_CODE%`, 0 when there was none).
+    StatusCode(Cmp),
+    /// Total duration in ms (`%DURATION%`).
+    DurationMs(Cmp),
+    /// Any of these response flags (short `UF` or long `UpstreamConnectionFailure` names);
+    /// an empty list means "any flag at all".
+    ResponseFlags(Vec<String>),
+    /// Health-check requests (`true`) or everything else (`false`).
+    HealthCheck(bool),
+    /// Keep this fraction (0..=1), stable per x-request-id.
+    Sample(f64),
+    /// All must hold.
+    And(Vec<FilterSpec>),
+    /// At least one must hold.
+    Or(Vec<FilterSpec>),
+    /// Must not hold.
+    Not(Box<FilterSpec>),
+}
+
+/// A compiled filter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    /// status code bounds
+    Status(Cmp),
+    /// duration bounds (ms)
+    Duration(Cmp),
+    /// response-flag mask (0 = any flag)
+    Flags(u64),
+    /// health-check or not
+    HealthCheck(bool),
+    /// keep hashes <= threshold
+    Sample(u64),
+    /// all
+    And(Vec<Filter>),
+    /// any
+    Or(Vec<Filter>),
+    /// not
+    Not(Box<Filter>),
+}
+
+impl FilterSpec {
+    /// Validates and compiles; errors name the field path under `filter`.
+    pub fn compile(&self, path: &str) -> Result<Filter, String> {
+        Ok(match self {
+            FilterSpec::StatusCode(c) | FilterSpec::DurationMs(c) if c.is_empty() => {
+                return Err(format!("{path}: give at least one of eq, ne, gt, ge, lt, le"))
+            }
+            FilterSpec::StatusCode(c) => Filter::Status(c.clone()),
+            FilterSpec::DurationMs(c) => Filter::Duration(c.clone()),
+            FilterSpec::ResponseFlags(names) => {
+                let mut mask = 0u64;
+                for n in names {
+                    let bit = RESPONSE_FLAGS
+                        .iter()
+                        .position(|(s, l)| s == n || l == n)
+                        .ok_or_else(|| format!("{path}.response_flags: unknown response flag {n:?}"))?;
+                    mask |= 1 << bit;
+                }
+                Filter::Flags(mask)
+            }
+            FilterSpec::HealthCheck(b) => Filter::HealthCheck(*b),
+            FilterSpec::Sample(f) => {
+                if !(0.0..=1.0).contains(f) {
+                    return Err(format!("{path}.sample: must be a fraction between 0 and 1, got {f}"));
+                }
+                Filter::Sample(if *f >= 1.0 { u64::MAX } else { (*f * u64::MAX as f64) as u64 })
+            }
+            FilterSpec::And(v) | FilterSpec::Or(v) if v.is_empty() => {
+                return Err(format!("{path}: and/or need at least one filter"))
+            }
+            FilterSpec::And(v) => Filter::And(
+                v.iter().enumerate().map(|(i, f)| f.compile(&format!("{path}.and[{i}]"))).collect::<Result<_, _>>()?,
+            ),
+            FilterSpec::Or(v) => Filter::Or(
+                v.iter().enumerate().map(|(i, f)| f.compile(&format!("{path}.or[{i}]"))).collect::<Result<_, _>>()?,
+            ),
+            FilterSpec::Not(f) => Filter::Not(Box::new(f.compile(&format!("{path}.not"))?)),
+        })
+    }
+}
+
+/// FNV-1a followed by a 64-bit finaliser: cheap, and well spread even for UUIDs that differ
+/// in a few characters.
+pub fn stable_hash(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &c in b {
+        h ^= c as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+impl Filter {
+    /// Whether the record is kept.
+    pub fn keep<S: Stream>(&self, cx: &Ctx<'_, S>) -> bool {
+        match self {
+            Filter::Status(c) => c.holds(cx.stream.response_code() as u64),
+            Filter::Duration(c) => match cx.timing().get(timing::REQUEST_COMPLETE) {
+                Some(ns) => c.holds((ns.max(0) / 1_000_000) as u64),
+                None => false,
+            },
+            Filter::Flags(mask) => {
+                let f = cx.stream.response_flags();
+                if *mask == 0 {
+                    f != 0
+                } else {
+                    f & mask != 0
+                }
+            }
+            Filter::HealthCheck(b) => cx.stream.is_health_check() == *b,
+            Filter::Sample(threshold) => {
+                if *threshold == u64::MAX {
+                    return true;
+                }
+                let id = cx.stream.header(HeaderKind::Request, b"x-request-id").unwrap_or(&[]);
+                stable_hash(id) <= *threshold
+            }
+            Filter::And(v) => v.iter().all(|f| f.keep(cx)),
+            Filter::Or(v) => v.iter().any(|f| f.keep(cx)),
+            Filter::Not(f) => !f.keep(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::tests::FakeStream;
+
+    fn compile(j: serde_json::Value) -> Result<Filter, String> {
+        let spec: FilterSpec = serde_json::from_value(j).map_err(|e| e.to_string())?;
+        spec.compile("filter")
+    }
+
+    #[test]
+    fn five_xx_and_one_percent_of_the_rest() {
+        let f = compile(serde_json::json!({"or": [{"status_code": {"ge": 500}}, {"sample": 0.01}]})).unwrap();
+        let mut s = FakeStream::ok();
+        let mut kept = 0;
+        for i in 0..20_000 {
+            s.req.insert(b"x-request-id".to_vec(), format!("{:08x}-aaaa-4bbb-8ccc-{i:012x}", i * 7919).into_bytes());
+            if f.keep(&Ctx::new(&s, 6)) {
+                kept += 1;
+            }
+        }
+        assert!((140..=260).contains(&kept), "1% of 20000 = 200, kept {kept}");
+        s.code = 503;
+        assert!(f.keep(&Ctx::new(&s, 6)));
+    }
+
+    #[test]
+    fn sampling_is_stable_per_request_id() {
+        let f = compile(serde_json::json!({"sample": 0.5})).unwrap();
+        let s = FakeStream::ok();
+        let first = f.keep(&Ctx::new(&s, 6));
+        for _ in 0..10 {
+            assert_eq!(f.keep(&Ctx::new(&s, 6)), first);
+        }
+    }
+
+    #[test]
+    fn flags_duration_health_check_not() {
+        let mut s = FakeStream::ok();
+        s.flags = 1 << 8; // NR
+        assert!(compile(serde_json::json!({"response_flags": ["NR"]})).unwrap().keep(&Ctx::new(&s, 6)));
+        assert!(compile(serde_json::json!({"response_flags": []})).unwrap().keep(&Ctx::new(&s, 6)));
+        assert!(!compile(serde_json::json!({"response_flags": ["UpstreamConnectionFailure"]}))
+            .unwrap()
+            .keep(&Ctx::new(&s, 6)));
+        assert!(compile(serde_json::json!({"duration_ms": {"lt": 3}})).unwrap().keep(&Ctx::new(&s, 6)));
+        assert!(!compile(serde_json::json!({"duration_ms": {"ge": 3}})).unwrap().keep(&Ctx::new(&s, 6)));
+        assert!(compile(serde_json::json!({"not": {"health_check": true}})).unwrap().keep(&Ctx::new(&s, 6)));
+        s.health_check = true;
+        assert!(compile(serde_json::json!({"health_check": true})).unwrap().keep(&Ctx::new(&s, 6)));
+    }
+
+    #[test]
+    fn bad_filters_name_the_field() {
+        assert!(compile(serde_json::json!({"sample": 2.0})).unwrap_err().contains("filter.sample"));
+        assert!(compile(serde_json::json!({"status_code": {}})).unwrap_err().contains("filter"));
+        assert!(compile(serde_json::json!({"or": [{"response_flags": ["XX"]}]})).unwrap_err().contains("filter.or[0]"));
+        assert!(compile(serde_json::json!({"bogus": 1})).is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! JSON string escaping that always yields valid JSON: invalid UTF-8 becomes U+FFFD, control
+//! characters become `\uXXXX` (or their short escapes), quotes and backslashes are escaped.
+
+const fn build_table() -> [u8; 256] {
+    // 0 = copy, b'u' = \u00XX, other = short escape letter.
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = b'u';
+        i += 1;
+    }
+    t[b'\n' as usize] = b'n';
+    t[b'\r' as usize] = b'r';
+    t[b'\t' as usize] = b't';
+    t[0x08] = b'b';
+    t[0x0c] = b'f';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+}
+static ESCAPE: [u8; 256] = build_table();
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends `s` (valid UTF-8) escaped, without quotes.
+#[inline]
+fn escape_str(s: &[u8], out: &mut Vec<u8>) {
+    let mut start = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let e = ESCAPE[b as usize];
+        if e == 0 {
+            continue;
+        }
+        out.extend_from_slice(&s[start..i]);
+        out.push(b'\\');
+        if e == b'u' {
+            out.extend_from_slice(&[b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+        } else {
+            out.push(e);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&s[start..]);
+}
+
+/// Appends arbitrary bytes escaped, without quotes.
+#[inline]
+pub fn escape_into(s: &[u8], out: &mut Vec<u8>) {
+    match std::str::from_utf8(s) {
+        Ok(_) => escape_str(s, out),
+        Err(_) => escape_str(String::from_utf8_lossy(s).as_bytes(), out),
+    }
+}
+
+/// Appends arbitrary bytes as a quoted JSON string.
+#[inline]
+pub fn quoted(s: &[u8], out: &mut Vec<u8>) {
+    out.push(b'"');
+    escape_into(s, out);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_bytes_give_valid_json() {
+        let cases: Vec<&[u8]> =
+            vec![b"plain", b"q\"b\\s", b"\x00\x01\x1f\x7f\n\t", b"bad\xff\xfeutf8\xc3", "é€😀".as_bytes()];
+        for c in cases {
+            let mut out = Vec::new();
+            quoted(c, &mut out);
+            let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+            let s = v.as_str().unwrap();
+            assert_eq!(s, String::from_utf8_lossy(c));
+        }
+    }
+}

@@ -1,0 +1,847 @@
+//! The format engine: Envoy's command operators (`%REQ(X?Y):N%`, `%START_TIME(fmt)%`, ...)
+//! compiled once at config load into a plan of getter calls, rendered per record into a
+//! caller-owned buffer. One engine for every logger (JSON today, OTLP bodies/attributes next).
+//!
+//! Rendering follows Envoy 1.40's `json_format`: a value that is exactly one operator is
+//! typed (numbers as numbers, unavailable as `null`); a value mixing text and operators is a
+//! string where unavailable operators print `-`; keys are emitted in sorted order.
+use std::cell::Cell;
+
+use envoy_obs_common::ffi::access_log::{
+    timing as t, AddrField, Bytes, CertTime, HeaderKind, MetaValue, SanField, StrField, Stream, Timing,
+};
+
+pub mod escape;
+pub mod time;
+
+use escape::{escape_into, quoted};
+use time::TimeFormat;
+
+/// A value an operator produced for one record.
+pub enum Val<'a> {
+    /// Not available (JSON `null`, text `-`).
+    Null,
+    /// Unsigned number.
+    U(u64),
+    /// Signed number.
+    I(i64),
+    /// Floating point number.
+    F(f64),
+    /// Boolean.
+    B(bool),
+    /// Bytes borrowed from Envoy or the plan.
+    S(&'a [u8]),
+    /// An IP (or other address string) and port, rendered `ip:port` / `[v6]:port`.
+    Addr(&'a [u8], u32),
+    /// A time, rendered with a compiled format.
+    Time(i64, &'a TimeFormat),
+    /// Response flags bitmask, short (`UF,URX`) or long names.
+    Flags(u64, bool),
+    /// Rarely used values that need assembling (SAN lists).
+    Owned(Vec<u8>),
+}
+
+/// Short and long names of Envoy's response flags, by bit number.
+pub const RESPONSE_FLAGS: [(&str, &str); 30] = [
+    ("LH", "FailedLocalHealthCheck"),
+    ("UH", "NoHealthyUpstream"),
+    ("UT", "UpstreamRequestTimeout"),
+    ("LR", "LocalReset"),
+    ("UR", "UpstreamRemoteReset"),
+    ("UF", "UpstreamConnectionFailure"),
+    ("UC", "UpstreamConnectionTermination"),
+    ("UO", "UpstreamOverflow"),
+    ("NR", "NoRouteFound"),
+    ("DI", "DelayInjected"),
+    ("FI", "FaultInjected"),
+    ("RL", "RateLimited"),
+    ("UAEX", "UnauthorizedExternalService"),
+    ("RLSE", "RateLimitServiceError"),
+    ("DC", "DownstreamConnectionTermination"),
+    ("URX", "UpstreamRetryLimitExceeded"),
+    ("SI", "StreamIdleTimeout"),
+    ("IH", "InvalidEnvoyRequestHeaders"),
+    ("DPE", "DownstreamProtocolError"),
+    ("UMSDR", "UpstreamMaxStreamDurationReached"),
+    ("RFCF", "ResponseFromCacheFilter"),
+    ("NFCF", "NoFilterConfigFound"),
+    ("DT", "DurationTimeout"),
+    ("UPE", "UpstreamProtocolError"),
+    ("NC", "NoClusterFound"),
+    ("OM", "OverloadManager"),
+    ("DF", "DnsResolutionFailed"),
+    ("DO", "DropOverLoad"),
+    ("DR", "DownstreamRemoteReset"),
+    ("UDO", "UnconditionalDropOverload"),
+];
+
+const ACCESS_LOG_TYPES: [&str; 14] = [
+    "NotSet",
+    "TcpUpstreamConnected",
+    "TcpPeriodic",
+    "TcpConnectionEnd",
+    "DownstreamStart",
+    "DownstreamPeriodic",
+    "DownstreamEnd",
+    "UpstreamPoolReady",
+    "UpstreamPeriodic",
+    "UpstreamEnd",
+    "DownstreamTunnelSuccessfullyEstablished",
+    "UdpTunnelUpstreamConnected",
+    "UdpPeriodic",
+    "UdpSessionEnd",
+];
+
+/// Which part of the `traceparent` header an operator reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TraceField {
+    TraceId,
+    SpanId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AddrForm {
+    WithPort,
+    WithoutPort,
+    Port,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Num {
+    BytesReceived,
+    BytesSent,
+    UpstreamWireSent,
+    UpstreamWireReceived,
+    DownstreamWireSent,
+    DownstreamWireReceived,
+    RequestHeadersBytes,
+    ResponseHeadersBytes,
+    ResponseTrailersBytes,
+    ResponseCode,
+    AttemptCount,
+    ConnectionId,
+    UpstreamConnectionId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dur {
+    Total,
+    Request,
+    RequestTx,
+    Response,
+    ResponseTx,
+    PoolReady,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Op {
+    Header { kind: HeaderKind, names: Vec<Vec<u8>> },
+    StartTime(TimeFormat),
+    Str(StrField),
+    Num(Num),
+    Dur(Dur),
+    Addr(AddrField, AddrForm),
+    Flags { long: bool },
+    Sans(SanField),
+    Cert(CertTime, TimeFormat),
+    DynMeta { ns: Vec<u8>, path: Vec<u8> },
+    Const(Option<Vec<u8>>),
+    AccessLogType,
+    Trace(TraceField),
+}
+
+/// One `%COMMAND(arg):N%`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Command {
+    op: Op,
+    max_len: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Part {
+    Text(Vec<u8>),
+    Cmd(Command),
+}
+
+/// A compiled format string.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+/// Operators Envoy has but the 1.40 dynamic-module ABI cannot serve to an access logger.
+const UNSERVABLE: &[&str] = &[
+    "FILTER_STATE",
+    "UPSTREAM_FILTER_STATE",
+    "CEL",
+    "METADATA",
+    "CLUSTER_METADATA",
+    "UPSTREAM_METADATA",
+    "ROUTE_METADATA",
+    "VIRTUAL_CLUSTER_NAME",
+    "DOWNSTREAM_HANDSHAKE_DURATION",
+    "ROUNDTRIP_DURATION",
+    "COMMON_DURATION",
+    "CUSTOM_FLAGS",
+    "STREAM_INFO_REQ",
+    "QUERY_PARAM",
+    "PATH",
+    "REQ_WITHOUT_QUERY",
+];
+
+impl Template {
+    /// Compiles a format string. Errors name the offending operator.
+    pub fn compile(s: &str) -> Result<Template, String> {
+        let b = s.as_bytes();
+        let mut parts = Vec::new();
+        let mut text = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] != b'%' {
+                text.push(b[i]);
+                i += 1;
+                continue;
+            }
+            let (cmd, next) = parse_command(s, i)?;
+            if !text.is_empty() {
+                parts.push(Part::Text(std::mem::take(&mut text)));
+            }
+            parts.push(Part::Cmd(cmd));
+            i = next;
+        }
+        if !text.is_empty() {
+            parts.push(Part::Text(text));
+        }
+        Ok(Template { parts })
+    }
+
+    /// The command, when the template is exactly one command (rendered typed in JSON).
+    pub fn single(&self) -> Option<&Command> {
+        match self.parts.as_slice() {
+            [Part::Cmd(c)] => Some(c),
+            _ => None,
+        }
+    }
+
+    /// True when the template has no command at all.
+    pub fn is_literal(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Text(_)))
+    }
+
+    /// Renders as text: unavailable operators print `-` (or nothing when `omit_empty`).
+    pub fn write_text<S: Stream>(&self, cx: &Ctx<'_, S>, omit_empty: bool, out: &mut Vec<u8>) {
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.extend_from_slice(t),
+                Part::Cmd(c) => c.write_text(cx, omit_empty, out),
+            }
+        }
+    }
+}
+
+/// Per-record evaluation context: the stream plus lazily fetched fixed-size structs shared
+/// by several operators (so a record calls `get_timing_info_v2` at most once).
+pub struct Ctx<'s, S: Stream> {
+    /// The stream being logged.
+    pub stream: &'s S,
+    /// Envoy's access_log_type for this call.
+    pub log_type: u32,
+    timing: Cell<Option<Timing>>,
+    bytes: Cell<Option<Bytes>>,
+}
+
+impl<'s, S: Stream> Ctx<'s, S> {
+    /// A context for one record.
+    pub fn new(stream: &'s S, log_type: u32) -> Self {
+        Ctx { stream, log_type, timing: Cell::new(None), bytes: Cell::new(None) }
+    }
+    /// Timing, fetched once.
+    pub fn timing(&self) -> Timing {
+        if let Some(t) = self.timing.get() {
+            return t;
+        }
+        let t = self.stream.timing();
+        self.timing.set(Some(t));
+        t
+    }
+    fn bytes(&self) -> Bytes {
+        if let Some(b) = self.bytes.get() {
+            return b;
+        }
+        let b = self.stream.bytes();
+        self.bytes.set(Some(b));
+        b
+    }
+}
+
+fn ms(ns: i64) -> Val<'static> {
+    // Envoy truncates (duration_cast<milliseconds>).
+    Val::I(ns / 1_000_000)
+}
+
+fn parse_traceparent(v: &[u8], f: TraceField) -> Option<&[u8]> {
+    // version(2)-trace_id(32)-parent_id(16)-flags(2)
+    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let (s, e) = match f {
+        TraceField::TraceId => (3, 35),
+        TraceField::SpanId => (36, 52),
+    };
+    let id = &v[s..e];
+    let hex = id.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+    let zero = id.iter().all(|&c| c == b'0');
+    (hex && !zero).then_some(id)
+}
+
+impl Command {
+    /// Evaluates the operator for the current record.
+    pub fn eval<'a, S: Stream>(&'a self, cx: &'a Ctx<'_, S>) -> Val<'a> {
+        let s = cx.stream;
+        match &self.op {
+            Op::Header { kind, names } => {
+                for n in names {
+                    if let Some(v) = s.header(*kind, n) {
+                        return Val::S(v);
+                    }
+                }
+                Val::Null
+            }
+            Op::StartTime(f) => match cx.timing().get(t::START_TIME_UNIX_NS) {
+                Some(ns) => Val::Time(ns, f),
+                None => Val::Null,
+            },
+            Op::Str(f) => match (f, s.string(*f)) {
+                // Envoy prints an absent local reply body as "", not null.
+                (StrField::LocalReplyBody, None) => Val::S(b""),
+                // Envoy's formatter turns spaces into '_' in failure reasons.
+                (StrField::UpstreamTransportFailureReason | StrField::DownstreamTransportFailureReason, Some(v))
+                    if v.contains(&b' ') =>
+                {
+                    Val::Owned(v.iter().map(|&c| if c == b' ' { b'_' } else { c }).collect())
+                }
+                (_, v) => v.map_or(Val::Null, Val::S),
+            },
+            Op::Num(n) => {
+                let b = || cx.bytes();
+                Val::U(match n {
+                    Num::BytesReceived => b().received,
+                    Num::BytesSent => b().sent,
+                    Num::UpstreamWireSent => b().upstream_wire_sent,
+                    Num::UpstreamWireReceived => b().upstream_wire_received,
+                    Num::DownstreamWireSent => b().downstream_wire_sent,
+                    Num::DownstreamWireReceived => b().downstream_wire_received,
+                    Num::RequestHeadersBytes => s.request_headers_bytes(),
+                    Num::ResponseHeadersBytes => s.response_headers_bytes(),
+                    Num::ResponseTrailersBytes => s.response_trailers_bytes(),
+                    Num::ResponseCode => s.response_code() as u64,
+                    Num::AttemptCount => s.attempt_count() as u64,
+                    Num::ConnectionId => s.connection_id(),
+                    Num::UpstreamConnectionId => s.upstream_connection_id(),
+                })
+            }
+            Op::Dur(d) => {
+                let tm = || cx.timing();
+                let v = match d {
+                    Dur::Total => tm().get(t::REQUEST_COMPLETE),
+                    Dur::Request => tm().get(t::LAST_DOWNSTREAM_RX),
+                    Dur::RequestTx => tm().get(t::LAST_UPSTREAM_TX),
+                    Dur::Response => tm().get(t::FIRST_UPSTREAM_RX),
+                    Dur::ResponseTx => {
+                        let tm = tm();
+                        match (tm.get(t::LAST_DOWNSTREAM_TX), tm.get(t::FIRST_UPSTREAM_RX)) {
+                            (Some(a), Some(b)) => Some(a - b),
+                            _ => None,
+                        }
+                    }
+                    Dur::PoolReady => s.pool_ready_ns(),
+                };
+                v.map_or(Val::Null, ms)
+            }
+            // Envoy records the upstream remote address when a connection is handed over, at the
+            // same time as the local one; the ABI answers from the selected host even when the
+            // connection failed. Follow Envoy: no local address, no remote address.
+            Op::Addr(AddrField::UpstreamRemote, _) if s.address(AddrField::UpstreamLocal).is_none() => Val::Null,
+            Op::Addr(f, form) => match s.address(*f) {
+                None => Val::Null,
+                Some((ip, port)) => match form {
+                    AddrForm::WithPort => Val::Addr(ip, port),
+                    AddrForm::WithoutPort => Val::S(ip),
+                    AddrForm::Port => Val::U(port as u64),
+                },
+            },
+            Op::Flags { long } => Val::Flags(s.response_flags(), *long),
+            Op::Sans(f) => {
+                let mut v = Vec::new();
+                s.sans(*f, &mut v);
+                if v.is_empty() {
+                    Val::Null
+                } else {
+                    Val::Owned(v.join(&b","[..]))
+                }
+            }
+            Op::Cert(c, f) => s.cert_time(*c).map_or(Val::Null, |secs| Val::Time(secs * 1_000_000_000, f)),
+            Op::DynMeta { ns, path } => match s.dynamic_metadata(ns, path) {
+                Some(MetaValue::Str(v)) => Val::S(v),
+                Some(MetaValue::Num(n)) => Val::F(n),
+                Some(MetaValue::Bool(b)) => Val::B(b),
+                None => Val::Null,
+            },
+            Op::Const(v) => v.as_deref().map_or(Val::Null, Val::S),
+            Op::AccessLogType => {
+                Val::S(ACCESS_LOG_TYPES.get(cx.log_type as usize).copied().unwrap_or("NotSet").as_bytes())
+            }
+            Op::Trace(f) => s
+                .header(HeaderKind::Request, b"traceparent")
+                .and_then(|v| parse_traceparent(v, *f))
+                .map_or(Val::Null, Val::S),
+        }
+    }
+
+    /// Appends the JSON rendering (typed). Returns false (and writes nothing) when the value
+    /// is empty (`null` or `""`) and `omit_empty` asks to leave such values out.
+    pub fn write_json<S: Stream>(&self, cx: &Ctx<'_, S>, omit_empty: bool, out: &mut Vec<u8>) -> bool {
+        let v = self.eval(cx);
+        if let Some(max) = self.max_len {
+            if is_stringish(&v) {
+                let start = out.len();
+                write_text_val(&v, false, out);
+                let text: Vec<u8> = out.drain(start..).take(max).collect();
+                if omit_empty && text.is_empty() {
+                    return false;
+                }
+                quoted(&text, out);
+                return true;
+            }
+        }
+        if omit_empty && is_empty(&v) {
+            return false;
+        }
+        write_json_val(&v, out);
+        true
+    }
+
+    /// Appends the text rendering.
+    pub fn write_text<S: Stream>(&self, cx: &Ctx<'_, S>, omit_empty: bool, out: &mut Vec<u8>) {
+        let v = self.eval(cx);
+        let start = out.len();
+        write_text_val(&v, omit_empty, out);
+        if let Some(max) = self.max_len {
+            if is_stringish(&v) && out.len() - start > max {
+                out.truncate(start + max);
+            }
+        }
+    }
+}
+
+fn is_stringish(v: &Val<'_>) -> bool {
+    matches!(v, Val::S(_) | Val::Addr(..) | Val::Time(..) | Val::Flags(..) | Val::Owned(_))
+}
+
+fn is_empty(v: &Val<'_>) -> bool {
+    match v {
+        Val::Null => true,
+        Val::S(s) => s.is_empty(),
+        Val::Owned(s) => s.is_empty(),
+        _ => false,
+    }
+}
+
+fn write_addr(ip: &[u8], port: u32, out: &mut Vec<u8>) {
+    let v6 = ip.contains(&b':');
+    if v6 {
+        out.push(b'[');
+    }
+    out.extend_from_slice(ip);
+    if v6 {
+        out.push(b']');
+    }
+    out.push(b':');
+    out.extend_from_slice(itoa::Buffer::new().format(port).as_bytes());
+}
+
+fn write_flags(bits: u64, long: bool, out: &mut Vec<u8>) {
+    if bits == 0 {
+        out.push(b'-');
+        return;
+    }
+    let mut first = true;
+    for (i, (short, long_name)) in RESPONSE_FLAGS.iter().enumerate() {
+        if bits & (1u64 << i) != 0 {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(if long { long_name.as_bytes() } else { short.as_bytes() });
+        }
+    }
+}
+
+fn write_f64(f: f64, out: &mut Vec<u8>) -> bool {
+    if !f.is_finite() {
+        return false;
+    }
+    use std::io::Write;
+    let _ = write!(out, "{f}");
+    true
+}
+
+fn write_json_val(v: &Val<'_>, out: &mut Vec<u8>) {
+    match v {
+        Val::Null => out.extend_from_slice(b"null"),
+        Val::U(n) => out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+        Val::I(n) => out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+        Val::F(f) => {
+            if !write_f64(*f, out) {
+                out.extend_from_slice(b"null")
+            }
+        }
+        Val::B(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Val::S(s) => quoted(s, out),
+        Val::Owned(s) => quoted(s, out),
+        Val::Addr(..) | Val::Time(..) | Val::Flags(..) => {
+            // All ASCII, nothing to escape.
+            out.push(b'"');
+            write_text_val(v, false, out);
+            out.push(b'"');
+        }
+    }
+}
+
+fn write_text_val(v: &Val<'_>, omit_empty: bool, out: &mut Vec<u8>) {
+    match v {
+        Val::Null => {
+            if !omit_empty {
+                out.push(b'-')
+            }
+        }
+        Val::U(n) => out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+        Val::I(n) => out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+        Val::F(f) => {
+            if !write_f64(*f, out) && !omit_empty {
+                out.push(b'-')
+            }
+        }
+        Val::B(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Val::S(s) => out.extend_from_slice(s),
+        Val::Owned(s) => out.extend_from_slice(s),
+        Val::Addr(ip, port) => write_addr(ip, *port, out),
+        Val::Time(ns, f) => f.write(*ns, out),
+        Val::Flags(bits, long) => write_flags(*bits, *long, out),
+    }
+}
+
+/// Parses the command starting at `s[i] == '%'`; returns it and the index after its closing `%`.
+fn parse_command(s: &str, i: usize) -> Result<(Command, usize), String> {
+    let b = s.as_bytes();
+    let mut j = i + 1;
+    while j < b.len() && (b[j].is_ascii_uppercase() || b[j].is_ascii_digit() || b[j] == b'_') {
+        j += 1;
+    }
+    let name = &s[i + 1..j];
+    if name.is_empty() {
+        return Err(format!(
+            "invalid command at position {i} in {s:?}: expected %OPERATOR% (a literal % is not allowed)"
+        ));
+    }
+    let mut arg = None;
+    if j < b.len() && b[j] == b'(' {
+        let close = s[j..].find(')').map(|k| j + k).ok_or_else(|| format!("%{name}(...% in {s:?}: missing ')'"))?;
+        arg = Some(&s[j + 1..close]);
+        j = close + 1;
+    }
+    let mut max_len = None;
+    if j < b.len() && b[j] == b':' {
+        let start = j + 1;
+        let mut k = start;
+        while k < b.len() && b[k].is_ascii_digit() {
+            k += 1;
+        }
+        let n: usize = s[start..k].parse().map_err(|_| format!("%{name}%: ':N' must be a length in {s:?}"))?;
+        max_len = Some(n);
+        j = k;
+    }
+    if j >= b.len() || b[j] != b'%' {
+        return Err(format!("invalid command %{name}... in {s:?}: missing closing '%'"));
+    }
+    let op = make_op(name, arg)?;
+    Ok((Command { op, max_len }, j + 1))
+}
+
+fn no_arg(name: &str, arg: Option<&str>, op: Op) -> Result<Op, String> {
+    match arg {
+        None => Ok(op),
+        Some(_) => Err(format!("operator %{name}% takes no argument")),
+    }
+}
+
+fn header_op(name: &str, kind: HeaderKind, arg: Option<&str>) -> Result<Op, String> {
+    let arg = arg.filter(|a| !a.is_empty()).ok_or_else(|| format!("operator %{name}(...)% needs a header name"))?;
+    let names: Vec<Vec<u8>> = arg.split('?').map(|h| h.trim().to_ascii_lowercase().into_bytes()).collect();
+    if names.len() > 2 || names.iter().any(|n| n.is_empty()) {
+        return Err(format!("operator %{name}({arg})%: expected HEADER or HEADER?ALTERNATIVE"));
+    }
+    Ok(Op::Header { kind, names })
+}
+
+fn time_fmt(name: &str, arg: Option<&str>) -> Result<TimeFormat, String> {
+    TimeFormat::compile(arg.filter(|a| !a.is_empty()).unwrap_or(time::DEFAULT)).map_err(|e| format!("%{name}%: {e}"))
+}
+
+fn addr_op(name: &str) -> Option<Op> {
+    use AddrField::*;
+    let bases = [
+        ("DOWNSTREAM_REMOTE", DownstreamRemote),
+        ("DOWNSTREAM_LOCAL", DownstreamLocal),
+        ("DOWNSTREAM_DIRECT_REMOTE", DownstreamDirectRemote),
+        ("DOWNSTREAM_DIRECT_LOCAL", DownstreamDirectLocal),
+        ("UPSTREAM_REMOTE", UpstreamRemote),
+        ("UPSTREAM_LOCAL", UpstreamLocal),
+    ];
+    for (base, f) in bases {
+        if let Some(rest) = name.strip_prefix(base) {
+            let form = match rest {
+                "_ADDRESS" => AddrForm::WithPort,
+                "_ADDRESS_WITHOUT_PORT" => AddrForm::WithoutPort,
+                "_PORT" => AddrForm::Port,
+                _ => continue,
+            };
+            return Some(Op::Addr(f, form));
+        }
+    }
+    None
+}
+
+fn str_op(name: &str) -> Option<StrField> {
+    use StrField::*;
+    Some(match name {
+        "PROTOCOL" => Protocol,
+        "UPSTREAM_PROTOCOL" => UpstreamProtocol,
+        "RESPONSE_CODE_DETAILS" => ResponseCodeDetails,
+        "CONNECTION_TERMINATION_DETAILS" => ConnectionTerminationDetails,
+        "ROUTE_NAME" => RouteName,
+        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => UpstreamCluster,
+        "UPSTREAM_HOST" => UpstreamHostAddress,
+        "UPSTREAM_HOST_NAME" => UpstreamHostName,
+        "UPSTREAM_TRANSPORT_FAILURE_REASON" => UpstreamTransportFailureReason,
+        "REQUESTED_SERVER_NAME" => RequestedServerName,
+        "LOCAL_REPLY_BODY" => LocalReplyBody,
+        "STREAM_ID" => RequestId,
+        "DOWNSTREAM_TLS_VERSION" => DownstreamTlsVersion,
+        "DOWNSTREAM_TLS_CIPHER" => DownstreamTlsCipher,
+        "DOWNSTREAM_TLS_SESSION_ID" => DownstreamTlsSessionId,
+        "DOWNSTREAM_PEER_SUBJECT" => DownstreamPeerSubject,
+        "DOWNSTREAM_PEER_ISSUER" => DownstreamPeerIssuer,
+        "DOWNSTREAM_PEER_SERIAL" => DownstreamPeerSerial,
+        "DOWNSTREAM_PEER_FINGERPRINT_256" => DownstreamPeerCertDigest,
+        "DOWNSTREAM_PEER_FINGERPRINT_1" => DownstreamPeerFingerprint1,
+        "DOWNSTREAM_LOCAL_SUBJECT" => DownstreamLocalSubject,
+        "DOWNSTREAM_TRANSPORT_FAILURE_REASON" => DownstreamTransportFailureReason,
+        "TLS_JA3_FINGERPRINT" => Ja3Hash,
+        "TLS_JA4_FINGERPRINT" => Ja4Hash,
+        "UPSTREAM_TLS_VERSION" => UpstreamTlsVersion,
+        "UPSTREAM_TLS_CIPHER" => UpstreamTlsCipher,
+        "UPSTREAM_TLS_SESSION_ID" => UpstreamTlsSessionId,
+        "UPSTREAM_PEER_SUBJECT" => UpstreamPeerSubject,
+        "UPSTREAM_PEER_ISSUER" => UpstreamPeerIssuer,
+        "UPSTREAM_PEER_FINGERPRINT_256" => UpstreamPeerCertDigest,
+        "UPSTREAM_LOCAL_SUBJECT" => UpstreamLocalSubject,
+        _ => return None,
+    })
+}
+
+fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
+    if let Some(f) = str_op(name) {
+        return no_arg(name, arg, Op::Str(f));
+    }
+    if let Some(op) = addr_op(name) {
+        return no_arg(name, arg, op);
+    }
+    let num = |n| no_arg(name, arg, Op::Num(n));
+    let dur = |d| no_arg(name, arg, Op::Dur(d));
+    match name {
+        "REQ" => header_op(name, HeaderKind::Request, arg),
+        "RESP" => header_op(name, HeaderKind::Response, arg),
+        "TRAILER" => header_op(name, HeaderKind::ResponseTrailer, arg),
+        "START_TIME" => Ok(Op::StartTime(time_fmt(name, arg)?)),
+        "RESPONSE_CODE" => num(Num::ResponseCode),
+        "RESPONSE_FLAGS" => no_arg(name, arg, Op::Flags { long: false }),
+        "RESPONSE_FLAGS_LONG" => no_arg(name, arg, Op::Flags { long: true }),
+        "BYTES_RECEIVED" => num(Num::BytesReceived),
+        "BYTES_SENT" => num(Num::BytesSent),
+        "UPSTREAM_WIRE_BYTES_SENT" => num(Num::UpstreamWireSent),
+        "UPSTREAM_WIRE_BYTES_RECEIVED" => num(Num::UpstreamWireReceived),
+        "DOWNSTREAM_WIRE_BYTES_SENT" => num(Num::DownstreamWireSent),
+        "DOWNSTREAM_WIRE_BYTES_RECEIVED" => num(Num::DownstreamWireReceived),
+        "REQUEST_HEADERS_BYTES" => num(Num::RequestHeadersBytes),
+        "RESPONSE_HEADERS_BYTES" => num(Num::ResponseHeadersBytes),
+        "RESPONSE_TRAILERS_BYTES" => num(Num::ResponseTrailersBytes),
+        "UPSTREAM_REQUEST_ATTEMPT_COUNT" => num(Num::AttemptCount),
+        "CONNECTION_ID" => num(Num::ConnectionId),
+        "UPSTREAM_CONNECTION_ID" => num(Num::UpstreamConnectionId),
+        "DURATION" => dur(Dur::Total),
+        "REQUEST_DURATION" => dur(Dur::Request),
+        "REQUEST_TX_DURATION" => dur(Dur::RequestTx),
+        "RESPONSE_DURATION" => dur(Dur::Response),
+        "RESPONSE_TX_DURATION" => dur(Dur::ResponseTx),
+        "UPSTREAM_CONNECTION_POOL_READY_DURATION" => dur(Dur::PoolReady),
+        "ACCESS_LOG_TYPE" => no_arg(name, arg, Op::AccessLogType),
+        "TRACE_ID" => no_arg(name, arg, Op::Trace(TraceField::TraceId)),
+        "SPAN_ID" => no_arg(name, arg, Op::Trace(TraceField::SpanId)),
+        "HOSTNAME" => no_arg(name, arg, Op::Const(hostname())),
+        "ENVIRONMENT" => {
+            let var = arg.filter(|a| !a.is_empty()).ok_or("operator %ENVIRONMENT(...)% needs a variable name")?;
+            Ok(Op::Const(std::env::var_os(var).map(|v| v.into_encoded_bytes())))
+        }
+        "DYNAMIC_METADATA" => {
+            let arg = arg.unwrap_or("");
+            let mut it = arg.split(':');
+            let ns = it.next().unwrap_or("");
+            let path: Vec<&str> = it.collect();
+            if ns.is_empty() || path.is_empty() || path.iter().any(|p| p.is_empty()) {
+                return Err(format!(
+                    "operator %DYNAMIC_METADATA({arg})%: expected NAMESPACE:KEY[:KEY...] \
+                     (whole-namespace objects cannot be read through the 1.40 ABI)"
+                ));
+            }
+            Ok(Op::DynMeta { ns: ns.as_bytes().to_vec(), path: path.join(".").into_bytes() })
+        }
+        "DOWNSTREAM_PEER_URI_SAN" => no_arg(name, arg, Op::Sans(SanField::DownstreamPeerUri)),
+        "DOWNSTREAM_PEER_DNS_SAN" => no_arg(name, arg, Op::Sans(SanField::DownstreamPeerDns)),
+        "DOWNSTREAM_LOCAL_URI_SAN" => no_arg(name, arg, Op::Sans(SanField::DownstreamLocalUri)),
+        "DOWNSTREAM_LOCAL_DNS_SAN" => no_arg(name, arg, Op::Sans(SanField::DownstreamLocalDns)),
+        "UPSTREAM_PEER_URI_SAN" => no_arg(name, arg, Op::Sans(SanField::UpstreamPeerUri)),
+        "UPSTREAM_PEER_DNS_SAN" => no_arg(name, arg, Op::Sans(SanField::UpstreamPeerDns)),
+        "UPSTREAM_LOCAL_URI_SAN" => no_arg(name, arg, Op::Sans(SanField::UpstreamLocalUri)),
+        "UPSTREAM_LOCAL_DNS_SAN" => no_arg(name, arg, Op::Sans(SanField::UpstreamLocalDns)),
+        "DOWNSTREAM_PEER_CERT_V_START" => Ok(Op::Cert(CertTime::DownstreamPeerStart, time_fmt(name, arg)?)),
+        "DOWNSTREAM_PEER_CERT_V_END" => Ok(Op::Cert(CertTime::DownstreamPeerEnd, time_fmt(name, arg)?)),
+        "UPSTREAM_PEER_CERT_V_START" => Ok(Op::Cert(CertTime::UpstreamPeerStart, time_fmt(name, arg)?)),
+        "UPSTREAM_PEER_CERT_V_END" => Ok(Op::Cert(CertTime::UpstreamPeerEnd, time_fmt(name, arg)?)),
+        _ if UNSERVABLE.contains(&name) => Err(format!(
+            "operator %{name}% is not supported: Envoy 1.40's dynamic-module ABI cannot serve it to an access logger"
+        )),
+        _ => Err(format!("unknown command operator %{name}%")),
+    }
+}
+
+fn hostname() -> Option<Vec<u8>> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its full length; gethostname NUL-terminates on success.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
+    Some(buf[..end].to_vec())
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Node {
+    /// Pre-rendered JSON (literal strings, numbers, booleans, null).
+    Lit(Vec<u8>),
+    Typed(Command),
+    Text(Template),
+    Map(Vec<(Vec<u8>, Node)>),
+}
+
+/// A compiled `json_format` map.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JsonPlan {
+    root: Vec<(Vec<u8>, Node)>,
+    omit_empty: bool,
+}
+
+fn compile_map(map: &serde_json::Map<String, serde_json::Value>, path: &str) -> Result<Vec<(Vec<u8>, Node)>, String> {
+    let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+    // Envoy carries json_format as a protobuf Struct, whose keys come out sorted.
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out = Vec::with_capacity(entries.len());
+    for (k, v) in entries {
+        let here = format!("{path}.{k}");
+        let mut key = Vec::new();
+        quoted(k.as_bytes(), &mut key);
+        let node = match v {
+            serde_json::Value::String(s) => {
+                let t = Template::compile(s).map_err(|e| format!("{here}: {e}"))?;
+                if let Some(c) = t.single() {
+                    Node::Typed(c.clone())
+                } else if t.is_literal() {
+                    let mut lit = Vec::new();
+                    quoted(s.as_bytes(), &mut lit);
+                    Node::Lit(lit)
+                } else {
+                    Node::Text(t)
+                }
+            }
+            serde_json::Value::Object(m) => Node::Map(compile_map(m, &here)?),
+            serde_json::Value::Array(_) => {
+                return Err(format!("{here}: lists are not supported (values are strings, numbers, booleans or maps)"))
+            }
+            other => Node::Lit(other.to_string().into_bytes()),
+        };
+        out.push((key, node));
+    }
+    Ok(out)
+}
+
+impl JsonPlan {
+    /// Compiles a `json_format` map; errors name the key path (`json_format.a.b: ...`).
+    pub fn compile(map: &serde_json::Map<String, serde_json::Value>, omit_empty: bool) -> Result<JsonPlan, String> {
+        Ok(JsonPlan { root: compile_map(map, "json_format")?, omit_empty })
+    }
+
+    /// Appends one JSON object (no newline) for the record. `scratch` is reused text space.
+    pub fn render<S: Stream>(&self, cx: &Ctx<'_, S>, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+        self.render_map(&self.root, cx, scratch, out);
+    }
+
+    fn render_map<S: Stream>(
+        &self,
+        entries: &[(Vec<u8>, Node)],
+        cx: &Ctx<'_, S>,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        out.push(b'{');
+        let mut any = false;
+        for (key, node) in entries {
+            let mark = out.len();
+            if any {
+                out.push(b',');
+            }
+            out.extend_from_slice(key);
+            out.push(b':');
+            let wrote = match node {
+                Node::Lit(l) => {
+                    out.extend_from_slice(l);
+                    true
+                }
+                Node::Typed(c) => c.write_json(cx, self.omit_empty, out),
+                Node::Text(t) => {
+                    scratch.clear();
+                    t.write_text(cx, self.omit_empty, scratch);
+                    if self.omit_empty && scratch.is_empty() {
+                        false
+                    } else {
+                        out.push(b'"');
+                        escape_into(scratch, out);
+                        out.push(b'"');
+                        true
+                    }
+                }
+                Node::Map(m) => self.render_map(m, cx, scratch, out) || !self.omit_empty,
+            };
+            if wrote {
+                any = true;
+            } else {
+                out.truncate(mark);
+            }
+        }
+        out.push(b'}');
+        any
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

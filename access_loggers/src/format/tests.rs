@@ -1,0 +1,202 @@
+//! Engine tests against a fake stream (no Envoy needed). Parity with Envoy itself is
+//! tested end to end in tests/test_json_parity.py.
+use std::collections::HashMap;
+
+use super::*;
+use envoy_obs_common::ffi::access_log::Stream;
+
+#[derive(Default)]
+pub(crate) struct FakeStream {
+    pub req: HashMap<Vec<u8>, Vec<u8>>,
+    pub resp: HashMap<Vec<u8>, Vec<u8>>,
+    pub code: u32,
+    pub flags: u64,
+    pub timing: Timing,
+    pub bytes: Bytes,
+    pub strings: Vec<(StrField, Vec<u8>)>,
+    pub addrs: Vec<(AddrField, Vec<u8>, u32)>,
+    pub health_check: bool,
+}
+
+impl FakeStream {
+    pub fn ok() -> Self {
+        let mut f = FakeStream { code: 200, ..Default::default() };
+        f.req.insert(b":method".to_vec(), b"GET".to_vec());
+        f.req.insert(b":path".to_vec(), b"/ok".to_vec());
+        f.req.insert(b"x-request-id".to_vec(), b"0b4c3f6e-1111-4222-8333-444455556666".to_vec());
+        f.timing.ns[0] = 1_795_463_003_304_123_456;
+        f.timing.has[0] = true;
+        f.timing.ns[t::REQUEST_COMPLETE] = 2_999_999;
+        f.timing.has[t::REQUEST_COMPLETE] = true;
+        f.bytes.sent = 6;
+        f.strings.push((StrField::Protocol, b"HTTP/1.1".to_vec()));
+        f.addrs.push((AddrField::DownstreamRemote, b"127.0.0.1".to_vec(), 5555));
+        f.addrs.push((AddrField::UpstreamRemote, b"::1".to_vec(), 80));
+        f.addrs.push((AddrField::UpstreamLocal, b"::1".to_vec(), 4242));
+        f
+    }
+}
+
+impl Stream for FakeStream {
+    fn header(&self, kind: HeaderKind, name: &[u8]) -> Option<&[u8]> {
+        match kind {
+            HeaderKind::Request => self.req.get(name).map(|v| v.as_slice()),
+            HeaderKind::Response => self.resp.get(name).map(|v| v.as_slice()),
+            HeaderKind::ResponseTrailer => None,
+        }
+    }
+    fn response_code(&self) -> u32 {
+        self.code
+    }
+    fn attempt_count(&self) -> u32 {
+        1
+    }
+    fn response_flags(&self) -> u64 {
+        self.flags
+    }
+    fn connection_id(&self) -> u64 {
+        7
+    }
+    fn upstream_connection_id(&self) -> u64 {
+        0
+    }
+    fn request_headers_bytes(&self) -> u64 {
+        100
+    }
+    fn response_headers_bytes(&self) -> u64 {
+        50
+    }
+    fn response_trailers_bytes(&self) -> u64 {
+        0
+    }
+    fn timing(&self) -> Timing {
+        self.timing
+    }
+    fn bytes(&self) -> Bytes {
+        self.bytes
+    }
+    fn pool_ready_ns(&self) -> Option<i64> {
+        None
+    }
+    fn string(&self, f: StrField) -> Option<&[u8]> {
+        self.strings.iter().find(|(k, _)| *k == f).map(|(_, v)| v.as_slice())
+    }
+    fn address(&self, f: AddrField) -> Option<(&[u8], u32)> {
+        self.addrs.iter().find(|(k, _, _)| *k == f).map(|(_, a, p)| (a.as_slice(), *p))
+    }
+    fn sans<'s>(&'s self, _: SanField, _: &mut Vec<&'s [u8]>) {}
+    fn cert_time(&self, _: CertTime) -> Option<i64> {
+        None
+    }
+    fn dynamic_metadata(&self, ns: &[u8], path: &[u8]) -> Option<MetaValue<'_>> {
+        (ns == b"ns" && path == b"a.b").then_some(MetaValue::Num(1.5))
+    }
+    fn is_health_check(&self) -> bool {
+        self.health_check
+    }
+}
+
+pub(crate) fn render(fmt: serde_json::Value, omit: bool, s: &FakeStream) -> serde_json::Value {
+    let plan = JsonPlan::compile(fmt.as_object().unwrap(), omit).unwrap();
+    let (mut scratch, mut out) = (Vec::new(), Vec::new());
+    plan.render(&Ctx::new(s, 6), &mut scratch, &mut out);
+    serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
+}
+
+#[test]
+fn typed_values_like_envoy() {
+    let s = FakeStream::ok();
+    let v = render(
+        serde_json::json!({
+            "code": "%RESPONSE_CODE%", "dur": "%DURATION%", "method": "%REQ(:METHOD)%",
+            "missing": "%REQ(X-NOPE)%", "mixed": "a %RESPONSE_CODE% b %REQ(X-NOPE)% c",
+            "flags": "%RESPONSE_FLAGS%", "start": "%START_TIME%", "start_s": "%START_TIME(%s)%",
+            "num": 5, "lit": "literal", "b": true, "nested": {"x": {"y": "%PROTOCOL%"}},
+            "dra": "%DOWNSTREAM_REMOTE_ADDRESS%", "drp": "%DOWNSTREAM_REMOTE_PORT%",
+            "ura": "%UPSTREAM_REMOTE_ADDRESS%", "alt": "%ACCESS_LOG_TYPE%", "rqdur": "%REQUEST_DURATION%",
+            "dm": "%DYNAMIC_METADATA(ns:a:b)%", "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        }),
+        false,
+        &s,
+    );
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "code": 200, "dur": 2, "method": "GET", "missing": null, "mixed": "a 200 b - c",
+            "flags": "-", "start": "2026-11-23T19:43:23.304Z", "start_s": "1795463003",
+            "num": 5, "lit": "literal", "b": true, "nested": {"x": {"y": "HTTP/1.1"}},
+            "dra": "127.0.0.1:5555", "drp": 5555, "ura": "[::1]:80", "alt": "DownstreamEnd", "rqdur": null,
+            "dm": 1.5, "path": "/ok",
+        })
+    );
+}
+
+#[test]
+fn keys_come_out_sorted_like_envoys_struct() {
+    let s = FakeStream::ok();
+    let plan =
+        JsonPlan::compile(serde_json::json!({"b": "1", "a": "2", "c": {"z": 1, "y": 2}}).as_object().unwrap(), false)
+            .unwrap();
+    let (mut scratch, mut out) = (Vec::new(), Vec::new());
+    plan.render(&Ctx::new(&s, 6), &mut scratch, &mut out);
+    assert_eq!(String::from_utf8(out).unwrap(), r#"{"a":"2","b":"1","c":{"y":2,"z":1}}"#);
+}
+
+#[test]
+fn truncation_flags_and_omit_empty() {
+    let mut s = FakeStream::ok();
+    s.req.insert(b"user-agent".to_vec(), b"curl/7.88.1".to_vec());
+    s.flags = (1 << 5) | (1 << 15);
+    let v = render(
+        serde_json::json!({"ua": "%REQ(USER-AGENT):5%", "f": "%RESPONSE_FLAGS%", "fl": "%RESPONSE_FLAGS_LONG%",
+                           "gone": "%REQ(X-NOPE)%", "t": "x%REQ(X-NOPE)%", "m": {"g": "%REQ(X-NOPE)%"}}),
+        true,
+        &s,
+    );
+    assert_eq!(
+        v,
+        serde_json::json!({"ua": "curl/", "f": "UF,URX", "fl": "UpstreamConnectionFailure,UpstreamRetryLimitExceeded", "t": "x"})
+    );
+}
+
+#[test]
+fn traceparent_ids() {
+    let mut s = FakeStream::ok();
+    s.req.insert(b"traceparent".to_vec(), b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_vec());
+    let v = render(serde_json::json!({"t": "%TRACE_ID%", "s": "%SPAN_ID%"}), false, &s);
+    assert_eq!(v, serde_json::json!({"t": "4bf92f3577b34da6a3ce929d0e0e4736", "s": "00f067aa0ba902b7"}));
+    s.req.insert(b"traceparent".to_vec(), b"garbage".to_vec());
+    let v = render(serde_json::json!({"t": "%TRACE_ID%"}), false, &s);
+    assert_eq!(v, serde_json::json!({"t": null}));
+}
+
+#[test]
+fn hostile_header_values_stay_valid_json() {
+    let mut s = FakeStream::ok();
+    let mut big = vec![b'a'; 60 * 1024];
+    big.extend_from_slice(b"\xff\"\\\x01");
+    s.req.insert(b"x-evil".to_vec(), big.clone());
+    let v = render(serde_json::json!({"e": "%REQ(X-EVIL)%", "m": "<%REQ(X-EVIL)%>"}), false, &s);
+    assert_eq!(v["e"].as_str().unwrap().len(), 60 * 1024 + 3 + 3, "U+FFFD is 3 bytes, then \" \\ \\x01");
+}
+
+#[test]
+fn bad_formats_are_rejected_with_the_operator_named() {
+    let cases = [
+        ("%FILTER_STATE(x)%", "FILTER_STATE"),
+        ("%CEL(request.path)%", "CEL"),
+        ("%NOPE%", "NOPE"),
+        ("%REQ%", "REQ"),
+        ("%RESPONSE_CODE(x)%", "RESPONSE_CODE"),
+        ("%START_TIME(%Q)%", "%Q"),
+        ("100%", "literal %"),
+        ("%DYNAMIC_METADATA(ns)%", "DYNAMIC_METADATA"),
+        ("%REQ(a", "')'"),
+    ];
+    for (f, needle) in cases {
+        let e = JsonPlan::compile(serde_json::json!({"k": f}).as_object().unwrap(), false).unwrap_err();
+        assert!(e.contains(needle) && e.starts_with("json_format.k"), "{f}: {e}");
+    }
+    let e = JsonPlan::compile(serde_json::json!({"k": [1]}).as_object().unwrap(), false).unwrap_err();
+    assert!(e.contains("lists"), "{e}");
+}

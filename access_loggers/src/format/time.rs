@@ -1,0 +1,267 @@
+//! `%START_TIME(...)%`-style time formatting, compiled once at config load.
+//!
+//! Supports Envoy's extensions (`%s` epoch seconds, `%f`/`%1f`..`%9f` fractional seconds,
+//! `%E1S`..`%E9S` seconds with fraction) and the strftime conversions people use in access
+//! logs. Times are UTC, as in Envoy. An unsupported conversion rejects the config.
+
+/// Envoy's default `%START_TIME%` format.
+pub const DEFAULT: &str = "%Y-%m-%dT%H:%M:%E3SZ";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Tok {
+    Lit(Vec<u8>),
+    Year,
+    Year2,
+    Month,
+    Day,
+    DaySpace,
+    Hour,
+    Hour12,
+    Min,
+    Sec,
+    SecFrac(u8),
+    Frac(u8),
+    Epoch,
+    DayOfYear,
+    WeekdayShort,
+    WeekdayLong,
+    MonthShort,
+    MonthLong,
+    AmPm,
+    TzOffset,
+    TzName,
+}
+
+/// A compiled time format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimeFormat {
+    toks: Vec<Tok>,
+}
+
+const WD_SHORT: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+const WD_LONG: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+const MON_SHORT: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+const MON_LONG: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+impl TimeFormat {
+    /// Compiles `fmt`, or names the conversion it cannot serve.
+    pub fn compile(fmt: &str) -> Result<TimeFormat, String> {
+        let b = fmt.as_bytes();
+        let mut toks = Vec::new();
+        let mut lit = Vec::new();
+        let mut i = 0;
+        let flush = |lit: &mut Vec<u8>, toks: &mut Vec<Tok>| {
+            if !lit.is_empty() {
+                toks.push(Tok::Lit(std::mem::take(lit)));
+            }
+        };
+        while i < b.len() {
+            if b[i] != b'%' {
+                lit.push(b[i]);
+                i += 1;
+                continue;
+            }
+            let Some(&c) = b.get(i + 1) else { return Err(format!("time format {fmt:?} ends with a lone %")) };
+            let mut adv = 2;
+            let tok = match c {
+                b'%' => {
+                    lit.push(b'%');
+                    i += 2;
+                    continue;
+                }
+                b'n' => {
+                    lit.push(b'\n');
+                    i += 2;
+                    continue;
+                }
+                b't' => {
+                    lit.push(b'\t');
+                    i += 2;
+                    continue;
+                }
+                b'Y' => vec![Tok::Year],
+                b'y' => vec![Tok::Year2],
+                b'm' => vec![Tok::Month],
+                b'd' => vec![Tok::Day],
+                b'e' => vec![Tok::DaySpace],
+                b'H' => vec![Tok::Hour],
+                b'I' => vec![Tok::Hour12],
+                b'M' => vec![Tok::Min],
+                b'S' => vec![Tok::Sec],
+                b's' => vec![Tok::Epoch],
+                b'f' => vec![Tok::Frac(9)],
+                b'j' => vec![Tok::DayOfYear],
+                b'a' => vec![Tok::WeekdayShort],
+                b'A' => vec![Tok::WeekdayLong],
+                b'b' | b'h' => vec![Tok::MonthShort],
+                b'B' => vec![Tok::MonthLong],
+                b'p' => vec![Tok::AmPm],
+                b'z' => vec![Tok::TzOffset],
+                b'Z' => vec![Tok::TzName],
+                b'F' => vec![Tok::Year, Tok::Lit(b"-".to_vec()), Tok::Month, Tok::Lit(b"-".to_vec()), Tok::Day],
+                b'T' => vec![Tok::Hour, Tok::Lit(b":".to_vec()), Tok::Min, Tok::Lit(b":".to_vec()), Tok::Sec],
+                b'R' => vec![Tok::Hour, Tok::Lit(b":".to_vec()), Tok::Min],
+                b'D' => vec![Tok::Month, Tok::Lit(b"/".to_vec()), Tok::Day, Tok::Lit(b"/".to_vec()), Tok::Year2],
+                b'1'..=b'9' if b.get(i + 2) == Some(&b'f') => {
+                    adv = 3;
+                    vec![Tok::Frac(c - b'0')]
+                }
+                b'E' if matches!(b.get(i + 2), Some(b'1'..=b'9')) && b.get(i + 3) == Some(&b'S') => {
+                    adv = 4;
+                    vec![Tok::SecFrac(b[i + 2] - b'0')]
+                }
+                _ => {
+                    let end = (i + 4).min(b.len());
+                    return Err(format!(
+                        "time format {fmt:?}: unsupported conversion {:?}",
+                        String::from_utf8_lossy(&b[i..end]).chars().take(2).collect::<String>()
+                    ));
+                }
+            };
+            flush(&mut lit, &mut toks);
+            toks.extend(tok);
+            i += adv;
+        }
+        flush(&mut lit, &mut toks);
+        Ok(TimeFormat { toks })
+    }
+
+    /// Appends the UTC rendering of `unix_ns` to `out`.
+    pub fn write(&self, unix_ns: i64, out: &mut Vec<u8>) {
+        let secs = unix_ns.div_euclid(1_000_000_000);
+        let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
+        let days = secs.div_euclid(86_400);
+        let sod = secs.rem_euclid(86_400) as u32;
+        let (y, m, d) = civil_from_days(days);
+        let (hh, mm, ss) = (sod / 3600, sod / 60 % 60, sod % 60);
+        for t in &self.toks {
+            match t {
+                Tok::Lit(l) => out.extend_from_slice(l),
+                Tok::Year => pad(out, y as u64, 4),
+                Tok::Year2 => pad(out, y.rem_euclid(100) as u64, 2),
+                Tok::Month => pad(out, m as u64, 2),
+                Tok::Day => pad(out, d as u64, 2),
+                Tok::DaySpace => {
+                    if d < 10 {
+                        out.push(b' ');
+                    }
+                    pad(out, d as u64, 1)
+                }
+                Tok::Hour => pad(out, hh as u64, 2),
+                Tok::Hour12 => pad(out, (if hh % 12 == 0 { 12 } else { hh % 12 }) as u64, 2),
+                Tok::Min => pad(out, mm as u64, 2),
+                Tok::Sec => pad(out, ss as u64, 2),
+                Tok::SecFrac(n) => {
+                    pad(out, ss as u64, 2);
+                    out.push(b'.');
+                    frac(out, nanos, *n);
+                }
+                Tok::Frac(n) => frac(out, nanos, *n),
+                Tok::Epoch => {
+                    let mut b = itoa::Buffer::new();
+                    out.extend_from_slice(b.format(secs).as_bytes());
+                }
+                Tok::DayOfYear => pad(out, (days - days_from_civil(y, 1, 1) + 1) as u64, 3),
+                Tok::WeekdayShort => out.extend_from_slice(WD_SHORT[weekday(days)].as_bytes()),
+                Tok::WeekdayLong => out.extend_from_slice(WD_LONG[weekday(days)].as_bytes()),
+                Tok::MonthShort => out.extend_from_slice(MON_SHORT[(m - 1) as usize].as_bytes()),
+                Tok::MonthLong => out.extend_from_slice(MON_LONG[(m - 1) as usize].as_bytes()),
+                Tok::AmPm => out.extend_from_slice(if hh < 12 { b"AM" } else { b"PM" }),
+                Tok::TzOffset => out.extend_from_slice(b"+0000"),
+                Tok::TzName => out.extend_from_slice(b"UTC"),
+            }
+        }
+    }
+}
+
+fn pad(out: &mut Vec<u8>, v: u64, width: usize) {
+    let mut b = itoa::Buffer::new();
+    let s = b.format(v);
+    for _ in s.len()..width {
+        out.push(b'0');
+    }
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn frac(out: &mut Vec<u8>, nanos: u32, digits: u8) {
+    let mut buf = [b'0'; 9];
+    let mut n = nanos;
+    for i in (0..9).rev() {
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&buf[..digits as usize]);
+}
+
+fn weekday(days: i64) -> usize {
+    // 1970-01-01 was a Thursday.
+    (days + 4).rem_euclid(7) as usize
+}
+
+/// Howard Hinnant's days -> (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = m as i64;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fmt(f: &str, ns: i64) -> String {
+        let mut out = Vec::new();
+        TimeFormat::compile(f).unwrap().write(ns, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn envoy_default_and_extensions() {
+        // 2026-11-23T19:43:23.304Z as printed by Envoy 1.40 for the same instant.
+        let ns = 1_795_463_003_304_123_456;
+        assert_eq!(fmt(DEFAULT, ns), "2026-11-23T19:43:23.304Z");
+        assert_eq!(fmt("%s", ns), "1795463003");
+        assert_eq!(fmt("%Y/%m/%d %H:%M:%S.%3f %z", ns), "2026/11/23 19:43:23.304 +0000");
+        assert_eq!(fmt("%f|%6f|%E6S", ns), "304123456|304123|23.304123");
+        assert_eq!(fmt("%a %b %e %j %p %I %%", ns), "Mon Nov 23 327 PM 07 %");
+        assert_eq!(fmt("%F %T", 0), "1970-01-01 00:00:00");
+        assert_eq!(fmt("%F", 951_782_400_000_000_000), "2000-02-29");
+    }
+
+    #[test]
+    fn unsupported_conversion_is_named() {
+        let e = TimeFormat::compile("%Y %Q").unwrap_err();
+        assert!(e.contains("%Q"), "{e}");
+        assert!(TimeFormat::compile("abc %").is_err());
+    }
+}

@@ -1,0 +1,308 @@
+//! `logger_name: json` — one JSON object per line, Envoy `json_format` semantics.
+//!
+//! Worker side (per record): filter -> render the compiled plan into a pooled buffer -> one
+//! `try_push` on this worker's queue. Flush thread: write batches to the file, recycle buffers,
+//! reopen after rotation, publish self-metrics.
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use serde::Deserialize;
+
+use envoy_obs_common::config::{parse, ConfigError};
+use envoy_obs_common::export::file::{check_writable, open_append, BufferPool, FileExporter, MAX_POOLED_BUFFER};
+use envoy_obs_common::ffi::access_log::Stream;
+use envoy_obs_common::pipeline::{Pipeline, PipelineConfig, Producer, Reporter};
+
+use crate::filter::{Filter, FilterSpec};
+use crate::format::{Ctx, JsonPlan};
+
+/// Default `flush_interval_ms`: like Envoy's file logger, at most a second behind.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
+/// Default per-worker `queue_capacity` in records (about 8 MiB per worker at 1 KiB records).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
+/// Default `stat_prefix`: counters are `<metrics_namespace>.access_log.json.*`.
+pub const DEFAULT_STAT_PREFIX: &str = "json";
+/// Bound on the drain when Envoy destroys the config.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Records per write batch.
+pub const MAX_BATCH: usize = 512;
+
+/// The fields written when no `json_format` is given: what Envoy's default access-log line
+/// carries, as typed JSON.
+pub fn default_format() -> serde_json::Map<String, serde_json::Value> {
+    let j = serde_json::json!({
+        "start_time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "protocol": "%PROTOCOL%",
+        "response_code": "%RESPONSE_CODE%",
+        "response_flags": "%RESPONSE_FLAGS%",
+        "bytes_received": "%BYTES_RECEIVED%",
+        "bytes_sent": "%BYTES_SENT%",
+        "duration": "%DURATION%",
+        "upstream_service_time": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        "x_forwarded_for": "%REQ(X-FORWARDED-FOR)%",
+        "user_agent": "%REQ(USER-AGENT)%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "authority": "%REQ(:AUTHORITY)%",
+        "upstream_host": "%UPSTREAM_HOST%",
+    });
+    match j {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("literal object"),
+    }
+}
+
+fn default_flush() -> u64 {
+    DEFAULT_FLUSH_INTERVAL_MS
+}
+fn default_capacity() -> usize {
+    DEFAULT_QUEUE_CAPACITY
+}
+fn default_prefix() -> String {
+    DEFAULT_STAT_PREFIX.to_string()
+}
+
+/// `logger_config` of the JSON logger.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonLoggerConfig {
+    /// Output file; `/dev/stdout` and `/dev/stderr` allowed.
+    pub path: String,
+    /// Envoy `json_format` map; absent = [`default_format`].
+    #[serde(default)]
+    pub json_format: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Leave out keys whose value is empty (`null` or `""`), as Envoy's option does.
+    #[serde(default)]
+    pub omit_empty_values: bool,
+    /// Which records to keep.
+    #[serde(default)]
+    pub filter: Option<FilterSpec>,
+    /// Longest a record waits before it is written.
+    #[serde(default = "default_flush")]
+    pub flush_interval_ms: u64,
+    /// Per-worker queue size in records; when full, new records are dropped and counted.
+    #[serde(default = "default_capacity")]
+    pub queue_capacity: usize,
+    /// Middle part of the self-metric names.
+    #[serde(default = "default_prefix")]
+    pub stat_prefix: String,
+}
+
+/// Everything checked at config load, before anything is opened or started.
+pub struct Compiled {
+    /// Parsed config.
+    pub config: JsonLoggerConfig,
+    /// The render plan.
+    pub plan: JsonPlan,
+    /// The compiled filter.
+    pub filter: Option<Filter>,
+}
+
+/// Parses and validates the config bytes; every error names its field.
+pub fn compile(bytes: &[u8]) -> Result<Compiled, ConfigError> {
+    let config: JsonLoggerConfig = parse(bytes)?;
+    if config.path.trim().is_empty() {
+        return Err(ConfigError::new("path", "must name a file, /dev/stdout or /dev/stderr"));
+    }
+    if !(1..=60_000).contains(&config.flush_interval_ms) {
+        return Err(ConfigError::new("flush_interval_ms", "must be between 1 and 60000"));
+    }
+    if !(1..=1_048_576).contains(&config.queue_capacity) {
+        return Err(ConfigError::new("queue_capacity", "must be between 1 and 1048576"));
+    }
+    if config.stat_prefix.is_empty()
+        || !config.stat_prefix.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+    {
+        return Err(ConfigError::new("stat_prefix", "must be non-empty [a-z0-9_]"));
+    }
+    let format = config.json_format.clone().unwrap_or_else(default_format);
+    if format.is_empty() {
+        return Err(ConfigError::new("json_format", "must have at least one key"));
+    }
+    let plan = JsonPlan::compile(&format, config.omit_empty_values).map_err(|e| {
+        let (field, msg) = e.split_once(": ").unwrap_or(("json_format", &e));
+        ConfigError::new(field, msg)
+    })?;
+    let filter = match &config.filter {
+        Some(spec) => Some(spec.compile("filter").map_err(|e| {
+            let (field, msg) = e.split_once(": ").unwrap_or(("filter", &e));
+            ConfigError::new(field, msg)
+        })?),
+        None => None,
+    };
+    Ok(Compiled { config, plan, filter })
+}
+
+struct Inner {
+    plan: JsonPlan,
+    filter: Option<Filter>,
+    pool: BufferPool,
+}
+
+/// The config object Envoy holds between `config_new` and `config_destroy`.
+pub struct JsonLogger {
+    inner: Arc<Inner>,
+    /// `None` under `envoy --mode validate`: nothing is opened, no thread runs.
+    pipeline: Option<Pipeline<Vec<u8>>>,
+}
+
+impl JsonLogger {
+    /// Opens the file and starts the flush thread (unless `validation`).
+    pub fn start<R: Reporter>(c: Compiled, validation: bool, slots: usize, reporter: R) -> Result<Self, ConfigError> {
+        let path = PathBuf::from(&c.config.path);
+        let pool: BufferPool = Arc::new(ArrayQueue::new((slots * 256).clamp(256, 16_384)));
+        let pipeline = if validation {
+            check_writable(&path).map_err(|e| ConfigError::new("path", e))?;
+            None
+        } else {
+            let file = open_append(&path)
+                .map_err(|e| ConfigError::new("path", format!("cannot open {} for appending: {e}", path.display())))?;
+            let cfg = PipelineConfig {
+                thread_name: "obs-json-flush".into(),
+                slots,
+                queue_capacity: c.config.queue_capacity,
+                flush_interval: Duration::from_millis(c.config.flush_interval_ms),
+                max_batch: MAX_BATCH,
+                shutdown_timeout: SHUTDOWN_TIMEOUT,
+            };
+            let exporter = FileExporter::new(path, file, pool.clone());
+            Some(
+                Pipeline::start(cfg, exporter, reporter)
+                    .map_err(|e| ConfigError::new("", format!("cannot start flush thread: {e}")))?,
+            )
+        };
+        Ok(JsonLogger { inner: Arc::new(Inner { plan: c.plan, filter: c.filter, pool }), pipeline })
+    }
+
+    /// The per-thread logger for worker `index`.
+    pub fn thread_logger(&self, index: usize) -> ThreadLogger {
+        ThreadLogger {
+            inner: self.inner.clone(),
+            producer: self.pipeline.as_ref().map(|p| p.producer(index)),
+            scratch: RefCell::new(Vec::with_capacity(256)),
+        }
+    }
+
+    /// Waits until everything queued so far is written (tests, explicit flushes).
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.pipeline.as_ref().is_none_or(|p| p.flush(timeout))
+    }
+}
+
+/// One per Envoy thread; only ever used from that thread.
+pub struct ThreadLogger {
+    inner: Arc<Inner>,
+    producer: Option<Producer<Vec<u8>>>,
+    scratch: RefCell<Vec<u8>>,
+}
+
+impl ThreadLogger {
+    /// The per-record hot path.
+    #[inline]
+    pub fn log<S: Stream>(&self, stream: &S, log_type: u32) {
+        let Some(producer) = &self.producer else { return };
+        let cx = Ctx::new(stream, log_type);
+        if let Some(f) = &self.inner.filter {
+            if !f.keep(&cx) {
+                producer.skip();
+                return;
+            }
+        }
+        let mut buf = self.inner.pool.pop().unwrap_or_else(|| Vec::with_capacity(1024));
+        let Ok(mut scratch) = self.scratch.try_borrow_mut() else { return };
+        self.inner.plan.render(&cx, &mut scratch, &mut buf);
+        buf.push(b'\n');
+        if scratch.capacity() > MAX_POOLED_BUFFER {
+            *scratch = Vec::with_capacity(256);
+        }
+        if let Err(mut buf) = producer.push(buf) {
+            if buf.capacity() <= MAX_POOLED_BUFFER {
+                buf.clear();
+                let _ = self.inner.pool.push(buf);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::tests::FakeStream;
+    use envoy_obs_common::pipeline::Totals;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Rec(Arc<Mutex<Totals>>);
+    impl Reporter for Rec {
+        fn report(&mut self, t: &Totals) {
+            *self.0.lock().unwrap() = *t;
+        }
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("envoy-obs-json-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("access.log")
+    }
+
+    #[test]
+    fn logs_lines_filters_and_counts() {
+        let path = tmp("basic");
+        let cfg = format!(
+            r#"{{"path":"{}","json_format":{{"code":"%RESPONSE_CODE%","m":"%REQ(:METHOD)%"}},
+                "filter":{{"status_code":{{"ge":500}}}}}}"#,
+            path.display()
+        );
+        let rec = Rec::default();
+        let logger = JsonLogger::start(compile(cfg.as_bytes()).unwrap(), false, 3, rec.clone()).unwrap();
+        let tl = logger.thread_logger(1);
+        let mut s = FakeStream::ok();
+        tl.log(&s, 6);
+        s.code = 503;
+        tl.log(&s, 6);
+        assert!(logger.flush(Duration::from_secs(5)));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"code\":503,\"m\":\"GET\"}\n");
+        drop(tl);
+        drop(logger);
+        let t = *rec.0.lock().unwrap();
+        assert_eq!((t.queued, t.skipped, t.written, t.dropped), (1, 1, 1, 0));
+    }
+
+    #[test]
+    fn validation_mode_opens_nothing() {
+        let path = tmp("validate");
+        let cfg = format!(r#"{{"path":"{}"}}"#, path.display());
+        let logger = JsonLogger::start(compile(cfg.as_bytes()).unwrap(), true, 3, ()).unwrap();
+        logger.thread_logger(0).log(&FakeStream::ok(), 6);
+        assert!(!path.exists());
+        let bad = r#"{"path":"/nonexistent-dir-xyz/a.log"}"#;
+        assert_eq!(JsonLogger::start(compile(bad.as_bytes()).unwrap(), true, 1, ()).err().unwrap().field, "path");
+    }
+
+    #[test]
+    fn bad_configs_name_their_field() {
+        let cases = [
+            (r#"{}"#, "path"),
+            (r#"{"path":"/tmp/x","bogus":1}"#, "bogus"),
+            (r#"{"path":"/tmp/x","json_format":{"a":"%NOPE%"}}"#, "json_format.a"),
+            (r#"{"path":"/tmp/x","queue_capacity":0}"#, "queue_capacity"),
+            (r#"{"path":"/tmp/x","queue_capacity":"big"}"#, "queue_capacity"),
+            (r#"{"path":"/tmp/x","flush_interval_ms":0}"#, "flush_interval_ms"),
+            (r#"{"path":"/tmp/x","filter":{"sample":7}}"#, "filter.sample"),
+            (r#"{"path":"/tmp/x","json_format":{}}"#, "json_format"),
+            (r#"{"path":""}"#, "path"),
+            (r#"{"path":"/tmp/x","omit_empty_values":"yes"}"#, "omit_empty_values"),
+            (r#"{"path":"/tmp/x","stat_prefix":"Bad Prefix"}"#, "stat_prefix"),
+        ];
+        for (cfg, field) in cases {
+            let e = compile(cfg.as_bytes()).err().unwrap_or_else(|| panic!("accepted {cfg}"));
+            assert_eq!(e.field, field, "{cfg}: {e}");
+        }
+    }
+}

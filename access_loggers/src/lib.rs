@@ -1,0 +1,211 @@
+//! `libenvoy_obs_access_log.so`: Envoy access loggers (`logger_name: json`).
+//!
+//! Thread model (Envoy 1.40 access-logger ABI):
+//! - `config_new` / `config_destroy` run on the main thread. The config owns the flush thread.
+//! - `on_access_logger_new` runs once per Envoy thread (each worker and the main thread) and
+//!   returns a per-thread logger bound to that worker's queue; `log` and `destroy` for it run
+//!   on that same thread, so it needs no synchronisation.
+//! - `log` does only reads through the ABI, a render into a pooled buffer and one queue push.
+use std::ffi::c_void;
+use std::ptr;
+
+use envoy_obs_abi as abi;
+use envoy_obs_common::config::ConfigError;
+use envoy_obs_common::ffi::access_log::{ConfigHandle, CounterId, GaugeId, LogStream};
+use envoy_obs_common::ffi::{self, LogLevel, View};
+use envoy_obs_common::hook::guard;
+use envoy_obs_common::pipeline::{Reporter, Totals};
+use envoy_obs_common::{declare_program_init, envoy_log};
+
+pub mod filter;
+pub mod format;
+pub mod json;
+
+declare_program_init!();
+
+/// Self-metrics published from the flush thread as deltas of the pipeline totals.
+struct Metrics {
+    handle: ConfigHandle,
+    logged: CounterId,
+    written: CounterId,
+    dropped: CounterId,
+    filtered: CounterId,
+    write_errors: CounterId,
+    queue_depth: GaugeId,
+    last: Totals,
+    name: String,
+}
+
+impl Metrics {
+    fn define(handle: ConfigHandle, logger: &str, prefix: &str) -> Result<Self, String> {
+        let n = |s: &str| format!("access_log.{prefix}.{s}");
+        Ok(Metrics {
+            handle,
+            logged: handle.define_counter(&n("records_logged"))?,
+            written: handle.define_counter(&n("records_written"))?,
+            dropped: handle.define_counter(&n("records_dropped"))?,
+            filtered: handle.define_counter(&n("records_filtered"))?,
+            write_errors: handle.define_counter(&n("write_errors"))?,
+            queue_depth: handle.define_gauge(&n("queue_depth"))?,
+            last: Totals::default(),
+            name: logger.to_string(),
+        })
+    }
+}
+
+impl Reporter for Metrics {
+    fn report(&mut self, t: &Totals) {
+        let l = self.last;
+        let h = self.handle;
+        h.add(self.logged, (t.queued + t.dropped) - (l.queued + l.dropped));
+        h.add(self.written, t.written - l.written);
+        h.add(self.dropped, t.dropped - l.dropped);
+        h.add(self.filtered, t.skipped - l.skipped);
+        h.add(self.write_errors, t.failed - l.failed);
+        h.set(self.queue_depth, t.queue_depth);
+        if l.dropped == 0 && t.dropped > 0 {
+            envoy_log!(
+                LogLevel::Warn,
+                "envoy-obs {} access logger: queue full, dropping new records (see records_dropped; raise queue_capacity)",
+                self.name
+            );
+        }
+        self.last = *t;
+    }
+}
+
+/// What Envoy's config pointer points at.
+pub enum LoggerConfig {
+    /// `logger_name: json`
+    Json(json::JsonLogger),
+}
+
+/// Builds a logger config. Pure except for the metric definitions and file open.
+fn config_new_impl(handle: ConfigHandle, name: &str, config: &[u8]) -> Result<LoggerConfig, ConfigError> {
+    match name {
+        "json" => {
+            let compiled = json::compile(config)?;
+            let metrics =
+                Metrics::define(handle, name, &compiled.config.stat_prefix).map_err(|e| ConfigError::new("", e))?;
+            let validation = ffi::is_validation_mode();
+            // One slot per worker plus the main thread's logger (index == concurrency).
+            let slots = ffi::concurrency() as usize + 1;
+            Ok(LoggerConfig::Json(json::JsonLogger::start(compiled, validation, slots, metrics)?))
+        }
+        other => Err(ConfigError::new("logger_name", format!("unknown logger {other:?}; expected one of: json"))),
+    }
+}
+
+/// # Safety
+/// Called by Envoy on the main thread with a valid config handle and buffers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_new(
+    config_envoy_ptr: *mut c_void,
+    name: abi::EB,
+    config: abi::EB,
+) -> *const c_void {
+    guard("on_access_logger_config_new", ptr::null(), || {
+        // SAFETY: Envoy passes buffers valid for this call, and the config handle that lives
+        // until config_destroy.
+        let (name, config, handle) =
+            unsafe { (View::from_envoy(name), View::from_envoy(config), ConfigHandle::new(config_envoy_ptr)) };
+        let name = name.lossy();
+        match config_new_impl(handle, &name, config.bytes()) {
+            Ok(c) => Box::into_raw(Box::new(c)) as *const c_void,
+            Err(e) => {
+                ffi::log(
+                    LogLevel::Error,
+                    &format!("envoy-obs access logger {name:?}: invalid logger_config: {e}"),
+                    file!(),
+                    line!(),
+                );
+                ptr::null()
+            }
+        }
+    })
+}
+
+/// # Safety
+/// `config_module_ptr` must come from `config_new` and not be used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_destroy(config_module_ptr: *const c_void) {
+    guard("on_access_logger_config_destroy", (), || {
+        if !config_module_ptr.is_null() {
+            // SAFETY: created by Box::into_raw in config_new; Envoy destroys it exactly once,
+            // after every per-thread logger is gone. Dropping drains and joins the flush thread.
+            drop(unsafe { Box::from_raw(config_module_ptr as *mut LoggerConfig) });
+        }
+    })
+}
+
+/// Per-thread logger object.
+pub enum ThreadLogger {
+    /// JSON
+    Json(json::ThreadLogger),
+}
+
+/// # Safety
+/// Called by Envoy on each thread with our config pointer and that thread's logger context.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_new(
+    config_module_ptr: *const c_void,
+    logger_envoy_ptr: *mut c_void,
+) -> *const c_void {
+    guard("on_access_logger_new", ptr::null(), || {
+        if config_module_ptr.is_null() {
+            return ptr::null();
+        }
+        // SAFETY: the config outlives every per-thread logger (Envoy's destroy order).
+        let config = unsafe { &*(config_module_ptr as *const LoggerConfig) };
+        // SAFETY: Envoy's logger context for this thread; get_worker_index is valid outside log.
+        let index = unsafe { LogStream::worker_index(logger_envoy_ptr) } as usize;
+        let tl = match config {
+            LoggerConfig::Json(j) => ThreadLogger::Json(j.thread_logger(index)),
+        };
+        Box::into_raw(Box::new(tl)) as *const c_void
+    })
+}
+
+/// # Safety
+/// Called by Envoy inside a stream's access-log phase on the logger's own thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_log(
+    logger_envoy_ptr: *mut c_void,
+    logger_module_ptr: *const c_void,
+    log_type: u32,
+) {
+    guard("on_access_logger_log", (), || {
+        if logger_module_ptr.is_null() {
+            return;
+        }
+        // SAFETY: created in on_access_logger_new for this thread and alive until destroy;
+        // the stream view is valid for the duration of this hook only.
+        let (tl, stream) = unsafe { (&*(logger_module_ptr as *const ThreadLogger), LogStream::new(logger_envoy_ptr)) };
+        match tl {
+            ThreadLogger::Json(j) => j.log(&stream, log_type),
+        }
+    })
+}
+
+/// # Safety
+/// `logger_module_ptr` must come from `on_access_logger_new` and not be used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_destroy(logger_module_ptr: *const c_void) {
+    guard("on_access_logger_destroy", (), || {
+        if !logger_module_ptr.is_null() {
+            // SAFETY: created by Box::into_raw in on_access_logger_new; destroyed once.
+            drop(unsafe { Box::from_raw(logger_module_ptr as *mut ThreadLogger) });
+        }
+    })
+}
+
+// Compile-time check that our hooks have exactly the prototypes of our C header.
+const _: () = {
+    let _: unsafe extern "C" fn(*mut c_void, abi::EB, abi::EB) -> *const c_void =
+        envoy_dynamic_module_on_access_logger_config_new;
+    let _: unsafe extern "C" fn(*const c_void) = envoy_dynamic_module_on_access_logger_config_destroy;
+    let _: unsafe extern "C" fn(*const c_void, *mut c_void) -> *const c_void =
+        envoy_dynamic_module_on_access_logger_new;
+    let _: unsafe extern "C" fn(*mut c_void, *const c_void, u32) = envoy_dynamic_module_on_access_logger_log;
+    let _: unsafe extern "C" fn(*const c_void) = envoy_dynamic_module_on_access_logger_destroy;
+};

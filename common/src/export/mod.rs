@@ -1,0 +1,2 @@
+//! Exporters shared by the module kinds.
+pub mod file;
