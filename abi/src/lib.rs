@@ -5,7 +5,7 @@
 //! Thread model: none of its own. Each callback's thread rules are in the header and in
 //! `../shared/envoy-abi-1.40.md`.
 #![allow(non_camel_case_types, non_upper_case_globals, non_snake_case, missing_docs)]
-#![allow(clippy::all)]
+#![allow(clippy::all, clippy::undocumented_unsafe_blocks)]
 
 include!("bindings.rs");
 

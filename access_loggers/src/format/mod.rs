@@ -691,7 +691,8 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
         "HOSTNAME" => no_arg(name, arg, Op::Const(hostname())),
         "ENVIRONMENT" => {
             let var = arg.filter(|a| !a.is_empty()).ok_or("operator %ENVIRONMENT(...)% needs a variable name")?;
-            Ok(Op::Const(std::env::var_os(var).map(|v| v.into_encoded_bytes())))
+            // Envoy resolves it once at config load; an unset variable renders as the string "-".
+            Ok(Op::Const(Some(std::env::var_os(var).map_or_else(|| b"-".to_vec(), |v| v.into_encoded_bytes()))))
         }
         "DYNAMIC_METADATA" => {
             let arg = arg.unwrap_or("");

