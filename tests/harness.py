@@ -116,7 +116,9 @@ class Envoy:
 
     def command(self, mode: str | None = None) -> list[str]:
         cmd = [str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
-               "--use-dynamic-base-id", "-l", self.log_level, "--disable-hot-restart"]
+               "--use-dynamic-base-id", "-l", self.log_level, "--disable-hot-restart",
+               # The built-in file logger otherwise holds records for up to 10 s.
+               "--file-flush-interval-msec", "200"]
         if mode:
             cmd += ["--mode", mode]
         return cmd

@@ -57,7 +57,7 @@ pub enum FilterSpec {
     /// Health-check requests (`true`) or everything else (`false`).
     HealthCheck(bool),
     /// Keep this fraction (0..=1), stable per x-request-id.
-    Sample(f64),
+    Sample(#[serde(deserialize_with = "envoy_obs_common::config::lenient_f64")] f64),
     /// All must hold.
     And(Vec<FilterSpec>),
     /// At least one must hold.

@@ -5,6 +5,7 @@
 //! an absent config as an empty buffer (treated as `{}`). Structs use
 //! `#[serde(deny_unknown_fields)]`; errors carry the dotted path of the offending field.
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 /// A config rejection, always naming the field (`path`) it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,5 +118,40 @@ mod tests {
         assert_eq!(parse::<Cfg>(b"").unwrap_err().field, "path");
         assert!(parse::<Cfg>(b"not json").is_err());
         assert!(parse::<Cfg>(&[0xff, 0xfe]).is_err());
+    }
+}
+
+/// Deserializes an `f64` given either as a JSON number or as a numeric string.
+///
+/// Needed because Envoy's YAML loader hands some fractional scalars of a
+/// `google.protobuf.Struct` to the module as strings (`sample: 0.01` arrives as `"0.01"`).
+pub fn lenient_f64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(f64),
+        Str(String),
+    }
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => Ok(n),
+        NumOrStr::Str(s) => {
+            s.trim().parse::<f64>().map_err(|_| serde::de::Error::custom(format!("expected a number, got {s:?}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod lenient_tests {
+    #[derive(serde::Deserialize)]
+    struct F {
+        #[serde(deserialize_with = "super::lenient_f64")]
+        x: f64,
+    }
+
+    #[test]
+    fn numbers_and_numeric_strings() {
+        assert_eq!(serde_json::from_str::<F>(r#"{"x":0.25}"#).unwrap().x, 0.25);
+        assert_eq!(serde_json::from_str::<F>(r#"{"x":"0.25"}"#).unwrap().x, 0.25);
+        assert!(serde_json::from_str::<F>(r#"{"x":"lots"}"#).is_err());
     }
 }

@@ -1,0 +1,170 @@
+"""The JSON logger under hostile input, load, a tiny queue, log rotation and validate mode,
+against a real Envoy 1.40.0."""
+import os
+import re
+import socket
+import subprocess
+import time
+
+import pytest
+
+from harness import (Envoy, count_lines, curl, direct_response_listener, free_port, hcm_listener, our_json_logger,
+                     poll_until, read_json_lines, route, static_cluster)
+
+
+def proxy(tmp_path, logger_config, concurrency=2, **hcm_extra):
+    front, up = free_port(), free_port()
+    res = {"listeners": [hcm_listener("front", front, [route("/", "backend")],
+                                      access_log=[our_json_logger(logger_config)], **hcm_extra),
+                         direct_response_listener("up", up)],
+           "clusters": [static_cluster("backend", up)]}
+    return Envoy(tmp_path, res, concurrency=concurrency), f"http://127.0.0.1:{front}", front
+
+
+def raw_request(port: int, head: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head)
+        chunks = []
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    return b"".join(chunks)
+
+
+HOSTILE = [
+    b"invalid utf8 \xff\xfe\xc3 end",
+    b"control \x01\x02\x1b[31m chars \x7f",
+    b'quotes " and "" and \\" backslashes \\ \\\\',
+    b"tab\tinside",
+    b'json injection ", "evil": "yes',
+    b"\xe2\x80\xa8 line separator and emoji \xf0\x9f\x98\x80",
+    b"V" * (60 * 1024),
+]
+
+
+def test_hostile_header_values_give_valid_json(tmp_path):
+    log = tmp_path / "a.log"
+    fmt = {"evil": "%REQ(X-EVIL)%", "ua": "%REQ(USER-AGENT)%", "path": "%REQ(:PATH)%",
+           "mixed": "<%REQ(X-EVIL)%|%REQ(:PATH)%>", "code": "%RESPONSE_CODE%", "short": "%REQ(X-EVIL):7%"}
+    envoy, _, port = proxy(tmp_path, {"path": str(log), "json_format": fmt, "flush_interval_ms": 50},
+                           max_request_headers_kb=128)
+    with envoy as e:
+        for v in HOSTILE:
+            req = b"GET /ok?q=\"\\ HTTP/1.1\r\nHost: x\r\nUser-Agent: " + v[:100] + b"\r\nX-Evil: " + v + \
+                  b"\r\nConnection: close\r\n\r\n"
+            assert raw_request(port, req).startswith(b"HTTP/1.1 ")
+        poll_until(lambda: count_lines(log) == len(HOSTILE), what="one line per request")
+        e.quit()
+    recs = read_json_lines(log)  # raises on any invalid line
+    assert len(recs) == len(HOSTILE)
+    served = [r for r in recs if r["code"] == 200]
+    assert len(served) >= 5, recs
+    big = [r for r in recs if r["evil"] and len(r["evil"]) == 60 * 1024]
+    assert len(big) == 1 and big[0]["short"] == "VVVVVVV"
+    quoted = [r for r in recs if r["evil"] and r["evil"].startswith("quotes")]
+    assert quoted and quoted[0]["evil"] == HOSTILE[2].decode()
+    injected = [r for r in recs if r["evil"] and r["evil"].startswith("json injection")]
+    assert injected and "evil" not in {k for k in injected[0] if k != "evil"} and injected[0]["code"] == 200
+
+
+def h2load(url: str, n: int, clients: int = 8, h1: bool = True) -> str:
+    cmd = ["h2load", "-n", str(n), "-c", str(clients), "-m", "1", "-t", "1"] + (["--h1"] if h1 else []) + [url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    assert m, out
+    return out
+
+
+def test_nothing_lost_20000_requests_then_quitquitquit(tmp_path):
+    log = tmp_path / "a.log"
+    envoy, url, _ = proxy(tmp_path, {"path": str(log)})
+    with envoy as e:
+        out = h2load(url + "/ok", 20_000)
+        assert "20000 succeeded" in out, out
+        assert e.quit() == 0
+    # No wait for a flush interval: shutdown itself must drain every queue.
+    assert count_lines(log) == 20_000
+    assert len(read_json_lines(log)) == 20_000
+
+
+def test_tiny_queue_burst_lines_plus_dropped_equals_served(tmp_path):
+    log = tmp_path / "a.log"
+    envoy, url, _ = proxy(tmp_path, {"path": str(log), "queue_capacity": 2, "flush_interval_ms": 60_000})
+    with envoy as e:
+        h2load(url + "/ok", 6000, clients=16)
+        served = e.stats("downstream_rq_completed")["http.ingress.downstream_rq_completed"]
+        assert served == 6000
+
+        def settled():
+            s = e.stats("access_log")
+            logged, written = s["obs.access_log.json.records_logged"], s["obs.access_log.json.records_written"]
+            dropped = s["obs.access_log.json.records_dropped"]
+            return logged == served and written + dropped == logged and count_lines(log) == written and s
+        s = poll_until(settled, timeout=15, what="counters to settle")
+        assert s["obs.access_log.json.write_errors"] == 0
+        print(f"tiny queue: served={served} written={s['obs.access_log.json.records_written']} "
+              f"dropped={s['obs.access_log.json.records_dropped']}")
+        e.quit()
+    assert count_lines(log) + s["obs.access_log.json.records_dropped"] == served
+
+
+def test_counters_and_filter(tmp_path):
+    log = tmp_path / "a.log"
+    cfg = {"path": str(log), "flush_interval_ms": 50,
+           "filter": {"or": [{"status_code": {"ge": 400}}, {"sample": 0.0}]}}
+    front, up = free_port(), free_port()
+    res = {"listeners": [hcm_listener("front", front, [route("/ok", "backend")], access_log=[our_json_logger(cfg)]),
+                         direct_response_listener("up", up)],
+           "clusters": [static_cluster("backend", up)]}
+    with Envoy(tmp_path, res) as e:
+        for _ in range(5):
+            curl(f"http://127.0.0.1:{front}/ok")
+        for _ in range(3):
+            curl(f"http://127.0.0.1:{front}/missing")
+        poll_until(lambda: e.stats("access_log").get("obs.access_log.json.records_written") == 3, what="3 written")
+        s = e.stats("access_log")
+        assert s["obs.access_log.json.records_filtered"] == 5
+        assert s["obs.access_log.json.records_logged"] == 3
+        e.quit()
+    assert [r["response_code"] for r in read_json_lines(log)] == [404] * 3
+
+
+def test_rotation_reopens_and_loses_nothing(tmp_path):
+    log = tmp_path / "a.log"
+    rotated = tmp_path / "a.log.1"
+    envoy, url, _ = proxy(tmp_path, {"path": str(log), "flush_interval_ms": 100})
+    sent = 0
+    with envoy as e:
+        for _ in range(50):
+            curl(url + "/ok")
+            sent += 1
+        poll_until(lambda: count_lines(log) == 50, what="first 50 lines")
+        os.rename(log, rotated)
+        t0 = time.monotonic()
+        while not log.exists() and time.monotonic() - t0 < 10:
+            curl(url + "/ok")
+            sent += 1
+            time.sleep(0.02)
+        reopened_after = time.monotonic() - t0
+        assert log.exists(), "logger never reopened the rotated path"
+        for _ in range(50):
+            curl(url + "/ok")
+            sent += 1
+        assert e.quit() == 0
+    print(f"rotation: reopened after {reopened_after:.2f}s, {sent} requests")
+    assert reopened_after < 3.0
+    assert count_lines(log) >= 50
+    assert len(read_json_lines(rotated)) + len(read_json_lines(log)) == sent
+
+
+def test_validate_mode_checks_config_but_opens_nothing(tmp_path):
+    log = tmp_path / "never.log"
+    envoy, _, _ = proxy(tmp_path, {"path": str(log)})
+    p = envoy.run_to_exit(mode="validate")
+    assert p.returncode == 0, envoy.log()[-2000:]
+    assert not log.exists()
+    bad, _, _ = proxy(tmp_path / "bad", {"path": str(log), "json_format": {"x": "%NOPE%"}})
+    p = bad.run_to_exit(mode="validate")
+    assert p.returncode != 0 and "NOPE" in bad.log()
