@@ -13,6 +13,9 @@ need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v wrk >/dev/null || need_apt+=(wrk)
+# bindgen (make bindings / check-bindings) loads libclang at run time.
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v gcc >/dev/null || need_apt+=(gcc)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

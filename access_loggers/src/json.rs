@@ -90,6 +90,11 @@ pub struct JsonLoggerConfig {
     /// Middle part of the self-metric names.
     #[serde(default = "default_prefix")]
     pub stat_prefix: String,
+    /// Measure the worker-side time of every record (two monotonic clock reads per record)
+    /// and publish it as the `worker_ns` counter: cost transparency, and what `make bench`
+    /// reads for the per-record worker cost.
+    #[serde(default)]
+    pub self_timing: bool,
 }
 
 /// Everything checked at config load, before anything is opened or started.
@@ -141,6 +146,7 @@ struct Inner {
     plan: JsonPlan,
     filter: Option<Filter>,
     pool: BufferPool,
+    self_timing: bool,
 }
 
 /// The config object Envoy holds between `config_new` and `config_destroy`.
@@ -154,7 +160,9 @@ impl JsonLogger {
     /// Opens the file and starts the flush thread (unless `validation`).
     pub fn start<R: Reporter>(c: Compiled, validation: bool, slots: usize, reporter: R) -> Result<Self, ConfigError> {
         let path = PathBuf::from(&c.config.path);
-        let pool: BufferPool = Arc::new(ArrayQueue::new((slots * 256).clamp(256, 16_384)));
+        // Enough buffers for every slot's in-flight batch twice over; beyond that, allocate.
+        let pool: BufferPool = Arc::new(ArrayQueue::new((slots * 2 * MAX_BATCH).clamp(1024, 65_536)));
+        let self_timing = c.config.self_timing;
         let pipeline = if validation {
             check_writable(&path).map_err(|e| ConfigError::new("path", e))?;
             None
@@ -175,7 +183,7 @@ impl JsonLogger {
                     .map_err(|e| ConfigError::new("", format!("cannot start flush thread: {e}")))?,
             )
         };
-        Ok(JsonLogger { inner: Arc::new(Inner { plan: c.plan, filter: c.filter, pool }), pipeline })
+        Ok(JsonLogger { inner: Arc::new(Inner { plan: c.plan, filter: c.filter, pool, self_timing }), pipeline })
     }
 
     /// The per-thread logger for worker `index`.
@@ -205,6 +213,17 @@ impl ThreadLogger {
     #[inline]
     pub fn log<S: Stream>(&self, stream: &S, log_type: u32) {
         let Some(producer) = &self.producer else { return };
+        if self.inner.self_timing {
+            let t0 = std::time::Instant::now();
+            self.log_record(producer, stream, log_type);
+            producer.add_busy_ns(t0.elapsed().as_nanos() as u64);
+        } else {
+            self.log_record(producer, stream, log_type);
+        }
+    }
+
+    #[inline(always)]
+    fn log_record<S: Stream>(&self, producer: &Producer<Vec<u8>>, stream: &S, log_type: u32) {
         let cx = Ctx::new(stream, log_type);
         if let Some(f) = &self.inner.filter {
             if !f.keep(&cx) {

@@ -32,12 +32,13 @@ struct Metrics {
     filtered: CounterId,
     write_errors: CounterId,
     queue_depth: GaugeId,
+    worker_ns: Option<CounterId>,
     last: Totals,
     name: String,
 }
 
 impl Metrics {
-    fn define(handle: ConfigHandle, logger: &str, prefix: &str) -> Result<Self, String> {
+    fn define(handle: ConfigHandle, logger: &str, prefix: &str, self_timing: bool) -> Result<Self, String> {
         let n = |s: &str| format!("access_log.{prefix}.{s}");
         Ok(Metrics {
             handle,
@@ -47,6 +48,7 @@ impl Metrics {
             filtered: handle.define_counter(&n("records_filtered"))?,
             write_errors: handle.define_counter(&n("write_errors"))?,
             queue_depth: handle.define_gauge(&n("queue_depth"))?,
+            worker_ns: if self_timing { Some(handle.define_counter(&n("worker_ns"))?) } else { None },
             last: Totals::default(),
             name: logger.to_string(),
         })
@@ -63,6 +65,9 @@ impl Reporter for Metrics {
         h.add(self.filtered, t.skipped - l.skipped);
         h.add(self.write_errors, t.failed - l.failed);
         h.set(self.queue_depth, t.queue_depth);
+        if let Some(id) = self.worker_ns {
+            h.add(id, t.busy_ns - l.busy_ns);
+        }
         if l.dropped == 0 && t.dropped > 0 {
             envoy_log!(
                 LogLevel::Warn,
@@ -85,8 +90,8 @@ fn config_new_impl(handle: ConfigHandle, name: &str, config: &[u8]) -> Result<Lo
     match name {
         "json" => {
             let compiled = json::compile(config)?;
-            let metrics =
-                Metrics::define(handle, name, &compiled.config.stat_prefix).map_err(|e| ConfigError::new("", e))?;
+            let metrics = Metrics::define(handle, name, &compiled.config.stat_prefix, compiled.config.self_timing)
+                .map_err(|e| ConfigError::new("", e))?;
             let validation = ffi::is_validation_mode();
             // One slot per worker plus the main thread's logger (index == concurrency).
             let slots = ffi::concurrency() as usize + 1;

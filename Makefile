@@ -1,0 +1,50 @@
+# envoy-obs: observability extension pack for Envoy 1.40.0 (dynamic modules).
+#
+#   make demo    build the modules, run a real Envoy with the JSON access logger, show logs + counters
+#   make test    every test: Rust unit tests, lint, ABI bindings check, real-Envoy integration tests
+#   make bench   access-log CPU cost: no logger vs Envoy's built-in vs ours (see bench/README.md)
+#
+# Each target installs what it needs (scripts/setup.sh: a .venv with Envoy 1.40.0, Debian tools).
+
+CARGO ?= cargo
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all build setup test unit lint check-bindings bindings integration demo bench clean
+
+all: build
+
+setup:
+	./scripts/setup.sh
+
+build:
+	$(CARGO) build --release
+
+unit:
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The checked-in abi/src/bindings.rs must be what bindgen makes of abi/include/envoy_obs_abi.h.
+check-bindings: setup
+	$(CARGO) run -q -p envoy-obs-abi-gen -- --check
+
+bindings: setup
+	$(CARGO) run -q -p envoy-obs-abi-gen
+
+integration: setup build
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test: setup lint unit check-bindings integration
+
+demo: setup build
+	./scripts/demo.sh
+
+bench: setup build
+	$(PY) bench/access_log_bench.py
+
+clean:
+	$(CARGO) clean
+	rm -rf .work
