@@ -1,9 +1,9 @@
 //! `logger_name: json` — one JSON object per line, Envoy `json_format` semantics.
 //!
-//! Worker side (per record): filter -> render the compiled plan into a pooled buffer -> one
-//! `try_push` on this worker's queue. Flush thread: write batches to the file, recycle buffers,
-//! reopen after rotation, publish self-metrics.
-use std::cell::RefCell;
+//! Worker side (per record): filter -> capture the plan's operator values (raw bytes and
+//! numbers) into a pooled buffer -> one `try_push` on this worker's queue. Flush thread:
+//! render JSON lines from the captured values (escaping, number and time formatting), write
+//! batches to the file, recycle buffers, reopen after rotation, publish self-metrics.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +12,10 @@ use crossbeam_queue::ArrayQueue;
 use serde::Deserialize;
 
 use envoy_obs_common::config::{parse, ConfigError};
-use envoy_obs_common::export::file::{check_writable, open_append, BufferPool, FileExporter, MAX_POOLED_BUFFER};
+use envoy_obs_common::export::file::{check_writable, open_append, recycle, BufferPool, FileExporter};
 use envoy_obs_common::ffi::access_log::Stream;
-use envoy_obs_common::pipeline::{Pipeline, PipelineConfig, Producer, Reporter};
+use envoy_obs_common::pipeline::{Exporter, Outcome, Pipeline, PipelineConfig, Producer, Reporter};
+use envoy_obs_common::timing::CycleClock;
 
 use crate::filter::{Filter, FilterSpec};
 use crate::format::{Ctx, JsonPlan};
@@ -90,9 +91,9 @@ pub struct JsonLoggerConfig {
     /// Middle part of the self-metric names.
     #[serde(default = "default_prefix")]
     pub stat_prefix: String,
-    /// Measure the worker-side time of every record (two monotonic clock reads per record)
-    /// and publish it as the `worker_ns` counter: cost transparency, and what `make bench`
-    /// reads for the per-record worker cost.
+    /// Measure the worker-side time of every record (two TSC reads per record) and publish
+    /// it: counter `worker_ns` (total) and gauges `worker_ns_p50` / `worker_ns_p99` (per record).
+    /// Cost transparency for operators, and what `make bench` reads for the per-record cost.
     #[serde(default)]
     pub self_timing: bool,
 }
@@ -143,10 +144,11 @@ pub fn compile(bytes: &[u8]) -> Result<Compiled, ConfigError> {
 }
 
 struct Inner {
-    plan: JsonPlan,
+    plan: Arc<JsonPlan>,
+    bulk_headers: bool,
     filter: Option<Filter>,
     pool: BufferPool,
-    self_timing: bool,
+    self_timing: Option<CycleClock>,
 }
 
 /// The config object Envoy holds between `config_new` and `config_destroy`.
@@ -162,7 +164,8 @@ impl JsonLogger {
         let path = PathBuf::from(&c.config.path);
         // Enough buffers for every slot's in-flight batch twice over; beyond that, allocate.
         let pool: BufferPool = Arc::new(ArrayQueue::new((slots * 2 * MAX_BATCH).clamp(1024, 65_536)));
-        let self_timing = c.config.self_timing;
+        let self_timing = c.config.self_timing.then(|| CycleClock::calibrate(Duration::from_millis(20)));
+        let plan = Arc::new(c.plan);
         let pipeline = if validation {
             check_writable(&path).map_err(|e| ConfigError::new("path", e))?;
             None
@@ -177,22 +180,25 @@ impl JsonLogger {
                 max_batch: MAX_BATCH,
                 shutdown_timeout: SHUTDOWN_TIMEOUT,
             };
-            let exporter = FileExporter::new(path, file, pool.clone());
+            let exporter = JsonFileExporter {
+                plan: plan.clone(),
+                file: FileExporter::new(path, file, pool.clone()),
+                pool: pool.clone(),
+                out: Vec::with_capacity(256 * 1024),
+                scratch: Vec::with_capacity(256),
+            };
             Some(
                 Pipeline::start(cfg, exporter, reporter)
                     .map_err(|e| ConfigError::new("", format!("cannot start flush thread: {e}")))?,
             )
         };
-        Ok(JsonLogger { inner: Arc::new(Inner { plan: c.plan, filter: c.filter, pool, self_timing }), pipeline })
+        let bulk_headers = plan.prefers_bulk_headers();
+        Ok(JsonLogger { inner: Arc::new(Inner { plan, bulk_headers, filter: c.filter, pool, self_timing }), pipeline })
     }
 
     /// The per-thread logger for worker `index`.
     pub fn thread_logger(&self, index: usize) -> ThreadLogger {
-        ThreadLogger {
-            inner: self.inner.clone(),
-            producer: self.pipeline.as_ref().map(|p| p.producer(index)),
-            scratch: RefCell::new(Vec::with_capacity(256)),
-        }
+        ThreadLogger { inner: self.inner.clone(), producer: self.pipeline.as_ref().map(|p| p.producer(index)) }
     }
 
     /// Waits until everything queued so far is written (tests, explicit flushes).
@@ -201,11 +207,43 @@ impl JsonLogger {
     }
 }
 
+/// Renders captured records into JSON lines and appends them to the file.
+struct JsonFileExporter {
+    plan: Arc<JsonPlan>,
+    file: FileExporter,
+    pool: BufferPool,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl Exporter<Vec<u8>> for JsonFileExporter {
+    fn export(&mut self, batch: &mut Vec<Vec<u8>>) -> Outcome {
+        let n = batch.len() as u64;
+        self.out.clear();
+        for record in batch.drain(..) {
+            self.plan.render(&record, &mut self.scratch, &mut self.out);
+            self.out.push(b'\n');
+            recycle(&self.pool, record);
+        }
+        if self.scratch.capacity() > 64 * 1024 {
+            self.scratch = Vec::with_capacity(256);
+        }
+        if self.file.write(&self.out) {
+            Outcome { written: n, failed: 0 }
+        } else {
+            Outcome { written: 0, failed: n }
+        }
+    }
+
+    fn flush(&mut self) -> Outcome {
+        self.file.flush()
+    }
+}
+
 /// One per Envoy thread; only ever used from that thread.
 pub struct ThreadLogger {
     inner: Arc<Inner>,
     producer: Option<Producer<Vec<u8>>>,
-    scratch: RefCell<Vec<u8>>,
 }
 
 impl ThreadLogger {
@@ -213,10 +251,10 @@ impl ThreadLogger {
     #[inline]
     pub fn log<S: Stream>(&self, stream: &S, log_type: u32) {
         let Some(producer) = &self.producer else { return };
-        if self.inner.self_timing {
-            let t0 = std::time::Instant::now();
+        if let Some(clock) = &self.inner.self_timing {
+            let t0 = CycleClock::now();
             self.log_record(producer, stream, log_type);
-            producer.add_busy_ns(t0.elapsed().as_nanos() as u64);
+            producer.record_busy_ns(clock.ns_between(t0, CycleClock::now()));
         } else {
             self.log_record(producer, stream, log_type);
         }
@@ -224,25 +262,17 @@ impl ThreadLogger {
 
     #[inline(always)]
     fn log_record<S: Stream>(&self, producer: &Producer<Vec<u8>>, stream: &S, log_type: u32) {
-        let cx = Ctx::new(stream, log_type);
+        let cx = Ctx::new(stream, log_type).with_bulk_request_headers(self.inner.bulk_headers);
         if let Some(f) = &self.inner.filter {
             if !f.keep(&cx) {
                 producer.skip();
                 return;
             }
         }
-        let mut buf = self.inner.pool.pop().unwrap_or_else(|| Vec::with_capacity(1024));
-        let Ok(mut scratch) = self.scratch.try_borrow_mut() else { return };
-        self.inner.plan.render(&cx, &mut scratch, &mut buf);
-        buf.push(b'\n');
-        if scratch.capacity() > MAX_POOLED_BUFFER {
-            *scratch = Vec::with_capacity(256);
-        }
-        if let Err(mut buf) = producer.push(buf) {
-            if buf.capacity() <= MAX_POOLED_BUFFER {
-                buf.clear();
-                let _ = self.inner.pool.push(buf);
-            }
+        let mut buf = self.inner.pool.pop().unwrap_or_else(|| Vec::with_capacity(512));
+        self.inner.plan.capture(&cx, &mut buf);
+        if let Err(buf) = producer.push(buf) {
+            recycle(&self.inner.pool, buf);
         }
     }
 }
@@ -258,7 +288,7 @@ mod tests {
     struct Rec(Arc<Mutex<Totals>>);
     impl Reporter for Rec {
         fn report(&mut self, t: &Totals) {
-            *self.0.lock().unwrap() = *t;
+            *self.0.lock().unwrap() = t.clone();
         }
     }
 
@@ -289,7 +319,7 @@ mod tests {
         assert_eq!(text, "{\"code\":503,\"m\":\"GET\"}\n");
         drop(tl);
         drop(logger);
-        let t = *rec.0.lock().unwrap();
+        let t = rec.0.lock().unwrap().clone();
         assert_eq!((t.queued, t.skipped, t.written, t.dropped), (1, 1, 1, 0));
     }
 

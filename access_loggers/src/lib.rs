@@ -15,6 +15,7 @@ use envoy_obs_common::ffi::access_log::{ConfigHandle, CounterId, GaugeId, LogStr
 use envoy_obs_common::ffi::{self, LogLevel, View};
 use envoy_obs_common::hook::guard;
 use envoy_obs_common::pipeline::{Reporter, Totals};
+use envoy_obs_common::timing::quantile;
 use envoy_obs_common::{declare_program_init, envoy_log};
 
 pub mod filter;
@@ -32,7 +33,7 @@ struct Metrics {
     filtered: CounterId,
     write_errors: CounterId,
     queue_depth: GaugeId,
-    worker_ns: Option<CounterId>,
+    worker_ns: Option<(CounterId, GaugeId, GaugeId)>,
     last: Totals,
     name: String,
 }
@@ -48,7 +49,15 @@ impl Metrics {
             filtered: handle.define_counter(&n("records_filtered"))?,
             write_errors: handle.define_counter(&n("write_errors"))?,
             queue_depth: handle.define_gauge(&n("queue_depth"))?,
-            worker_ns: if self_timing { Some(handle.define_counter(&n("worker_ns"))?) } else { None },
+            worker_ns: if self_timing {
+                Some((
+                    handle.define_counter(&n("worker_ns"))?,
+                    handle.define_gauge(&n("worker_ns_p50"))?,
+                    handle.define_gauge(&n("worker_ns_p99"))?,
+                ))
+            } else {
+                None
+            },
             last: Totals::default(),
             name: logger.to_string(),
         })
@@ -57,7 +66,7 @@ impl Metrics {
 
 impl Reporter for Metrics {
     fn report(&mut self, t: &Totals) {
-        let l = self.last;
+        let l = &self.last;
         let h = self.handle;
         h.add(self.logged, (t.queued + t.dropped) - (l.queued + l.dropped));
         h.add(self.written, t.written - l.written);
@@ -65,8 +74,10 @@ impl Reporter for Metrics {
         h.add(self.filtered, t.skipped - l.skipped);
         h.add(self.write_errors, t.failed - l.failed);
         h.set(self.queue_depth, t.queue_depth);
-        if let Some(id) = self.worker_ns {
-            h.add(id, t.busy_ns - l.busy_ns);
+        if let Some((total, p50, p99)) = self.worker_ns {
+            h.add(total, t.busy_ns - l.busy_ns);
+            h.set(p50, quantile(&t.busy_hist, 0.5));
+            h.set(p99, quantile(&t.busy_hist, 0.99));
         }
         if l.dropped == 0 && t.dropped > 0 {
             envoy_log!(
@@ -75,7 +86,7 @@ impl Reporter for Metrics {
                 self.name
             );
         }
-        self.last = *t;
+        self.last = t.clone();
     }
 }
 

@@ -19,6 +19,7 @@ pub mod export;
 pub mod ffi;
 pub mod hook;
 pub mod pipeline;
+pub mod timing;
 
 /// Exports `envoy_dynamic_module_on_program_init` returning the ABI version Envoy 1.40.0
 /// expects. Each cdylib calls this once at its crate root.

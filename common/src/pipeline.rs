@@ -18,6 +18,8 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 
+use crate::timing::{Histogram, BUCKETS};
+
 /// What an export or flush achieved, in records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
@@ -40,7 +42,7 @@ pub trait Exporter<R>: Send + 'static {
 }
 
 /// Cumulative counts, as seen by the flush thread after each cycle.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     /// Records accepted into a queue.
     pub queued: u64,
@@ -48,8 +50,10 @@ pub struct Totals {
     pub dropped: u64,
     /// Records the producer chose not to produce (filters, sampling).
     pub skipped: u64,
-    /// Nanoseconds producers reported spending per record ([`Producer::add_busy_ns`]).
+    /// Nanoseconds producers reported spending on records ([`Producer::record_busy_ns`]).
     pub busy_ns: u64,
+    /// Distribution of those per-record nanoseconds (see [`crate::timing::quantile`]).
+    pub busy_hist: Vec<u64>,
     /// Records the exporter delivered.
     pub written: u64,
     /// Records the exporter gave up on.
@@ -91,6 +95,7 @@ struct Slot<R> {
     dropped: AtomicU64,
     skipped: AtomicU64,
     busy_ns: AtomicU64,
+    busy_hist: Histogram,
 }
 
 struct Shared<R> {
@@ -140,10 +145,12 @@ impl<R> Producer<R> {
         self.shared.slots[self.slot].skipped.fetch_add(1, Relaxed);
     }
 
-    /// Adds producer-side time spent on a record (self-timing, when enabled).
+    /// Records producer-side time spent on one record (self-timing, when enabled).
     #[inline]
-    pub fn add_busy_ns(&self, ns: u64) {
-        self.shared.slots[self.slot].busy_ns.fetch_add(ns, Relaxed);
+    pub fn record_busy_ns(&self, ns: u64) {
+        let slot = &self.shared.slots[self.slot];
+        slot.busy_ns.fetch_add(ns, Relaxed);
+        slot.busy_hist.record(ns);
     }
 }
 
@@ -169,6 +176,7 @@ impl<R: Send + 'static> Pipeline<R> {
                         dropped: AtomicU64::new(0),
                         skipped: AtomicU64::new(0),
                         busy_ns: AtomicU64::new(0),
+                        busy_hist: Histogram::default(),
                     })
                 })
                 .collect(),
@@ -335,17 +343,22 @@ impl<R: Send, E: Exporter<R>, P: Reporter> FlushWorker<R, E, P> {
 
     fn report(&mut self) {
         let (mut queued, mut dropped, mut skipped, mut depth, mut busy) = (0, 0, 0, 0, 0);
+        let mut hist = std::mem::take(&mut self.totals.busy_hist);
+        hist.clear();
+        hist.resize(BUCKETS, 0);
         for s in self.shared.slots.iter() {
             queued += s.queued.load(Relaxed);
             dropped += s.dropped.load(Relaxed);
             skipped += s.skipped.load(Relaxed);
             busy += s.busy_ns.load(Relaxed);
+            s.busy_hist.accumulate(&mut hist);
             depth += s.queue.len() as u64;
         }
         self.totals.queued = queued;
         self.totals.dropped = dropped;
         self.totals.skipped = skipped;
         self.totals.busy_ns = busy;
+        self.totals.busy_hist = hist;
         self.totals.queue_depth = depth;
         self.reporter.report(&self.totals);
     }
@@ -384,7 +397,7 @@ mod tests {
     struct Rec(Arc<Mutex<Totals>>);
     impl Reporter for Rec {
         fn report(&mut self, t: &Totals) {
-            *self.0.lock().unwrap() = *t;
+            *self.0.lock().unwrap() = t.clone();
         }
     }
 
@@ -471,7 +484,7 @@ mod tests {
         assert!(p.shutdown());
         let got = out.0.lock().unwrap().clone();
         assert_eq!(got, vec![0, 1, 2, 3, 4, 5], "oldest kept, newest dropped");
-        let t = *rec.0.lock().unwrap();
+        let t = rec.0.lock().unwrap().clone();
         assert_eq!(t.dropped, 14);
         assert_eq!(t.queued, 6);
         assert_eq!(t.written + t.dropped, 20);

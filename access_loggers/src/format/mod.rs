@@ -228,12 +228,22 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Text(_)))
     }
 
-    /// Renders as text: unavailable operators print `-` (or nothing when `omit_empty`).
-    pub fn write_text<S: Stream>(&self, cx: &Ctx<'_, S>, omit_empty: bool, out: &mut Vec<u8>) {
+    /// Renders as text from captured values: unavailable operators print `-` (or nothing
+    /// when `omit_empty`).
+    pub fn write_text<'a>(&'a self, vals: &mut Decoder<'a>, omit_empty: bool, out: &mut Vec<u8>) {
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.extend_from_slice(t),
-                Part::Cmd(c) => c.write_text(cx, omit_empty, out),
+                Part::Cmd(c) => c.write_text(vals.next(c), omit_empty, out),
+            }
+        }
+    }
+
+    /// Captures this template's operator values (worker side).
+    pub fn capture<S: Stream>(&self, cx: &Ctx<'_, S>, out: &mut Vec<u8>) {
+        for p in &self.parts {
+            if let Part::Cmd(c) = p {
+                c.capture(cx, out);
             }
         }
     }
@@ -248,12 +258,41 @@ pub struct Ctx<'s, S: Stream> {
     pub log_type: u32,
     timing: Cell<Option<Timing>>,
     bytes: Cell<Option<Bytes>>,
+    /// Request headers fetched in one call, when the plan reads several of them.
+    bulk_request_headers: bool,
+    request_headers: std::cell::OnceCell<Vec<(&'s [u8], &'s [u8])>>,
 }
 
 impl<'s, S: Stream> Ctx<'s, S> {
     /// A context for one record.
     pub fn new(stream: &'s S, log_type: u32) -> Self {
-        Ctx { stream, log_type, timing: Cell::new(None), bytes: Cell::new(None) }
+        Ctx {
+            stream,
+            log_type,
+            timing: Cell::new(None),
+            bytes: Cell::new(None),
+            bulk_request_headers: false,
+            request_headers: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// Reads request headers through one bulk call instead of one lookup per operator; worth
+    /// it from about two request-header operators on (see [`JsonPlan::prefers_bulk_headers`]).
+    pub fn with_bulk_request_headers(mut self, bulk: bool) -> Self {
+        self.bulk_request_headers = bulk;
+        self
+    }
+
+    fn request_header(&self, name: &[u8]) -> Option<&'s [u8]> {
+        if !self.bulk_request_headers {
+            return self.stream.header(HeaderKind::Request, name);
+        }
+        let all = self.request_headers.get_or_init(|| {
+            let mut v = Vec::new();
+            self.stream.headers(HeaderKind::Request, &mut v);
+            v
+        });
+        all.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
     }
     /// Timing, fetched once.
     pub fn timing(&self) -> Timing {
@@ -301,7 +340,8 @@ impl Command {
         match &self.op {
             Op::Header { kind, names } => {
                 for n in names {
-                    if let Some(v) = s.header(*kind, n) {
+                    let v = if *kind == HeaderKind::Request { cx.request_header(n) } else { s.header(*kind, n) };
+                    if let Some(v) = v {
                         return Val::S(v);
                     }
                 }
@@ -400,8 +440,7 @@ impl Command {
 
     /// Appends the JSON rendering (typed). Returns false (and writes nothing) when the value
     /// is empty (`null` or `""`) and `omit_empty` asks to leave such values out.
-    pub fn write_json<S: Stream>(&self, cx: &Ctx<'_, S>, omit_empty: bool, out: &mut Vec<u8>) -> bool {
-        let v = self.eval(cx);
+    pub fn write_json(&self, v: Val<'_>, omit_empty: bool, out: &mut Vec<u8>) -> bool {
         if let Some(max) = self.max_len {
             if is_stringish(&v) {
                 let start = out.len();
@@ -422,8 +461,7 @@ impl Command {
     }
 
     /// Appends the text rendering.
-    pub fn write_text<S: Stream>(&self, cx: &Ctx<'_, S>, omit_empty: bool, out: &mut Vec<u8>) {
-        let v = self.eval(cx);
+    pub fn write_text(&self, v: Val<'_>, omit_empty: bool, out: &mut Vec<u8>) {
         let start = out.len();
         write_text_val(&v, omit_empty, out);
         if let Some(max) = self.max_len {
@@ -431,6 +469,145 @@ impl Command {
                 out.truncate(start + max);
             }
         }
+    }
+}
+
+impl Command {
+    /// Evaluates the operator and appends its value in the capture encoding (worker side):
+    /// raw bytes and numbers only; escaping, number and time formatting happen at render.
+    #[inline]
+    pub fn capture<S: Stream>(&self, cx: &Ctx<'_, S>, out: &mut Vec<u8>) {
+        let v = self.eval(cx);
+        let cap = |b: &[u8]| match self.max_len {
+            Some(m) if b.len() > m => m,
+            _ => b.len(),
+        };
+        match v {
+            Val::Null => out.push(tag::NULL),
+            Val::U(n) => {
+                out.push(tag::U64);
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            Val::I(n) => {
+                out.push(tag::I64);
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            Val::F(f) => {
+                out.push(tag::F64);
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+            Val::B(b) => out.extend_from_slice(&[tag::BOOL, b as u8]),
+            Val::S(b) => put_bytes(out, &b[..cap(b)]),
+            Val::Owned(b) => put_bytes(out, &b[..cap(&b)]),
+            Val::Addr(ip, port) => {
+                out.push(tag::ADDR);
+                out.extend_from_slice(&port.to_le_bytes());
+                out.extend_from_slice(&(ip.len() as u32).to_le_bytes());
+                out.extend_from_slice(ip);
+            }
+            Val::Time(ns, _) => {
+                out.push(tag::TIME);
+                out.extend_from_slice(&ns.to_le_bytes());
+            }
+            Val::Flags(bits, _) => {
+                out.push(tag::FLAGS);
+                out.extend_from_slice(&bits.to_le_bytes());
+            }
+        }
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    // Values over 4 GiB cannot occur (Envoy caps headers far below); clamp rather than wrap.
+    let b = &b[..b.len().min(u32::MAX as usize)];
+    out.push(tag::BYTES);
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Tags of the capture encoding.
+mod tag {
+    pub const NULL: u8 = 0;
+    pub const U64: u8 = 1;
+    pub const I64: u8 = 2;
+    pub const F64: u8 = 3;
+    pub const BOOL: u8 = 4;
+    pub const BYTES: u8 = 5;
+    pub const ADDR: u8 = 6;
+    pub const TIME: u8 = 7;
+    pub const FLAGS: u8 = 8;
+}
+
+/// Reads captured values back, in capture order (flush-thread side). A truncated or corrupt
+/// record yields `Null`s, never a panic.
+pub struct Decoder<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder over one captured record.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Decoder { buf, pos: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    /// The next value, interpreted for `cmd` (whose compiled options give time formats and
+    /// flag styles).
+    pub fn next(&mut self, cmd: &'a Command) -> Val<'a> {
+        self.try_next(cmd).unwrap_or(Val::Null)
+    }
+
+    fn try_next(&mut self, cmd: &'a Command) -> Option<Val<'a>> {
+        let t = *self.take(1)?.first()?;
+        Some(match t {
+            tag::NULL => Val::Null,
+            tag::U64 => Val::U(self.u64()?),
+            tag::I64 => Val::I(self.u64()? as i64),
+            tag::F64 => Val::F(f64::from_bits(self.u64()?)),
+            tag::BOOL => Val::B(self.take(1)?[0] != 0),
+            tag::BYTES => {
+                let n = self.u32()? as usize;
+                Val::S(self.take(n)?)
+            }
+            tag::ADDR => {
+                let port = self.u32()?;
+                let n = self.u32()? as usize;
+                Val::Addr(self.take(n)?, port)
+            }
+            tag::TIME => {
+                let ns = self.u64()? as i64;
+                match &cmd.op {
+                    Op::StartTime(f) | Op::Cert(_, f) => Val::Time(ns, f),
+                    _ => Val::Null,
+                }
+            }
+            tag::FLAGS => {
+                let bits = self.u64()?;
+                match cmd.op {
+                    Op::Flags { long } => Val::Flags(bits, long),
+                    _ => Val::Null,
+                }
+            }
+            _ => {
+                self.pos = self.buf.len();
+                return None;
+            }
+        })
     }
 }
 
@@ -751,6 +928,31 @@ enum Node {
 pub struct JsonPlan {
     root: Vec<(Vec<u8>, Node)>,
     omit_empty: bool,
+    request_header_ops: usize,
+}
+
+impl Command {
+    fn reads_request_headers(&self) -> usize {
+        match &self.op {
+            Op::Header { kind: HeaderKind::Request, names } => names.len(),
+            Op::Trace(_) => 1,
+            _ => 0,
+        }
+    }
+}
+
+fn count_request_header_ops(entries: &[(Vec<u8>, Node)]) -> usize {
+    entries
+        .iter()
+        .map(|(_, n)| match n {
+            Node::Lit(_) => 0,
+            Node::Typed(c) => c.reads_request_headers(),
+            Node::Text(t) => {
+                t.parts.iter().map(|p| if let Part::Cmd(c) = p { c.reads_request_headers() } else { 0 }).sum()
+            }
+            Node::Map(m) => count_request_header_ops(m),
+        })
+        .sum()
 }
 
 fn compile_map(map: &serde_json::Map<String, serde_json::Value>, path: &str) -> Result<Vec<(Vec<u8>, Node)>, String> {
@@ -789,18 +991,44 @@ fn compile_map(map: &serde_json::Map<String, serde_json::Value>, path: &str) -> 
 impl JsonPlan {
     /// Compiles a `json_format` map; errors name the key path (`json_format.a.b: ...`).
     pub fn compile(map: &serde_json::Map<String, serde_json::Value>, omit_empty: bool) -> Result<JsonPlan, String> {
-        Ok(JsonPlan { root: compile_map(map, "json_format")?, omit_empty })
+        let root = compile_map(map, "json_format")?;
+        let request_header_ops = count_request_header_ops(&root);
+        Ok(JsonPlan { root, omit_empty, request_header_ops })
     }
 
-    /// Appends one JSON object (no newline) for the record. `scratch` is reused text space.
-    pub fn render<S: Stream>(&self, cx: &Ctx<'_, S>, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
-        self.render_map(&self.root, cx, scratch, out);
+    /// Whether one bulk fetch of the request headers beats per-operator lookups: each lookup
+    /// makes Envoy build a lower-cased key string, while the bulk call hands out pointers.
+    pub fn prefers_bulk_headers(&self) -> bool {
+        self.request_header_ops >= 3
     }
 
-    fn render_map<S: Stream>(
-        &self,
-        entries: &[(Vec<u8>, Node)],
-        cx: &Ctx<'_, S>,
+    /// Worker side: appends the record's operator values, in plan order, to `out`. This is
+    /// all the per-record work an Envoy worker does (besides the filter and the queue push).
+    pub fn capture<S: Stream>(&self, cx: &Ctx<'_, S>, out: &mut Vec<u8>) {
+        Self::capture_map(&self.root, cx, out);
+    }
+
+    fn capture_map<S: Stream>(entries: &[(Vec<u8>, Node)], cx: &Ctx<'_, S>, out: &mut Vec<u8>) {
+        for (_, node) in entries {
+            match node {
+                Node::Lit(_) => {}
+                Node::Typed(c) => c.capture(cx, out),
+                Node::Text(t) => t.capture(cx, out),
+                Node::Map(m) => Self::capture_map(m, cx, out),
+            }
+        }
+    }
+
+    /// Flush-thread side: appends one JSON object (no newline) rendered from a captured
+    /// record. `scratch` is reused text space.
+    pub fn render(&self, record: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+        self.render_map(&self.root, &mut Decoder::new(record), scratch, out);
+    }
+
+    fn render_map<'a>(
+        &'a self,
+        entries: &'a [(Vec<u8>, Node)],
+        vals: &mut Decoder<'a>,
         scratch: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> bool {
@@ -818,10 +1046,10 @@ impl JsonPlan {
                     out.extend_from_slice(l);
                     true
                 }
-                Node::Typed(c) => c.write_json(cx, self.omit_empty, out),
+                Node::Typed(c) => c.write_json(vals.next(c), self.omit_empty, out),
                 Node::Text(t) => {
                     scratch.clear();
-                    t.write_text(cx, self.omit_empty, scratch);
+                    t.write_text(vals, self.omit_empty, scratch);
                     if self.omit_empty && scratch.is_empty() {
                         false
                     } else {
@@ -831,7 +1059,7 @@ impl JsonPlan {
                         true
                     }
                 }
-                Node::Map(m) => self.render_map(m, cx, scratch, out) || !self.omit_empty,
+                Node::Map(m) => self.render_map(m, vals, scratch, out) || !self.omit_empty,
             };
             if wrote {
                 any = true;

@@ -45,6 +45,16 @@ impl Stream for FakeStream {
             HeaderKind::ResponseTrailer => None,
         }
     }
+    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut Vec<(&'s [u8], &'s [u8])>) {
+        let m = match kind {
+            HeaderKind::Request => &self.req,
+            HeaderKind::Response => &self.resp,
+            HeaderKind::ResponseTrailer => return,
+        };
+        let mut v: Vec<_> = m.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+        v.sort();
+        out.extend(v);
+    }
     fn response_code(&self) -> u32 {
         self.code
     }
@@ -98,8 +108,16 @@ impl Stream for FakeStream {
 
 pub(crate) fn render(fmt: serde_json::Value, omit: bool, s: &FakeStream) -> serde_json::Value {
     let plan = JsonPlan::compile(fmt.as_object().unwrap(), omit).unwrap();
-    let (mut scratch, mut out) = (Vec::new(), Vec::new());
-    plan.render(&Ctx::new(s, 6), &mut scratch, &mut out);
+    let (mut rec, mut scratch, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    let bulk = plan.prefers_bulk_headers();
+    plan.capture(&Ctx::new(s, 6).with_bulk_request_headers(bulk), &mut rec);
+    plan.render(&rec, &mut scratch, &mut out);
+    // Every prefix of a record (a torn or corrupt buffer) still renders valid JSON.
+    for cut in 0..rec.len() {
+        let mut o = Vec::new();
+        plan.render(&rec[..cut], &mut scratch, &mut o);
+        serde_json::from_slice::<serde_json::Value>(&o).expect("truncated record renders valid JSON");
+    }
     serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
 }
 
@@ -137,8 +155,9 @@ fn keys_come_out_sorted_like_envoys_struct() {
     let plan =
         JsonPlan::compile(serde_json::json!({"b": "1", "a": "2", "c": {"z": 1, "y": 2}}).as_object().unwrap(), false)
             .unwrap();
-    let (mut scratch, mut out) = (Vec::new(), Vec::new());
-    plan.render(&Ctx::new(&s, 6), &mut scratch, &mut out);
+    let (mut rec, mut scratch, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    plan.capture(&Ctx::new(&s, 6), &mut rec);
+    plan.render(&rec, &mut scratch, &mut out);
     assert_eq!(String::from_utf8(out).unwrap(), r#"{"a":"2","b":"1","c":{"y":2,"z":1}}"#);
 }
 

@@ -48,7 +48,8 @@ pub fn check_writable(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes lines to a file, reopening it after rotation.
+/// Writes lines to a file, reopening it after rotation. As an [`Exporter`] it takes finished
+/// lines; formats that render on the flush thread wrap it and call [`FileExporter::write`].
 pub struct FileExporter {
     path: PathBuf,
     file: Option<File>,
@@ -91,32 +92,44 @@ impl FileExporter {
         }
     }
 
-    fn recycle(&self, mut line: Vec<u8>) {
-        if line.capacity() <= MAX_POOLED_BUFFER {
-            line.clear();
-            let _ = self.pool.push(line);
+    /// Appends `data` to the file (reopening it first if it was rotated). On error the handle
+    /// is dropped so the next write retries the open; returns whether the write succeeded.
+    pub fn write(&mut self, data: &[u8]) -> bool {
+        self.maybe_reopen(false);
+        let ok = match self.file.as_mut() {
+            Some(f) => f.write_all(data).is_ok(),
+            None => false,
+        };
+        if !ok {
+            self.file = None;
         }
+        ok
+    }
+}
+
+/// Returns a record buffer to the producers' pool (unless it grew too large to keep).
+#[inline]
+pub fn recycle(pool: &BufferPool, mut buf: Vec<u8>) {
+    if buf.capacity() <= MAX_POOLED_BUFFER {
+        buf.clear();
+        let _ = pool.push(buf);
     }
 }
 
 impl Exporter<Vec<u8>> for FileExporter {
     fn export(&mut self, batch: &mut Vec<Vec<u8>>) -> Outcome {
-        self.maybe_reopen(false);
         let n = batch.len() as u64;
-        self.buf.clear();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
         for line in batch.drain(..) {
-            self.buf.extend_from_slice(&line);
-            self.recycle(line);
+            buf.extend_from_slice(&line);
+            recycle(&self.pool, line);
         }
-        let ok = match self.file.as_mut() {
-            Some(f) => f.write_all(&self.buf).is_ok(),
-            None => false,
-        };
+        let ok = self.write(&buf);
+        self.buf = buf;
         if ok {
             Outcome { written: n, failed: 0 }
         } else {
-            // Drop the handle: the next export retries the open.
-            self.file = None;
             Outcome { written: 0, failed: n }
         }
     }

@@ -169,6 +169,9 @@ pub enum MetaValue<'a> {
 pub trait Stream {
     /// First value of header `name` (lower-case).
     fn header(&self, kind: HeaderKind, name: &[u8]) -> Option<&[u8]>;
+    /// Every header of the map, in order, as (lower-case name, value). One ABI call for the
+    /// whole map: cheaper than several `header` lookups, each of which costs Envoy a key copy.
+    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut Vec<(&'s [u8], &'s [u8])>);
     fn response_code(&self) -> u32;
     fn attempt_count(&self) -> u32;
     /// Bit `n` set = response flag `n` (Envoy's numbering).
@@ -247,6 +250,41 @@ impl Stream for LogStream<'_> {
                 Some(envoy_bytes(out))
             } else {
                 None
+            }
+        }
+    }
+    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut Vec<(&'s [u8], &'s [u8])>) {
+        const STACK: usize = 48;
+        // SAFETY: live log context.
+        let n = unsafe { abi::envoy_dynamic_module_callback_access_logger_get_headers_size(self.ptr, kind.abi()) };
+        if n == 0 {
+            return;
+        }
+        let empty = abi::envoy_dynamic_module_type_envoy_http_header {
+            key_ptr: std::ptr::null(),
+            key_length: 0,
+            value_ptr: std::ptr::null(),
+            value_length: 0,
+        };
+        let mut stack = [empty; STACK];
+        let mut heap = Vec::new();
+        let buf: &mut [abi::envoy_dynamic_module_type_envoy_http_header] = if n <= STACK {
+            &mut stack[..n]
+        } else {
+            heap.resize(n, empty);
+            &mut heap
+        };
+        // SAFETY: `buf` has exactly `n` entries as the ABI requires; the pointers Envoy writes
+        // stay valid until the hook returns, which bounds `'s`.
+        unsafe {
+            if !abi::envoy_dynamic_module_callback_access_logger_get_headers(self.ptr, kind.abi(), buf.as_mut_ptr()) {
+                return;
+            }
+            out.reserve(n);
+            for h in buf.iter() {
+                let k = envoy_bytes(abi::EB { ptr: h.key_ptr, length: h.key_length });
+                let v = envoy_bytes(abi::EB { ptr: h.value_ptr, length: h.value_length });
+                out.push((k, v));
             }
         }
     }
