@@ -135,19 +135,29 @@ enum Dur {
 
 #[derive(Clone, Debug, PartialEq)]
 enum Op {
-    Header { kind: HeaderKind, names: Vec<Vec<u8>> },
+    Header {
+        kind: HeaderKind,
+        names: Vec<Vec<u8>>,
+    },
     StartTime(TimeFormat),
     Str(StrField),
     Num(Num),
     Dur(Dur),
     Addr(AddrField, AddrForm),
-    Flags { long: bool },
+    Flags {
+        long: bool,
+    },
     Sans(SanField),
     Cert(CertTime, TimeFormat),
-    DynMeta { ns: Vec<u8>, path: Vec<u8> },
+    DynMeta {
+        ns: Vec<u8>,
+        path: Vec<u8>,
+    },
     Const(Option<Vec<u8>>),
     AccessLogType,
     Trace(TraceField),
+    /// The selected upstream host's address (`ip:port`), known even when the connect failed.
+    UpstreamHost,
 }
 
 /// One `%COMMAND(arg):N%`.
@@ -258,6 +268,7 @@ pub struct Ctx<'s, S: Stream> {
     pub log_type: u32,
     timing: Cell<Option<Timing>>,
     bytes: Cell<Option<Bytes>>,
+    wire: Cell<Option<(u64, u64)>>,
     /// Request headers fetched in one call, when the plan reads several of them.
     bulk_request_headers: bool,
     request_headers: std::cell::OnceCell<Vec<(&'s [u8], &'s [u8])>>,
@@ -271,6 +282,7 @@ impl<'s, S: Stream> Ctx<'s, S> {
             log_type,
             timing: Cell::new(None),
             bytes: Cell::new(None),
+            wire: Cell::new(None),
             bulk_request_headers: false,
             request_headers: std::cell::OnceCell::new(),
         }
@@ -310,6 +322,14 @@ impl<'s, S: Stream> Ctx<'s, S> {
         let b = self.stream.bytes();
         self.bytes.set(Some(b));
         b
+    }
+    fn downstream_wire(&self) -> (u64, u64) {
+        if let Some(w) = self.wire.get() {
+            return w;
+        }
+        let w = self.stream.downstream_wire_bytes();
+        self.wire.set(Some(w));
+        w
     }
 }
 
@@ -369,8 +389,8 @@ impl Command {
                     Num::BytesSent => b().sent,
                     Num::UpstreamWireSent => b().upstream_wire_sent,
                     Num::UpstreamWireReceived => b().upstream_wire_received,
-                    Num::DownstreamWireSent => b().downstream_wire_sent,
-                    Num::DownstreamWireReceived => b().downstream_wire_received,
+                    Num::DownstreamWireSent => cx.downstream_wire().1,
+                    Num::DownstreamWireReceived => cx.downstream_wire().0,
                     Num::RequestHeadersBytes => s.request_headers_bytes(),
                     Num::ResponseHeadersBytes => s.response_headers_bytes(),
                     Num::ResponseTrailersBytes => s.response_trailers_bytes(),
@@ -411,6 +431,11 @@ impl Command {
                 },
             },
             Op::Flags { long } => Val::Flags(s.response_flags(), *long),
+            // The ABI's upstream remote address reports the selected host (one cheap call;
+            // the `upstream.address` attribute costs Envoy a string build).
+            Op::UpstreamHost => {
+                s.address(AddrField::UpstreamRemote).map_or(Val::Null, |(ip, port)| Val::Addr(ip, port))
+            }
             Op::Sans(f) => {
                 let mut v = Vec::new();
                 s.sans(*f, &mut v);
@@ -798,7 +823,6 @@ fn str_op(name: &str) -> Option<StrField> {
         "CONNECTION_TERMINATION_DETAILS" => ConnectionTerminationDetails,
         "ROUTE_NAME" => RouteName,
         "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => UpstreamCluster,
-        "UPSTREAM_HOST" => UpstreamHostAddress,
         "UPSTREAM_HOST_NAME" => UpstreamHostName,
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => UpstreamTransportFailureReason,
         "REQUESTED_SERVER_NAME" => RequestedServerName,
@@ -833,6 +857,9 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
     }
     if let Some(op) = addr_op(name) {
         return no_arg(name, arg, op);
+    }
+    if name == "UPSTREAM_HOST" {
+        return no_arg(name, arg, Op::UpstreamHost);
     }
     let num = |n| no_arg(name, arg, Op::Num(n));
     let dur = |d| no_arg(name, arg, Op::Dur(d));

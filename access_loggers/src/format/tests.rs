@@ -85,6 +85,9 @@ impl Stream for FakeStream {
     fn bytes(&self) -> Bytes {
         self.bytes
     }
+    fn downstream_wire_bytes(&self) -> (u64, u64) {
+        (155, 98)
+    }
     fn pool_ready_ns(&self) -> Option<i64> {
         None
     }

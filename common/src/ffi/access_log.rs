@@ -63,8 +63,6 @@ pub enum StrField {
     UpstreamPeerIssuer,
     UpstreamPeerCertDigest,
     UpstreamLocalSubject,
-    /// Attribute `upstream.address`: the selected upstream host's address, with port.
-    UpstreamHostAddress,
 }
 
 /// Address-valued stream properties.
@@ -135,7 +133,7 @@ impl Timing {
     }
 }
 
-/// Body and wire byte counts.
+/// Body byte counts and upstream wire bytes (one ABI call).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bytes {
     /// Downstream request body bytes.
@@ -146,10 +144,6 @@ pub struct Bytes {
     pub upstream_wire_received: u64,
     /// Upstream wire bytes sent.
     pub upstream_wire_sent: u64,
-    /// Downstream wire bytes received.
-    pub downstream_wire_received: u64,
-    /// Downstream wire bytes sent.
-    pub downstream_wire_sent: u64,
 }
 
 /// A typed dynamic-metadata value.
@@ -183,6 +177,8 @@ pub trait Stream {
     fn response_trailers_bytes(&self) -> u64;
     fn timing(&self) -> Timing;
     fn bytes(&self) -> Bytes;
+    /// Downstream wire bytes (received, sent).
+    fn downstream_wire_bytes(&self) -> (u64, u64);
     fn pool_ready_ns(&self) -> Option<i64>;
     fn string(&self, f: StrField) -> Option<&[u8]>;
     fn address(&self, f: AddrField) -> Option<(&[u8], u32)>;
@@ -329,20 +325,20 @@ impl Stream for LogStream<'_> {
     }
     fn bytes(&self) -> Bytes {
         let mut b = abi::envoy_dynamic_module_type_bytes_info::default();
-        let mut w = abi::envoy_dynamic_module_type_downstream_wire_bytes::default();
-        // SAFETY: live log context; correctly sized out-structs.
-        unsafe {
-            abi::envoy_dynamic_module_callback_access_logger_get_bytes_info(self.ptr, &mut b);
-            abi::envoy_dynamic_module_callback_access_logger_get_downstream_wire_bytes(self.ptr, &mut w);
-        }
+        // SAFETY: live log context; correctly sized out-struct.
+        unsafe { abi::envoy_dynamic_module_callback_access_logger_get_bytes_info(self.ptr, &mut b) };
         Bytes {
             received: b.bytes_received,
             sent: b.bytes_sent,
             upstream_wire_received: b.wire_bytes_received,
             upstream_wire_sent: b.wire_bytes_sent,
-            downstream_wire_received: w.wire_bytes_received,
-            downstream_wire_sent: w.wire_bytes_sent,
         }
+    }
+    fn downstream_wire_bytes(&self) -> (u64, u64) {
+        let mut w = abi::envoy_dynamic_module_type_downstream_wire_bytes::default();
+        // SAFETY: live log context; correctly sized out-struct.
+        unsafe { abi::envoy_dynamic_module_callback_access_logger_get_downstream_wire_bytes(self.ptr, &mut w) };
+        (w.wire_bytes_received, w.wire_bytes_sent)
     }
     fn pool_ready_ns(&self) -> Option<i64> {
         // SAFETY: live log context.
@@ -390,17 +386,6 @@ impl Stream for LogStream<'_> {
             UpstreamPeerIssuer => envoy_dynamic_module_callback_access_logger_get_upstream_peer_issuer,
             UpstreamPeerCertDigest => envoy_dynamic_module_callback_access_logger_get_upstream_peer_cert_digest,
             UpstreamLocalSubject => envoy_dynamic_module_callback_access_logger_get_upstream_local_subject,
-            UpstreamHostAddress => {
-                let mut out = empty_eb();
-                // SAFETY: live log context; 41 = attribute UpstreamAddress (string).
-                return unsafe {
-                    if envoy_dynamic_module_callback_access_logger_get_attribute_string(self.ptr, 41, &mut out) {
-                        Some(envoy_bytes(out))
-                    } else {
-                        None
-                    }
-                };
-            }
         };
         self.str_getter(getter)
     }
