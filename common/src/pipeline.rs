@@ -257,8 +257,24 @@ struct FlushWorker<R, E, P> {
     totals: Totals,
 }
 
+/// Nice value of flush threads: background work yields to Envoy's request-serving threads
+/// when they compete for a core (waking the flusher then does not preempt a worker in the
+/// middle of a request), yet still gets a share large enough to keep the queues drained.
+pub const FLUSH_THREAD_NICE: i32 = 10;
+
+fn lower_own_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority on the calling thread have no memory-safety effects;
+    // on Linux the nice value is per thread, so only this flush thread is affected.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, FLUSH_THREAD_NICE);
+    }
+}
+
 impl<R: Send, E: Exporter<R>, P: Reporter> FlushWorker<R, E, P> {
     fn run(mut self) {
+        lower_own_priority();
         let mut next = Instant::now() + self.interval;
         loop {
             let wait = next.saturating_duration_since(Instant::now());
