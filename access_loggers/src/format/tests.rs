@@ -222,3 +222,40 @@ fn bad_formats_are_rejected_with_the_operator_named() {
     let e = JsonPlan::compile(serde_json::json!({"k": [1]}).as_object().unwrap(), false).unwrap_err();
     assert!(e.contains("lists"), "{e}");
 }
+
+/// Not a test: `cargo test --release -p envoy-obs-access-log render_cost -- --ignored --nocapture`
+/// prints capture and render ns/record for the benchmark's 17-field map on the fake stream.
+#[test]
+#[ignore]
+fn render_cost() {
+    let fmt: serde_json::Value = serde_json::from_str(&std::env::var("FMT").unwrap_or_else(|_| {
+        r#"{"start_time":"%START_TIME%","method":"%REQ(:METHOD)%","path":"%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "protocol":"%PROTOCOL%","response_code":"%RESPONSE_CODE%","response_flags":"%RESPONSE_FLAGS%",
+        "bytes_received":"%BYTES_RECEIVED%","bytes_sent":"%BYTES_SENT%","duration":"%DURATION%",
+        "upstream_service_time":"%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%","x_forwarded_for":"%REQ(X-FORWARDED-FOR)%",
+        "user_agent":"%REQ(USER-AGENT)%","request_id":"%REQ(X-REQUEST-ID)%","authority":"%REQ(:AUTHORITY)%",
+        "upstream_host":"%UPSTREAM_HOST%","upstream_cluster":"%UPSTREAM_CLUSTER%",
+        "downstream_remote_address":"%DOWNSTREAM_REMOTE_ADDRESS%"}"#
+            .to_string()
+    }))
+    .unwrap();
+    let plan = JsonPlan::compile(fmt.as_object().unwrap(), false).unwrap();
+    let mut s = FakeStream::ok();
+    s.req.insert(b"user-agent".to_vec(), b"h2load nghttp2/1.52.0".to_vec());
+    s.req.insert(b":authority".to_vec(), b"127.0.0.1:10000".to_vec());
+    let (mut rec, mut scratch, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    let n = 200_000;
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        rec.clear();
+        plan.capture(&Ctx::new(&s, 6).with_bulk_request_headers(plan.prefers_bulk_headers()), &mut rec);
+    }
+    let cap = t0.elapsed().as_nanos() / n;
+    let t1 = std::time::Instant::now();
+    for _ in 0..n {
+        out.clear();
+        plan.render(&rec, &mut scratch, &mut out);
+    }
+    let ren = t1.elapsed().as_nanos() / n;
+    eprintln!("capture {cap} ns/record (fake stream), render {ren} ns/record, {} bytes", out.len());
+}
