@@ -45,6 +45,10 @@ fn escape_str(s: &[u8], out: &mut Vec<u8>) {
 /// Appends arbitrary bytes escaped, without quotes.
 #[inline]
 pub fn escape_into(s: &[u8], out: &mut Vec<u8>) {
+    // Header values and most stream properties are ASCII: skip UTF-8 validation for them.
+    if s.is_ascii() {
+        return escape_str(s, out);
+    }
     match std::str::from_utf8(s) {
         Ok(_) => escape_str(s, out),
         Err(_) => escape_str(String::from_utf8_lossy(s).as_bytes(), out),

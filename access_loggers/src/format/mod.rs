@@ -989,8 +989,9 @@ fn compile_map(map: &serde_json::Map<String, serde_json::Value>, path: &str) -> 
     let mut out = Vec::with_capacity(entries.len());
     for (k, v) in entries {
         let here = format!("{path}.{k}");
-        let mut key = Vec::new();
+        let mut key = vec![b','];
         quoted(k.as_bytes(), &mut key);
+        key.push(b':');
         let node = match v {
             serde_json::Value::String(s) => {
                 let t = Template::compile(s).map_err(|e| format!("{here}: {e}"))?;
@@ -1063,11 +1064,8 @@ impl JsonPlan {
         let mut any = false;
         for (key, node) in entries {
             let mark = out.len();
-            if any {
-                out.push(b',');
-            }
-            out.extend_from_slice(key);
-            out.push(b':');
+            // Keys are stored pre-rendered as `,"key":`; the first one written drops the comma.
+            out.extend_from_slice(if any { key } else { &key[1..] });
             let wrote = match node {
                 Node::Lit(l) => {
                     out.extend_from_slice(l);
