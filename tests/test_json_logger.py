@@ -91,7 +91,7 @@ def test_nothing_lost_20000_requests_then_quitquitquit(tmp_path):
 
 def test_tiny_queue_burst_lines_plus_dropped_equals_served(tmp_path):
     log = tmp_path / "a.log"
-    envoy, url, _ = proxy(tmp_path, {"path": str(log), "queue_capacity": 2, "flush_interval_ms": 60_000})
+    envoy, url, _ = proxy(tmp_path, {"path": str(log), "queue_capacity": 2, "flush_interval_ms": 500})
     with envoy as e:
         h2load(url + "/ok", 6000, clients=16)
         served = e.stats("downstream_rq_completed")["http.ingress.downstream_rq_completed"]

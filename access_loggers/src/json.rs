@@ -8,13 +8,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_queue::ArrayQueue;
 use serde::Deserialize;
 
 use envoy_obs_common::config::{parse, ConfigError};
-use envoy_obs_common::export::file::{check_writable, open_append, recycle, BufferPool, FileExporter};
+use envoy_obs_common::export::file::{check_writable, open_append, LogFile};
 use envoy_obs_common::ffi::access_log::Stream;
-use envoy_obs_common::pipeline::{Exporter, Outcome, Pipeline, PipelineConfig, Producer, Reporter};
+use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Pipeline, PipelineConfig, Producer, Reporter};
 use envoy_obs_common::timing::CycleClock;
 
 use crate::filter::{Filter, FilterSpec};
@@ -28,8 +27,8 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
 pub const DEFAULT_STAT_PREFIX: &str = "json";
 /// Bound on the drain when Envoy destroys the config.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Records per write batch.
-pub const MAX_BATCH: usize = 512;
+/// Rendered bytes buffered on the flush thread before a write(2).
+const WRITE_BUFFER: usize = 256 * 1024;
 
 /// The fields written when no `json_format` is given: what Envoy's default access-log line
 /// carries, as typed JSON.
@@ -147,7 +146,6 @@ struct Inner {
     plan: Arc<JsonPlan>,
     bulk_headers: bool,
     filter: Option<Filter>,
-    pool: BufferPool,
     self_timing: Option<CycleClock>,
 }
 
@@ -155,15 +153,13 @@ struct Inner {
 pub struct JsonLogger {
     inner: Arc<Inner>,
     /// `None` under `envoy --mode validate`: nothing is opened, no thread runs.
-    pipeline: Option<Pipeline<Vec<u8>>>,
+    pipeline: Option<Pipeline>,
 }
 
 impl JsonLogger {
     /// Opens the file and starts the flush thread (unless `validation`).
     pub fn start<R: Reporter>(c: Compiled, validation: bool, slots: usize, reporter: R) -> Result<Self, ConfigError> {
         let path = PathBuf::from(&c.config.path);
-        // Enough buffers for every slot's in-flight batch twice over; beyond that, allocate.
-        let pool: BufferPool = Arc::new(ArrayQueue::new((slots * 2 * MAX_BATCH).clamp(1024, 65_536)));
         let self_timing = c.config.self_timing.then(|| CycleClock::calibrate(Duration::from_millis(20)));
         let plan = Arc::new(c.plan);
         let pipeline = if validation {
@@ -177,14 +173,13 @@ impl JsonLogger {
                 slots,
                 queue_capacity: c.config.queue_capacity,
                 flush_interval: Duration::from_millis(c.config.flush_interval_ms),
-                max_batch: MAX_BATCH,
                 shutdown_timeout: SHUTDOWN_TIMEOUT,
             };
             let exporter = JsonFileExporter {
                 plan: plan.clone(),
-                file: FileExporter::new(path, file, pool.clone()),
-                pool: pool.clone(),
-                out: Vec::with_capacity(256 * 1024),
+                file: LogFile::new(path, file),
+                out: Vec::with_capacity(WRITE_BUFFER + 64 * 1024),
+                pending: 0,
                 scratch: Vec::with_capacity(256),
             };
             Some(
@@ -193,7 +188,7 @@ impl JsonLogger {
             )
         };
         let bulk_headers = plan.prefers_bulk_headers();
-        Ok(JsonLogger { inner: Arc::new(Inner { plan, bulk_headers, filter: c.filter, pool, self_timing }), pipeline })
+        Ok(JsonLogger { inner: Arc::new(Inner { plan, bulk_headers, filter: c.filter, self_timing }), pipeline })
     }
 
     /// The per-thread logger for worker `index`.
@@ -207,43 +202,63 @@ impl JsonLogger {
     }
 }
 
-/// Renders captured records into JSON lines and appends them to the file.
+/// Renders captured records into JSON lines and appends them to the file, one write(2) per
+/// [`WRITE_BUFFER`] or per drain.
 struct JsonFileExporter {
     plan: Arc<JsonPlan>,
-    file: FileExporter,
-    pool: BufferPool,
+    file: LogFile,
     out: Vec<u8>,
+    pending: u64,
     scratch: Vec<u8>,
 }
 
-impl Exporter<Vec<u8>> for JsonFileExporter {
-    fn export(&mut self, batch: &mut Vec<Vec<u8>>) -> Outcome {
-        let n = batch.len() as u64;
+impl JsonFileExporter {
+    fn write_out(&mut self) -> Outcome {
+        let n = std::mem::take(&mut self.pending);
+        if n == 0 {
+            return Outcome::default();
+        }
+        let ok = self.file.write(&self.out);
         self.out.clear();
-        for record in batch.drain(..) {
-            self.plan.render(&record, &mut self.scratch, &mut self.out);
-            self.out.push(b'\n');
-            recycle(&self.pool, record);
+        if self.out.capacity() > 4 * WRITE_BUFFER {
+            self.out = Vec::with_capacity(WRITE_BUFFER + 64 * 1024);
         }
-        if self.scratch.capacity() > 64 * 1024 {
-            self.scratch = Vec::with_capacity(256);
-        }
-        if self.file.write(&self.out) {
+        if ok {
             Outcome { written: n, failed: 0 }
         } else {
             Outcome { written: 0, failed: n }
         }
     }
+}
+
+impl Exporter for JsonFileExporter {
+    fn export(&mut self, batch: &Batch) -> Outcome {
+        for record in batch.iter() {
+            self.plan.render(record, &mut self.scratch, &mut self.out);
+            self.out.push(b'\n');
+        }
+        self.pending += batch.len() as u64;
+        if self.scratch.capacity() > 64 * 1024 {
+            self.scratch = Vec::with_capacity(256);
+        }
+        if self.out.len() >= WRITE_BUFFER {
+            self.write_out()
+        } else {
+            Outcome::default()
+        }
+    }
 
     fn flush(&mut self) -> Outcome {
-        self.file.flush()
+        let o = self.write_out();
+        self.file.maybe_reopen(false);
+        o
     }
 }
 
 /// One per Envoy thread; only ever used from that thread.
 pub struct ThreadLogger {
     inner: Arc<Inner>,
-    producer: Option<Producer<Vec<u8>>>,
+    producer: Option<Producer>,
 }
 
 impl ThreadLogger {
@@ -261,7 +276,7 @@ impl ThreadLogger {
     }
 
     #[inline(always)]
-    fn log_record<S: Stream>(&self, producer: &Producer<Vec<u8>>, stream: &S, log_type: u32) {
+    fn log_record<S: Stream>(&self, producer: &Producer, stream: &S, log_type: u32) {
         let cx = Ctx::new(stream, log_type).with_bulk_request_headers(self.inner.bulk_headers);
         if let Some(f) = &self.inner.filter {
             if !f.keep(&cx) {
@@ -269,11 +284,7 @@ impl ThreadLogger {
                 return;
             }
         }
-        let mut buf = self.inner.pool.pop().unwrap_or_else(|| Vec::with_capacity(512));
-        self.inner.plan.capture(&cx, &mut buf);
-        if let Err(buf) = producer.push(buf) {
-            recycle(&self.inner.pool, buf);
-        }
+        producer.push_with(|buf| self.inner.plan.capture(&cx, buf));
     }
 }
 

@@ -1,14 +1,24 @@
 //! Per-worker bounded queues feeding one flush thread per config object.
 //!
-//! - Each Envoy worker (and the main thread) gets its own slot: a bounded lock-free
-//!   `ArrayQueue` plus relaxed counters, padded to its own cache line. A push is one CAS on the
-//!   worker's own queue; when the queue is full the **newest** record (the one being pushed) is
-//!   dropped and counted — records already queued are never discarded.
-//! - One named flush thread drains every slot into the [`Exporter`]: when a queue passes half
-//!   its capacity (one wake message, not one per record), every `flush_interval`, on an
-//!   explicit [`Pipeline::flush`], and on shutdown. Control messages carry their own reply
-//!   channel; every wait has a timeout.
-//! - Shutdown drains what is queued, bounded by `shutdown_timeout`, then joins the thread.
+//! Records are byte strings (each signal's own compact encoding). Per Envoy thread there is
+//! one slot holding:
+//! - a **partial batch**: the worker appends records to it, length-prefixed, in one growing
+//!   buffer it keeps warm in its own cache. The batch sits in a lock-free `AtomicCell` the
+//!   worker swaps out and back per record; the flush thread can steal it (one swap) on its
+//!   timer, so a quiet worker's last records are still written within `flush_interval`;
+//! - a bounded lock-free queue of **full batches** (crossbeam `ArrayQueue`). A batch is
+//!   handed over when it reaches `batch_records` records or `BATCH_BYTES`; so cross-thread
+//!   traffic is per batch, not per record.
+//!
+//! Bounds and drops: each slot holds at most `queue_capacity` records in full batches plus
+//! one partial batch. When the queue is full the partial batch stops growing at its batch
+//! size and **new records are dropped and counted** — queued records are never discarded.
+//!
+//! One named flush thread (nice +10: it yields to Envoy's workers) exports full batches when
+//! several are waiting (one wake message per threshold crossing, not per record), steals and
+//! exports partial batches every `flush_interval`, on an explicit [`Pipeline::flush`] and on
+//! shutdown. Control messages carry their own reply channel; every wait has a timeout.
+//! Shutdown drains everything, bounded by `shutdown_timeout`, then joins the thread.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,9 +26,68 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use crossbeam_queue::ArrayQueue;
+use crossbeam_utils::atomic::AtomicCell;
 use crossbeam_utils::CachePadded;
 
 use crate::timing::{Histogram, BUCKETS};
+
+/// A batch is handed to the flush thread at this many bytes even if it has fewer records.
+pub const BATCH_BYTES: usize = 32 * 1024;
+/// Records per batch at most.
+pub const BATCH_RECORDS: usize = 64;
+/// Batches larger than this are not kept for reuse (one huge record must not pin memory).
+const MAX_POOLED_BATCH: usize = 4 * BATCH_BYTES;
+
+/// Length-prefixed records in one buffer.
+#[derive(Debug, Default)]
+pub struct Batch {
+    data: Vec<u8>,
+    records: usize,
+}
+
+impl Batch {
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.records
+    }
+    /// True when there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+    /// Appends one record produced by `f` (which writes the record's bytes into the buffer).
+    pub fn append(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        let at = self.data.len();
+        self.data.extend_from_slice(&[0; 4]);
+        f(&mut self.data);
+        let n = (self.data.len() - at - 4).min(u32::MAX as usize) as u32;
+        self.data[at..at + 4].copy_from_slice(&n.to_le_bytes());
+        self.records += 1;
+    }
+    /// The records, in order.
+    pub fn iter(&self) -> BatchIter<'_> {
+        BatchIter { data: &self.data }
+    }
+    fn clear(&mut self) {
+        self.data.clear();
+        self.records = 0;
+    }
+}
+
+/// Iterator over a batch's records.
+pub struct BatchIter<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Iterator for BatchIter<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let (len, rest) = self.data.split_first_chunk::<4>()?;
+        let n = (u32::from_le_bytes(*len) as usize).min(rest.len());
+        let (rec, rest) = rest.split_at(n);
+        self.data = rest;
+        Some(rec)
+    }
+}
 
 /// What an export or flush achieved, in records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,10 +99,12 @@ pub struct Outcome {
 }
 
 /// The destination of one signal. Called only from the flush thread, never concurrently.
-pub trait Exporter<R>: Send + 'static {
-    /// Sends the records in `batch`, leaving it empty.
-    fn export(&mut self, batch: &mut Vec<R>) -> Outcome;
-    /// Pushes out anything buffered; also the place for periodic upkeep (e.g. log rotation).
+pub trait Exporter: Send + 'static {
+    /// Takes the records of one batch. May buffer them; what it reports here and from
+    /// `flush` must add up to every record it was given.
+    fn export(&mut self, batch: &Batch) -> Outcome;
+    /// Pushes out anything buffered; called after every drain and on timer ticks, so also
+    /// the place for periodic upkeep (e.g. log rotation).
     fn flush(&mut self) -> Outcome {
         Outcome::default()
     }
@@ -50,16 +121,16 @@ pub struct Totals {
     pub dropped: u64,
     /// Records the producer chose not to produce (filters, sampling).
     pub skipped: u64,
-    /// Nanoseconds producers reported spending on records ([`Producer::record_busy_ns`]).
-    pub busy_ns: u64,
-    /// Distribution of those per-record nanoseconds (see [`crate::timing::quantile`]).
-    pub busy_hist: Vec<u64>,
     /// Records the exporter delivered.
     pub written: u64,
     /// Records the exporter gave up on.
     pub failed: u64,
-    /// Records waiting in the queues right now.
+    /// Records waiting in full batches right now (partial batches not included).
     pub queue_depth: u64,
+    /// Nanoseconds producers reported spending on records ([`Producer::record_busy_ns`]).
+    pub busy_ns: u64,
+    /// Distribution of those per-record nanoseconds (see [`crate::timing::quantile`]).
+    pub busy_hist: Vec<u64>,
 }
 
 /// Receives [`Totals`] after every flush cycle (self-metrics). Runs on the flush thread.
@@ -79,27 +150,28 @@ pub struct PipelineConfig {
     pub thread_name: String,
     /// Number of producer slots: Envoy's concurrency + 1 (the main thread's logger).
     pub slots: usize,
-    /// Capacity of each slot's queue, in records.
+    /// Records each slot may hold in full batches.
     pub queue_capacity: usize,
-    /// Longest time a record waits in a queue before it is exported.
+    /// Longest time a record waits before it is exported.
     pub flush_interval: Duration,
-    /// Records handed to one `Exporter::export` call at most.
-    pub max_batch: usize,
     /// Bound on the drain at shutdown.
     pub shutdown_timeout: Duration,
 }
 
-struct Slot<R> {
-    queue: ArrayQueue<R>,
-    queued: AtomicU64,
+struct Slot {
+    partial: AtomicCell<Option<Box<Batch>>>,
+    full: ArrayQueue<Box<Batch>>,
+    produced: AtomicU64,
     dropped: AtomicU64,
     skipped: AtomicU64,
     busy_ns: AtomicU64,
     busy_hist: Histogram,
 }
 
-struct Shared<R> {
-    slots: Box<[CachePadded<Slot<R>>]>,
+struct Shared {
+    slots: Box<[CachePadded<Slot>]>,
+    pool: ArrayQueue<Box<Batch>>,
+    batch_records: usize,
     wake_at: usize,
     wake_pending: AtomicBool,
     ctl: Sender<Ctl>,
@@ -112,31 +184,47 @@ enum Ctl {
 }
 
 /// The producer side held by one Envoy thread's logger/tracer object.
-pub struct Producer<R> {
-    shared: Arc<Shared<R>>,
+pub struct Producer {
+    shared: Arc<Shared>,
     slot: usize,
 }
 
-impl<R> Producer<R> {
-    /// Queues `r` on this worker's slot, or hands it back (and counts a drop) when full.
+impl Producer {
+    /// Appends one record written by `f`, or — when this worker's queue is full — drops it
+    /// (counted) without calling `f`. Returns whether the record was accepted.
     #[inline]
-    pub fn push(&self, r: R) -> Result<(), R> {
-        let slot = &self.shared.slots[self.slot];
-        match slot.queue.push(r) {
-            Ok(()) => {
-                slot.queued.fetch_add(1, Relaxed);
-                if slot.queue.len() >= self.shared.wake_at && !self.shared.wake_pending.swap(true, Relaxed) {
-                    // One message per threshold crossing; a full control channel already
-                    // means a wake is on its way.
-                    let _ = self.shared.ctl.try_send(Ctl::Wake);
+    pub fn push_with(&self, f: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let sh = &*self.shared;
+        let slot = &sh.slots[self.slot];
+        let mut batch = slot.partial.swap(None).unwrap_or_else(|| sh.pool.pop().unwrap_or_default());
+        if batch.records >= sh.batch_records {
+            // The queue was full when this batch filled up: try again, else drop the newest.
+            match slot.full.push(batch) {
+                Ok(()) => batch = sh.pool.pop().unwrap_or_default(),
+                Err(b) => {
+                    slot.partial.store(Some(b));
+                    slot.dropped.fetch_add(1, Relaxed);
+                    return false;
                 }
-                Ok(())
-            }
-            Err(r) => {
-                slot.dropped.fetch_add(1, Relaxed);
-                Err(r)
             }
         }
+        batch.append(f);
+        slot.produced.fetch_add(1, Relaxed);
+        if batch.records >= sh.batch_records || batch.data.len() >= BATCH_BYTES {
+            match slot.full.push(batch) {
+                Ok(()) => {
+                    if slot.full.len() >= sh.wake_at && !sh.wake_pending.swap(true, Relaxed) {
+                        // One message per threshold crossing; a full channel means a wake is
+                        // already on its way.
+                        let _ = sh.ctl.try_send(Ctl::Wake);
+                    }
+                    return true;
+                }
+                Err(b) => batch = b,
+            }
+        }
+        slot.partial.store(Some(batch));
+        true
     }
 
     /// Counts a record this producer decided not to produce (filtered or sampled out).
@@ -155,24 +243,27 @@ impl<R> Producer<R> {
 }
 
 /// One flush thread and its per-worker queues.
-pub struct Pipeline<R: Send + 'static> {
-    shared: Arc<Shared<R>>,
+pub struct Pipeline {
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     shutdown_timeout: Duration,
 }
 
-impl<R: Send + 'static> Pipeline<R> {
+impl Pipeline {
     /// Starts the flush thread.
-    pub fn start<E: Exporter<R>, P: Reporter>(cfg: PipelineConfig, exporter: E, reporter: P) -> std::io::Result<Self> {
+    pub fn start<E: Exporter, P: Reporter>(cfg: PipelineConfig, exporter: E, reporter: P) -> std::io::Result<Self> {
         let slots = cfg.slots.max(1);
         let cap = cfg.queue_capacity.max(1);
+        let batch_records = cap.min(BATCH_RECORDS);
+        let batches = cap.div_ceil(batch_records).max(1);
         let (tx, rx) = bounded(64);
         let shared = Arc::new(Shared {
             slots: (0..slots)
                 .map(|_| {
                     CachePadded::new(Slot {
-                        queue: ArrayQueue::new(cap),
-                        queued: AtomicU64::new(0),
+                        partial: AtomicCell::new(None),
+                        full: ArrayQueue::new(batches),
+                        produced: AtomicU64::new(0),
                         dropped: AtomicU64::new(0),
                         skipped: AtomicU64::new(0),
                         busy_ns: AtomicU64::new(0),
@@ -180,10 +271,11 @@ impl<R: Send + 'static> Pipeline<R> {
                     })
                 })
                 .collect(),
-            // Wake the flusher after a batch worth of records (or half the queue, if smaller):
-            // buffers come back to the producers' pool quickly and the queue never runs near full
-            // under steady load.
-            wake_at: (cap / 2).min(cfg.max_batch).max(1),
+            pool: ArrayQueue::new((slots * 16).max(32)),
+            batch_records,
+            // Wake after ~512 records (or half the queue, if smaller) so a batch's memory is
+            // reused while still warm and the queue never runs near full under steady load.
+            wake_at: (512 / batch_records).clamp(1, batches.div_ceil(2).max(1)),
             wake_pending: AtomicBool::new(false),
             ctl: tx,
         });
@@ -192,8 +284,6 @@ impl<R: Send + 'static> Pipeline<R> {
             rx,
             exporter,
             reporter,
-            batch: Vec::with_capacity(cfg.max_batch.max(1)),
-            max_batch: cfg.max_batch.max(1),
             interval: cfg.flush_interval.max(Duration::from_millis(1)),
             drain_budget: cfg.shutdown_timeout,
             totals: Totals::default(),
@@ -202,13 +292,13 @@ impl<R: Send + 'static> Pipeline<R> {
         Ok(Pipeline { shared, thread: Some(thread), shutdown_timeout: cfg.shutdown_timeout })
     }
 
-    /// A producer bound to `worker`'s slot (indices past the last slot wrap around: the
-    /// queues are multi-producer, so sharing one is safe, just less contention-free).
-    pub fn producer(&self, worker: usize) -> Producer<R> {
+    /// A producer bound to `worker`'s slot. Indices past the last slot wrap around: every
+    /// operation on a slot is atomic, so sharing one is safe, just no longer contention-free.
+    pub fn producer(&self, worker: usize) -> Producer {
         Producer { shared: self.shared.clone(), slot: worker % self.shared.slots.len() }
     }
 
-    /// Asks the flush thread to export everything queued now; waits up to `timeout`.
+    /// Asks the flush thread to export everything produced so far; waits up to `timeout`.
     pub fn flush(&self, timeout: Duration) -> bool {
         let (tx, rx) = bounded(1);
         if self.shared.ctl.send_timeout(Ctl::Flush(tx), timeout).is_err() {
@@ -224,9 +314,7 @@ impl<R: Send + 'static> Pipeline<R> {
     }
 
     fn stop(&mut self) -> bool {
-        let Some(thread) = self.thread.take() else {
-            return true;
-        };
+        let Some(thread) = self.thread.take() else { return true };
         let (tx, rx) = bounded(1);
         let grace = self.shutdown_timeout + Duration::from_secs(1);
         let sent = self.shared.ctl.send_timeout(Ctl::Shutdown(tx), grace).is_ok();
@@ -239,22 +327,10 @@ impl<R: Send + 'static> Pipeline<R> {
     }
 }
 
-impl<R: Send + 'static> Drop for Pipeline<R> {
+impl Drop for Pipeline {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-struct FlushWorker<R, E, P> {
-    shared: Arc<Shared<R>>,
-    rx: Receiver<Ctl>,
-    exporter: E,
-    reporter: P,
-    batch: Vec<R>,
-    max_batch: usize,
-    interval: Duration,
-    drain_budget: Duration,
-    totals: Totals,
 }
 
 /// Nice value of flush threads: background work yields to Envoy's request-serving threads
@@ -272,7 +348,17 @@ fn lower_own_priority() {
     }
 }
 
-impl<R: Send, E: Exporter<R>, P: Reporter> FlushWorker<R, E, P> {
+struct FlushWorker<E, P> {
+    shared: Arc<Shared>,
+    rx: Receiver<Ctl>,
+    exporter: E,
+    reporter: P,
+    interval: Duration,
+    drain_budget: Duration,
+    totals: Totals,
+}
+
+impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
     fn run(mut self) {
         lower_own_priority();
         let mut next = Instant::now() + self.interval;
@@ -282,12 +368,10 @@ impl<R: Send, E: Exporter<R>, P: Reporter> FlushWorker<R, E, P> {
             match msg {
                 Ok(Ctl::Wake) => {
                     self.shared.wake_pending.store(false, Relaxed);
-                    self.drain_once();
+                    self.drain(false);
                 }
                 Ok(Ctl::Flush(reply)) => {
-                    self.drain_once();
-                    let o = self.exporter.flush();
-                    self.add(o);
+                    self.drain(true);
                     let _ = reply.send(());
                 }
                 Ok(Ctl::Shutdown(reply)) => {
@@ -296,9 +380,7 @@ impl<R: Send, E: Exporter<R>, P: Reporter> FlushWorker<R, E, P> {
                     return;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    self.drain_once();
-                    let o = self.exporter.flush();
-                    self.add(o);
+                    self.drain(true);
                     next = Instant::now() + self.interval;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -312,44 +394,45 @@ impl<R: Send, E: Exporter<R>, P: Reporter> FlushWorker<R, E, P> {
 
     fn finish(&mut self) {
         let deadline = Instant::now() + self.drain_budget;
-        while self.drain_once() > 0 && Instant::now() < deadline {}
-        let o = self.exporter.flush();
-        self.add(o);
+        while self.drain(true) > 0 && Instant::now() < deadline {}
         self.exporter.shutdown();
         self.report();
     }
 
-    /// One pass over every slot, taking at most what each held when the pass reached it, so
-    /// a producer that never stops cannot pin the thread here. Returns records taken.
-    fn drain_once(&mut self) -> usize {
+    /// One pass over every slot: the full batches waiting when the pass reached it and, with
+    /// `partials`, the partial batch too. A producer that never stops cannot pin the thread
+    /// here. Returns records exported.
+    fn drain(&mut self, partials: bool) -> usize {
         let mut taken = 0;
         for i in 0..self.shared.slots.len() {
-            let mut n = self.shared.slots[i].queue.len();
+            let mut n = self.shared.slots[i].full.len();
             while n > 0 {
-                let Some(r) = self.shared.slots[i].queue.pop() else {
-                    break;
-                };
+                let Some(b) = self.shared.slots[i].full.pop() else { break };
                 n -= 1;
-                taken += 1;
-                self.batch.push(r);
-                if self.batch.len() >= self.max_batch {
-                    self.export();
+                taken += self.export(b);
+            }
+            if partials {
+                if let Some(b) = self.shared.slots[i].partial.swap(None) {
+                    taken += self.export(b);
                 }
             }
         }
-        if !self.batch.is_empty() {
-            self.export();
-        }
+        let o = self.exporter.flush();
+        self.add(o);
         taken
     }
 
-    fn export(&mut self) {
-        let n = self.batch.len() as u64;
-        let out = self.exporter.export(&mut self.batch);
-        self.batch.clear();
-        // An exporter that under-reports still keeps `written + failed == taken`.
-        let unaccounted = n.saturating_sub(out.written + out.failed);
-        self.add(Outcome { written: out.written, failed: out.failed + unaccounted });
+    fn export(&mut self, mut b: Box<Batch>) -> usize {
+        let n = b.records;
+        if n > 0 {
+            let o = self.exporter.export(&b);
+            self.add(o);
+        }
+        if b.data.capacity() <= MAX_POOLED_BATCH {
+            b.clear();
+            let _ = self.shared.pool.push(b);
+        }
+        n
     }
 
     fn add(&mut self, o: Outcome) {
@@ -358,24 +441,24 @@ impl<R: Send, E: Exporter<R>, P: Reporter> FlushWorker<R, E, P> {
     }
 
     fn report(&mut self) {
-        let (mut queued, mut dropped, mut skipped, mut depth, mut busy) = (0, 0, 0, 0, 0);
+        let (mut produced, mut dropped, mut skipped, mut depth, mut busy) = (0, 0, 0, 0, 0);
         let mut hist = std::mem::take(&mut self.totals.busy_hist);
         hist.clear();
         hist.resize(BUCKETS, 0);
         for s in self.shared.slots.iter() {
-            queued += s.queued.load(Relaxed);
+            produced += s.produced.load(Relaxed);
             dropped += s.dropped.load(Relaxed);
             skipped += s.skipped.load(Relaxed);
             busy += s.busy_ns.load(Relaxed);
             s.busy_hist.accumulate(&mut hist);
-            depth += s.queue.len() as u64;
+            depth += (s.full.len() * self.shared.batch_records) as u64;
         }
-        self.totals.queued = queued;
+        self.totals.queued = produced;
         self.totals.dropped = dropped;
         self.totals.skipped = skipped;
+        self.totals.queue_depth = depth;
         self.totals.busy_ns = busy;
         self.totals.busy_hist = hist;
-        self.totals.queue_depth = depth;
         self.reporter.report(&self.totals);
     }
 }
@@ -385,13 +468,20 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    fn rec(v: u32) -> impl FnOnce(&mut Vec<u8>) {
+        move |b: &mut Vec<u8>| b.extend_from_slice(&v.to_le_bytes())
+    }
+
+    fn values(b: &Batch) -> Vec<u32> {
+        b.iter().map(|r| u32::from_le_bytes(r.try_into().unwrap())).collect()
+    }
+
     #[derive(Clone, Default)]
     struct Mem(Arc<Mutex<Vec<u32>>>);
-    impl Exporter<u32> for Mem {
-        fn export(&mut self, batch: &mut Vec<u32>) -> Outcome {
-            let n = batch.len() as u64;
-            self.0.lock().unwrap().append(batch);
-            Outcome { written: n, failed: 0 }
+    impl Exporter for Mem {
+        fn export(&mut self, batch: &Batch) -> Outcome {
+            self.0.lock().unwrap().extend(values(batch));
+            Outcome { written: batch.len() as u64, failed: 0 }
         }
     }
 
@@ -401,8 +491,8 @@ mod tests {
         release: Receiver<()>,
         out: Mem,
     }
-    impl Exporter<u32> for Gated {
-        fn export(&mut self, batch: &mut Vec<u32>) -> Outcome {
+    impl Exporter for Gated {
+        fn export(&mut self, batch: &Batch) -> Outcome {
             let _ = self.started.send(());
             let _ = self.release.recv_timeout(Duration::from_secs(10));
             self.out.export(batch)
@@ -423,7 +513,6 @@ mod tests {
             slots: 3,
             queue_capacity: cap,
             flush_interval: Duration::from_millis(interval_ms),
-            max_batch: 16,
             shutdown_timeout: Duration::from_secs(5),
         }
     }
@@ -440,13 +529,25 @@ mod tests {
     }
 
     #[test]
+    fn batch_framing_round_trips_and_tolerates_garbage() {
+        let mut b = Batch::default();
+        b.append(|v| v.extend_from_slice(b"abc"));
+        b.append(|_| {});
+        b.append(|v| v.extend_from_slice(&[0xff; 70_000]));
+        let got: Vec<usize> = b.iter().map(|r| r.len()).collect();
+        assert_eq!(got, vec![3, 0, 70_000]);
+        let torn = BatchIter { data: &b.data[..11] };
+        assert_eq!(torn.map(|r| r.len()).collect::<Vec<_>>(), vec![3, 0]);
+    }
+
+    #[test]
     fn shutdown_drains_everything_in_order_per_worker() {
         let mem = Mem::default();
         let p = Pipeline::start(cfg(1000, 60_000), mem.clone(), ()).unwrap();
         let (a, b) = (p.producer(0), p.producer(1));
         for i in 0..300 {
-            a.push(i).unwrap();
-            b.push(1000 + i).unwrap();
+            assert!(a.push_with(rec(i)));
+            assert!(b.push_with(rec(1000 + i)));
         }
         assert!(p.shutdown());
         let got = mem.0.lock().unwrap().clone();
@@ -456,22 +557,25 @@ mod tests {
     }
 
     #[test]
-    fn interval_flushes_without_size_trigger() {
+    fn interval_flush_steals_a_quiet_workers_partial_batch() {
         let mem = Mem::default();
         let p = Pipeline::start(cfg(1000, 20), mem.clone(), ()).unwrap();
-        p.producer(0).push(7).unwrap();
+        p.producer(0).push_with(rec(7));
         assert!(poll_until(Duration::from_secs(5), || mem.0.lock().unwrap().len() == 1));
+        // The worker keeps going after the steal.
+        p.producer(0).push_with(rec(8));
+        assert!(poll_until(Duration::from_secs(5), || mem.0.lock().unwrap().clone() == vec![7, 8]));
     }
 
     #[test]
-    fn half_full_queue_wakes_the_flusher_before_the_interval() {
+    fn waiting_batches_wake_the_flusher_before_the_interval() {
         let mem = Mem::default();
         let p = Pipeline::start(cfg(8, 600_000), mem.clone(), ()).unwrap();
         let w = p.producer(2);
-        for i in 0..4 {
-            w.push(i).unwrap();
+        for i in 0..8 {
+            w.push_with(rec(i));
         }
-        assert!(poll_until(Duration::from_secs(5), || mem.0.lock().unwrap().len() == 4));
+        assert!(poll_until(Duration::from_secs(5), || mem.0.lock().unwrap().len() >= 4));
     }
 
     #[test]
@@ -479,39 +583,59 @@ mod tests {
         let (started_tx, started_rx) = bounded(16);
         let (release_tx, release_rx) = bounded(16);
         let out = Mem::default();
-        let rec = Rec::default();
+        let rec_totals = Rec::default();
         let gated = Gated { started: started_tx, release: release_rx, out: out.clone() };
-        let p = Pipeline::start(cfg(4, 600_000), gated, rec.clone()).unwrap();
+        // capacity 4: batches of 4 records, one full batch queued at most, plus the partial.
+        let p = Pipeline::start(cfg(4, 600_000), gated, rec_totals.clone()).unwrap();
         let w = p.producer(0);
-        // Fill to the wake threshold; the flusher takes those 2 and blocks in export.
-        w.push(0).unwrap();
-        w.push(1).unwrap();
-        started_rx.recv_timeout(Duration::from_secs(5)).expect("export started");
-        let mut dropped = 0;
-        for i in 2..20 {
-            if w.push(i).is_err() {
-                dropped += 1;
-            }
+        for i in 0..4 {
+            assert!(w.push_with(rec(i)));
         }
-        assert_eq!(dropped, 14, "capacity 4 while the exporter is blocked");
-        for _ in 0..4 {
+        started_rx.recv_timeout(Duration::from_secs(5)).expect("export started");
+        // Flusher is blocked exporting [0..4). Next batch fills the queue, then the partial.
+        let accepted: Vec<u32> = (4..30).filter(|&i| w.push_with(rec(i))).collect();
+        assert_eq!(accepted, (4..12).collect::<Vec<_>>(), "queue (4) + partial (4) accepted");
+        for _ in 0..8 {
             let _ = release_tx.send(());
         }
         assert!(p.shutdown());
-        let got = out.0.lock().unwrap().clone();
-        assert_eq!(got, vec![0, 1, 2, 3, 4, 5], "oldest kept, newest dropped");
-        let t = rec.0.lock().unwrap().clone();
-        assert_eq!(t.dropped, 14);
-        assert_eq!(t.queued, 6);
-        assert_eq!(t.written + t.dropped, 20);
+        assert_eq!(out.0.lock().unwrap().clone(), (0..12).collect::<Vec<_>>(), "oldest kept, newest dropped");
+        let t = rec_totals.0.lock().unwrap().clone();
+        assert_eq!((t.queued, t.dropped, t.written), (12, 18, 12));
     }
 
     #[test]
     fn explicit_flush_replies() {
         let mem = Mem::default();
         let p = Pipeline::start(cfg(100, 600_000), mem.clone(), ()).unwrap();
-        p.producer(1).push(1).unwrap();
+        p.producer(1).push_with(rec(1));
         assert!(p.flush(Duration::from_secs(5)));
         assert_eq!(mem.0.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn concurrent_producers_and_steals_lose_nothing() {
+        let mem = Mem::default();
+        let p = Arc::new(Pipeline::start(cfg(100_000, 1), mem.clone(), ()).unwrap());
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                let prod = p.producer(t);
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        assert!(prod.push_with(rec(t as u32 * 100_000 + i)));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let p = Arc::try_unwrap(p).ok().unwrap();
+        assert!(p.shutdown());
+        let mut got = mem.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 60_000);
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 60_000);
     }
 }

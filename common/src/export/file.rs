@@ -1,7 +1,5 @@
-//! Line-oriented file exporter (`/dev/stdout`, `/dev/stderr` or a regular file).
-//!
-//! Records are complete lines (`\n`-terminated byte buffers). After writing, buffers go back
-//! to a shared pool so workers reuse them instead of allocating.
+//! Append-only log file (`/dev/stdout`, `/dev/stderr` or a regular file) that survives
+//! rotation. Used by exporters on the flush thread; never touched by Envoy's threads.
 //!
 //! Rotation: before writing, at most every [`ROTATION_CHECK`], the path is `stat`ed; if it no
 //! longer names the file we hold open (renamed or removed by logrotate), we reopen it. Lines
@@ -10,20 +8,10 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use crossbeam_queue::ArrayQueue;
-
-use crate::pipeline::{Exporter, Outcome};
 
 /// How often the path is checked for rotation while records flow.
 pub const ROTATION_CHECK: Duration = Duration::from_millis(500);
-/// Buffers larger than this are not pooled (one huge record must not pin memory forever).
-pub const MAX_POOLED_BUFFER: usize = 64 * 1024;
-
-/// Recycled line buffers shared by the producers and the file exporter.
-pub type BufferPool = Arc<ArrayQueue<Vec<u8>>>;
 
 /// Opens `path` for appending, creating it (mode 0644) if needed.
 pub fn open_append(path: &Path) -> std::io::Result<File> {
@@ -48,36 +36,27 @@ pub fn check_writable(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes lines to a file, reopening it after rotation. As an [`Exporter`] it takes finished
-/// lines; formats that render on the flush thread wrap it and call [`FileExporter::write`].
-pub struct FileExporter {
+/// A file opened for appending that follows rotation of its path.
+pub struct LogFile {
     path: PathBuf,
     file: Option<File>,
     identity: Option<(u64, u64)>,
     rotatable: bool,
     last_check: Instant,
-    buf: Vec<u8>,
-    pool: BufferPool,
 }
 
-impl FileExporter {
+impl LogFile {
     /// Wraps an already opened file (opened at config load, so errors reject the config).
-    pub fn new(path: PathBuf, file: File, pool: BufferPool) -> Self {
+    pub fn new(path: PathBuf, file: File) -> Self {
         let identity = file.metadata().ok().map(|m| (m.dev(), m.ino()));
         // Character devices and pipes (/dev/stdout) are not rotated.
         let rotatable = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        FileExporter {
-            path,
-            file: Some(file),
-            identity,
-            rotatable,
-            last_check: Instant::now(),
-            buf: Vec::with_capacity(256 * 1024),
-            pool,
-        }
+        LogFile { path, file: Some(file), identity, rotatable, last_check: Instant::now() }
     }
 
-    fn maybe_reopen(&mut self, force: bool) {
+    /// Reopens the path if it was rotated (checked at most every [`ROTATION_CHECK`] unless
+    /// `force`), or if the last write failed.
+    pub fn maybe_reopen(&mut self, force: bool) {
         if self.file.is_some() && (!self.rotatable || (!force && self.last_check.elapsed() < ROTATION_CHECK)) {
             return;
         }
@@ -107,39 +86,6 @@ impl FileExporter {
     }
 }
 
-/// Returns a record buffer to the producers' pool (unless it grew too large to keep).
-#[inline]
-pub fn recycle(pool: &BufferPool, mut buf: Vec<u8>) {
-    if buf.capacity() <= MAX_POOLED_BUFFER {
-        buf.clear();
-        let _ = pool.push(buf);
-    }
-}
-
-impl Exporter<Vec<u8>> for FileExporter {
-    fn export(&mut self, batch: &mut Vec<Vec<u8>>) -> Outcome {
-        let n = batch.len() as u64;
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        for line in batch.drain(..) {
-            buf.extend_from_slice(&line);
-            recycle(&self.pool, line);
-        }
-        let ok = self.write(&buf);
-        self.buf = buf;
-        if ok {
-            Outcome { written: n, failed: 0 }
-        } else {
-            Outcome { written: 0, failed: n }
-        }
-    }
-
-    fn flush(&mut self) -> Outcome {
-        self.maybe_reopen(false);
-        Outcome::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,33 +97,25 @@ mod tests {
         d
     }
 
-    fn line(s: &str) -> Vec<u8> {
-        format!("{s}\n").into_bytes()
-    }
-
     #[test]
-    fn writes_lines_and_recycles_buffers() {
+    fn appends() {
         let d = tmpdir("write");
         let p = d.join("a.log");
-        let pool: BufferPool = Arc::new(ArrayQueue::new(8));
-        let mut e = FileExporter::new(p.clone(), open_append(&p).unwrap(), pool.clone());
-        let o = e.export(&mut vec![line("a"), line("b")]);
-        assert_eq!(o, Outcome { written: 2, failed: 0 });
+        let mut f = LogFile::new(p.clone(), open_append(&p).unwrap());
+        assert!(f.write(b"a\n") && f.write(b"b\n"));
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "a\nb\n");
-        assert_eq!(pool.len(), 2);
     }
 
     #[test]
     fn reopens_after_rename_without_losing_lines() {
         let d = tmpdir("rotate");
         let p = d.join("a.log");
-        let pool: BufferPool = Arc::new(ArrayQueue::new(8));
-        let mut e = FileExporter::new(p.clone(), open_append(&p).unwrap(), pool);
-        e.export(&mut vec![line("1")]);
+        let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
+        e.write(b"1\n");
         std::fs::rename(&p, d.join("a.log.1")).unwrap();
-        e.export(&mut vec![line("2")]); // may still land in the renamed file
+        e.write(b"2\n"); // may still land in the renamed file
         e.maybe_reopen(true);
-        e.export(&mut vec![line("3")]);
+        e.write(b"3\n");
         let old = std::fs::read_to_string(d.join("a.log.1")).unwrap();
         let new = std::fs::read_to_string(&p).unwrap();
         assert_eq!(format!("{old}{new}"), "1\n2\n3\n");
