@@ -97,8 +97,8 @@ def our_stats(admin: int) -> dict[str, int]:
     return out
 
 
-def h2load(url: str, n: int) -> float:
-    out = subprocess.run(["taskset", "-c", "1", "h2load", "--h1", "-n", str(n), "-c", str(CLIENTS), "-m", "1",
+def h2load(url: str, n: int, clients: int = CLIENTS) -> float:
+    out = subprocess.run(["taskset", "-c", "1", "h2load", "--h1", "-n", str(n), "-c", str(clients), "-m", "1",
                           "-t", "1", url], capture_output=True, text=True, check=True).stdout
     m = re.search(r"(\d+) succeeded", out)
     if not m or int(m.group(1)) != n:
@@ -107,7 +107,8 @@ def h2load(url: str, n: int) -> float:
     return float(rps.group(1)) if rps else 0.0
 
 
-def start_envoy(workdir: pathlib.Path, logs: dict[str, pathlib.Path]):
+def start_envoy(workdir: pathlib.Path, logs: dict[str, pathlib.Path], wrapper: list[str] | None = None,
+                ready_timeout: float = 20):
     ports = {v: free_port() for v in VARIANTS}
     direct = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
     access_logs = {
@@ -123,10 +124,10 @@ def start_envoy(workdir: pathlib.Path, logs: dict[str, pathlib.Path]):
     cfg = workdir / "envoy.yaml"
     cfg.write_text(json.dumps({"admin": {"address": socket_address(admin)}, "static_resources": {"listeners": listeners}}))
     log = open(workdir / "envoy.log", "wb")
-    proc = subprocess.Popen(["taskset", "-c", PROCESS_CPUS, str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1",
+    proc = subprocess.Popen(["taskset", "-c", PROCESS_CPUS] + (wrapper or []) + [str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1",
                              "--use-dynamic-base-id", "--disable-hot-restart", "-l", "warning",
                              "--file-flush-interval-msec", "100"], stdout=log, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 20
+    end = time.monotonic() + ready_timeout
     while True:
         if proc.poll() is not None or time.monotonic() > end:
             raise RuntimeError(f"Envoy did not start; see {workdir / 'envoy.log'}")
@@ -136,7 +137,7 @@ def start_envoy(workdir: pathlib.Path, logs: dict[str, pathlib.Path]):
         except OSError:
             time.sleep(0.05)
     for task in pathlib.Path(f"/proc/{proc.pid}/task").iterdir():
-        if (task / "comm").read_text().strip().startswith("wrk:"):
+        if not wrapper and (task / "comm").read_text().strip().startswith("wrk:"):
             subprocess.run(["taskset", "-p", "-c", "0", task.name], check=True, capture_output=True)
     return proc, admin, ports
 
@@ -157,6 +158,53 @@ def burst(proc, admin, port: int, variant: str, logs, n: int, expect_lines: int)
     worker = sum(v for k, v in delta.items() if k.startswith("wrk:"))
     return {"us_per_req": sum(delta.values()) / n / 1000, "worker_us": worker / n / 1000,
             "flush_us": delta.get("obs-json-flush", 0) / n / 1000, "rps": rps}
+
+
+def instruction_counts(workdir: pathlib.Path) -> dict[str, float] | None:
+    """Instructions per request per variant under valgrind's callgrind: deterministic where
+    CPU time on this VM is not. One Envoy (three listeners) runs under callgrind; counters are
+    zeroed before and dumped after each burst, so each figure covers every Envoy thread during
+    that burst (including both loggers' flush threads)."""
+    if not shutil_which("valgrind") or os.environ.get("BENCH_CALLGRIND", "1") == "0":
+        return None
+    n = int(os.environ.get("BENCH_CALLGRIND_REQUESTS", "2000"))
+    cg_dir = workdir / "callgrind"
+    cg_dir.mkdir()
+    logs = {"builtin": workdir / "cg-builtin.log", "ours": workdir / "cg-ours.log"}
+    proc, admin, ports = start_envoy(workdir, logs, wrapper=["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                                            f"--callgrind-out-file={cg_dir}/cg.out"], ready_timeout=300)
+    out: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    try:
+        for v in VARIANTS:
+            h2load(f"http://127.0.0.1:{ports[v]}/bench", 200, clients=4)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        for rnd in range(2):
+            for v in VARIANTS:
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+                h2load(f"http://127.0.0.1:{ports[v]}/bench", n, clients=4)
+                time.sleep(1.0)  # both loggers flush within 100 ms / one wake; valgrind is slow
+                before = set(cg_dir.iterdir())
+                subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+                new = sorted(set(cg_dir.iterdir()) - before)
+                ir = sum(int(m.group(1)) for f in new for m in [re.search(r"^totals:\s+(\d+)", f.read_text(), re.M)] if m)
+                out[v].append(ir / n)
+                print(f"callgrind round {rnd + 1}/2 {v:8s} {ir / n:10.0f} instructions/request", flush=True)
+    finally:
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{admin}/quitquitquit", method="POST"),
+                                   timeout=10).read()
+        except OSError:
+            pass
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {v: statistics.median(x) for v, x in out.items()}
+
+
+def shutil_which(cmd: str) -> str | None:
+    import shutil
+    return shutil.which(cmd)
 
 
 def main():
@@ -228,6 +276,20 @@ def main():
         f"{hook.get('worker_ns', 0) / max(hook.get('records_logged', 1), 1) / 1000:.3f} µs "
         "(wall time inside the hook, so the mean includes interrupts)",
     ]
+    ir = instruction_counts(workdir)
+    if ir:
+        ir_added = {v: ir[v] - ir["none"] for v in VARIANTS}
+        lines += [
+            "",
+            "Instructions per request under valgrind (callgrind; deterministic, all Envoy threads):",
+            "",
+            "| variant | instructions/request | added over no log |",
+            "|---|---:|---:|",
+        ] + [f"| {v} | {ir[v]:,.0f} | {ir_added[v]:+,.0f} |" for v in VARIANTS] + [
+            "",
+            f"- **ratio ours / built-in (added instructions per request): "
+            f"{ir_added['ours'] / ir_added['builtin']:.2f}**",
+        ]
     report = "\n".join(lines) + "\n"
     print()
     print(report)

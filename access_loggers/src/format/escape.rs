@@ -21,11 +21,34 @@ const fn build_table() -> [u8; 256] {
 static ESCAPE: [u8; 256] = build_table();
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any of the 8 bytes in `w` is a control character, `"` or `\`: SWAR tests that
+/// look at a whole word per step (bytes >= 0x80, i.e. UTF-8, never match).
+#[inline(always)]
+fn needs_escape(w: u64) -> bool {
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let ctrl = w.wrapping_sub(ONES * 0x20) & !w & HIGHS;
+    (ctrl | zero(w ^ (ONES * b'"' as u64)) | zero(w ^ (ONES * b'\\' as u64))) != 0
+}
+
 /// Appends `s` (valid UTF-8) escaped, without quotes.
 #[inline]
 fn escape_str(s: &[u8], out: &mut Vec<u8>) {
+    // Skip whole words that need no escaping; most values have none at all.
+    let mut i = 0;
+    while i + 8 <= s.len() {
+        let w = u64::from_le_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
+        if needs_escape(w) {
+            break;
+        }
+        i += 8;
+    }
+    out.reserve(s.len() + 2);
     let mut start = 0;
-    for (i, &b) in s.iter().enumerate() {
+    for (j, &b) in s[i..].iter().enumerate() {
+        let i = i + j;
         let e = ESCAPE[b as usize];
         if e == 0 {
             continue;
@@ -40,6 +63,19 @@ fn escape_str(s: &[u8], out: &mut Vec<u8>) {
         start = i + 1;
     }
     out.extend_from_slice(&s[start..]);
+}
+
+#[cfg(test)]
+#[test]
+fn swar_matches_the_table() {
+    for b in 0..=255u8 {
+        for pos in 0..8 {
+            let mut w = [b'a'; 8];
+            w[pos] = b;
+            let expect = ESCAPE[b as usize] != 0;
+            assert_eq!(needs_escape(u64::from_le_bytes(w)), expect, "byte {b:#x} at {pos}");
+        }
+    }
 }
 
 /// Appends arbitrary bytes escaped, without quotes.

@@ -188,6 +188,20 @@ impl TimeFormat {
 }
 
 fn pad(out: &mut Vec<u8>, v: u64, width: usize) {
+    // The common widths without itoa's general path.
+    match (width, v) {
+        (2, 0..=99) => return out.extend_from_slice(&[b'0' + (v / 10) as u8, b'0' + (v % 10) as u8]),
+        (4, 0..=9999) => {
+            let v = v as u16;
+            return out.extend_from_slice(&[
+                b'0' + (v / 1000) as u8,
+                b'0' + (v / 100 % 10) as u8,
+                b'0' + (v / 10 % 10) as u8,
+                b'0' + (v % 10) as u8,
+            ]);
+        }
+        _ => {}
+    }
     let mut b = itoa::Buffer::new();
     let s = b.format(v);
     for _ in s.len()..width {
@@ -197,9 +211,11 @@ fn pad(out: &mut Vec<u8>, v: u64, width: usize) {
 }
 
 fn frac(out: &mut Vec<u8>, nanos: u32, digits: u8) {
+    let digits = digits.clamp(1, 9) as u32;
+    // Keep the leading `digits` digits of the 9-digit fraction (truncating, like Envoy).
+    let mut n = nanos / 10u32.pow(9 - digits);
     let mut buf = [b'0'; 9];
-    let mut n = nanos;
-    for i in (0..9).rev() {
+    for i in (0..digits as usize).rev() {
         buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
     }
