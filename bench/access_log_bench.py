@@ -2,8 +2,10 @@
 """Access-log CPU cost on a real Envoy 1.40.0: no access log vs Envoy's built-in file logger
 (`log_format.json_format`) vs the envoy-obs JSON logger, with the same 17-field map.
 
-Method. One Envoy process, 1 worker, all its threads pinned to core 0; h2load (HTTP/1.1
-keep-alive) pinned to core 1. The Envoy has three listeners that differ only in their access
+Method. One Envoy process with 1 worker; the worker thread is pinned to core 0, Envoy's other
+threads (main, the loggers' flush threads) are left to the scheduler as in production
+(BENCH_PROCESS_CPUS=0 pins them to the worker's core too); h2load (HTTP/1.1 keep-alive) is
+pinned to core 1. The Envoy has three listeners that differ only in their access
 log: none, built-in, ours; each answers with a `direct_response` (no upstream process competes
 for the cores). Bursts of requests go to the three listeners in turn, many rounds over. Per burst
 we read every Envoy thread's on-CPU nanoseconds from /proc/<pid>/task/*/schedstat, after letting
@@ -16,6 +18,9 @@ medians over rounds are reported.
 Printed: Envoy CPU µs per request per variant, the added cost over "none", the ratio ours /
 built-in of the added costs, our worker-thread and flush-thread CPU per record (thread CPU
 deltas), and the per-record worker time our logger measures itself (`self_timing`, TSC, median).
+
+A second, deterministic measurement follows when valgrind is installed: the same Envoy under
+callgrind, counting instructions per request per variant (BENCH_CALLGRIND=0 skips it).
 
 Results of `make bench` are written to bench/results/access_log.md (table there).
 """
@@ -42,9 +47,9 @@ REQUESTS = int(os.environ.get("BENCH_REQUESTS", "40000"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "20000"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "16"))
 SETTLE_S = 0.3
-# The worker thread is always pinned to core 0; BENCH_PROCESS_CPUS=0-1 lets Envoy's other threads
-# (main, flush threads) float instead of sharing core 0 with the worker.
-PROCESS_CPUS = os.environ.get("BENCH_PROCESS_CPUS", "0")
+# The worker thread is always pinned to core 0; Envoy's other threads (main, flush threads) may
+# use these cores. BENCH_PROCESS_CPUS=0 makes them share the worker's core.
+PROCESS_CPUS = os.environ.get("BENCH_PROCESS_CPUS", "0-1")
 VARIANTS = ["none", "builtin", "ours"]
 
 # 17 fields: the common production access-log shape.

@@ -12,8 +12,8 @@ use std::ptr;
 use envoy_obs_abi as abi;
 use envoy_obs_common::config::ConfigError;
 use envoy_obs_common::ffi::access_log::{ConfigHandle, CounterId, GaugeId, LogStream};
-use envoy_obs_common::ffi::{self, LogLevel, View};
-use envoy_obs_common::hook::guard;
+use envoy_obs_common::ffi::{self, LogLevel};
+use envoy_obs_common::hook::{self, guard};
 use envoy_obs_common::pipeline::{Reporter, Totals};
 use envoy_obs_common::timing::quantile;
 use envoy_obs_common::{declare_program_init, envoy_log};
@@ -120,38 +120,22 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_new(
     name: abi::EB,
     config: abi::EB,
 ) -> *const c_void {
-    guard("on_access_logger_config_new", ptr::null(), || {
-        // SAFETY: Envoy passes buffers valid for this call, and the config handle that lives
-        // until config_destroy.
-        let (name, config, handle) =
-            unsafe { (View::from_envoy(name), View::from_envoy(config), ConfigHandle::new(config_envoy_ptr)) };
-        let name = name.lossy();
-        match config_new_impl(handle, &name, config.bytes()) {
-            Ok(c) => Box::into_raw(Box::new(c)) as *const c_void,
-            Err(e) => {
-                ffi::log(
-                    LogLevel::Error,
-                    &format!("envoy-obs access logger {name:?}: invalid logger_config: {e}"),
-                    file!(),
-                    line!(),
-                );
-                ptr::null()
-            }
-        }
-    })
+    // SAFETY: Envoy's buffers for this call; the handle lives until config_destroy.
+    unsafe {
+        let handle = ConfigHandle::new(config_envoy_ptr);
+        hook::config_new("on_access_logger_config_new", "access logger", "logger_config", name, config, |n, b| {
+            config_new_impl(handle, n, b)
+        })
+    }
 }
 
 /// # Safety
 /// `config_module_ptr` must come from `config_new` and not be used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_destroy(config_module_ptr: *const c_void) {
-    guard("on_access_logger_config_destroy", (), || {
-        if !config_module_ptr.is_null() {
-            // SAFETY: created by Box::into_raw in config_new; Envoy destroys it exactly once,
-            // after every per-thread logger is gone. Dropping drains and joins the flush thread.
-            drop(unsafe { Box::from_raw(config_module_ptr as *mut LoggerConfig) });
-        }
-    })
+    // SAFETY: Envoy destroys the pointer config_new returned, once, after every per-thread
+    // logger is gone; dropping it drains and joins the flush thread.
+    unsafe { hook::destroy::<LoggerConfig>("on_access_logger_config_destroy", config_module_ptr) }
 }
 
 /// Per-thread logger object.
@@ -207,12 +191,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_log(
 /// `logger_module_ptr` must come from `on_access_logger_new` and not be used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_destroy(logger_module_ptr: *const c_void) {
-    guard("on_access_logger_destroy", (), || {
-        if !logger_module_ptr.is_null() {
-            // SAFETY: created by Box::into_raw in on_access_logger_new; destroyed once.
-            drop(unsafe { Box::from_raw(logger_module_ptr as *mut ThreadLogger) });
-        }
-    })
+    // SAFETY: created by Box::into_raw in on_access_logger_new; destroyed once, on its thread.
+    unsafe { hook::destroy::<ThreadLogger>("on_access_logger_destroy", logger_module_ptr) }
 }
 
 // Compile-time check that our hooks have exactly the prototypes of our C header.

@@ -26,3 +26,51 @@ pub fn guard<R>(hook: &'static str, neutral: R, f: impl FnOnce() -> R) -> R {
         }
     }
 }
+
+/// The body of every `on_*_config_new` hook: decodes the name and config buffers, builds the
+/// config with `build`, and hands Envoy a boxed pointer — or writes the error (which names the
+/// field) to Envoy's log and returns NULL, so Envoy rejects the config. `what` names the kind
+/// (`access logger`), `field` the config field (`logger_config`) in that log line.
+///
+/// # Safety
+/// `name` and `config` must be the buffers Envoy passed to the hook (valid for its duration).
+pub unsafe fn config_new<T>(
+    hook: &'static str,
+    what: &str,
+    field: &str,
+    name: envoy_obs_abi::EB,
+    config: envoy_obs_abi::EB,
+    build: impl FnOnce(&str, &[u8]) -> Result<T, crate::config::ConfigError>,
+) -> *const std::ffi::c_void {
+    guard(hook, std::ptr::null(), || {
+        // SAFETY: forwarded contract: Envoy's buffers, valid while the hook runs.
+        let (name, config) = unsafe { (ffi::View::from_envoy(name), ffi::View::from_envoy(config)) };
+        let name = name.lossy();
+        match build(&name, config.bytes()) {
+            Ok(c) => Box::into_raw(Box::new(c)) as *const std::ffi::c_void,
+            Err(e) => {
+                ffi::log(
+                    LogLevel::Error,
+                    &format!("envoy-obs {what} {name:?}: invalid {field}: {e}"),
+                    file!(),
+                    line!(),
+                );
+                std::ptr::null()
+            }
+        }
+    })
+}
+
+/// The body of every destroy hook: drops what [`config_new`] (or another `Box::into_raw`)
+/// handed to Envoy.
+///
+/// # Safety
+/// `ptr` must be NULL or come from `Box::<T>::into_raw`, and must not be used afterwards.
+pub unsafe fn destroy<T>(hook: &'static str, ptr: *const std::ffi::c_void) {
+    guard(hook, (), || {
+        if !ptr.is_null() {
+            // SAFETY: per contract, a pointer from Box::<T>::into_raw, destroyed exactly once.
+            drop(unsafe { Box::from_raw(ptr as *mut T) });
+        }
+    })
+}

@@ -8,13 +8,11 @@
 //! Thread model: config hooks and `flush` on the main thread; `on_histogram_complete` on
 //! whichever thread records a histogram sample (must stay lock-free; it is a no-op).
 use std::ffi::c_void;
-use std::ptr;
 
 use envoy_obs_abi as abi;
 use envoy_obs_common::config::{parse, ConfigError};
 use envoy_obs_common::declare_program_init;
-use envoy_obs_common::ffi::{self, LogLevel, View};
-use envoy_obs_common::hook::guard;
+use envoy_obs_common::hook;
 use serde::Deserialize;
 
 declare_program_init!();
@@ -43,29 +41,16 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_stat_sink_config_new(
     name: abi::EB,
     config: abi::EB,
 ) -> *const c_void {
-    guard("on_stat_sink_config_new", ptr::null(), || {
-        // SAFETY: buffers valid for this call.
-        let (name, config) = unsafe { (View::from_envoy(name), View::from_envoy(config)) };
-        match config_new_impl(&name.lossy(), config.bytes()) {
-            Ok(s) => Box::into_raw(Box::new(s)) as *const c_void,
-            Err(e) => {
-                ffi::log(LogLevel::Error, &format!("envoy-obs stats sink: invalid sink_config: {e}"), file!(), line!());
-                ptr::null()
-            }
-        }
-    })
+    // SAFETY: Envoy's buffers for this call.
+    unsafe { hook::config_new("on_stat_sink_config_new", "stats sink", "sink_config", name, config, config_new_impl) }
 }
 
 /// # Safety
 /// `config_module_ptr` comes from `config_new`.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_stat_sink_config_destroy(config_module_ptr: *const c_void) {
-    guard("on_stat_sink_config_destroy", (), || {
-        if !config_module_ptr.is_null() {
-            // SAFETY: created by Box::into_raw in config_new; destroyed once.
-            drop(unsafe { Box::from_raw(config_module_ptr as *mut Sink) });
-        }
-    })
+    // SAFETY: Envoy destroys the pointer config_new returned, once.
+    unsafe { hook::destroy::<Sink>("on_stat_sink_config_destroy", config_module_ptr) }
 }
 
 /// Main-thread flush: nothing to do yet.

@@ -13,8 +13,7 @@ use std::ptr;
 use envoy_obs_abi as abi;
 use envoy_obs_common::config::{parse, ConfigError};
 use envoy_obs_common::declare_program_init;
-use envoy_obs_common::ffi::{self, LogLevel, View};
-use envoy_obs_common::hook::guard;
+use envoy_obs_common::hook;
 use serde::Deserialize;
 
 declare_program_init!();
@@ -43,29 +42,16 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_config_new(
     name: abi::EB,
     config: abi::EB,
 ) -> *const c_void {
-    guard("on_tracer_config_new", ptr::null(), || {
-        // SAFETY: buffers valid for this call.
-        let (name, config) = unsafe { (View::from_envoy(name), View::from_envoy(config)) };
-        match config_new_impl(&name.lossy(), config.bytes()) {
-            Ok(t) => Box::into_raw(Box::new(t)) as *const c_void,
-            Err(e) => {
-                ffi::log(LogLevel::Error, &format!("envoy-obs tracer: invalid tracer_config: {e}"), file!(), line!());
-                ptr::null()
-            }
-        }
-    })
+    // SAFETY: Envoy's buffers for this call.
+    unsafe { hook::config_new("on_tracer_config_new", "tracer", "tracer_config", name, config, config_new_impl) }
 }
 
 /// # Safety
 /// `config_module_ptr` comes from `config_new`.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_config_destroy(config_module_ptr: *const c_void) {
-    guard("on_tracer_config_destroy", (), || {
-        if !config_module_ptr.is_null() {
-            // SAFETY: created by Box::into_raw in config_new; destroyed once.
-            drop(unsafe { Box::from_raw(config_module_ptr as *mut Tracer) });
-        }
-    })
+    // SAFETY: Envoy destroys the pointer config_new returned, once.
+    unsafe { hook::destroy::<Tracer>("on_tracer_config_destroy", config_module_ptr) }
 }
 
 /// Returns NULL: Envoy then uses its no-op span for the request.
