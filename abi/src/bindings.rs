@@ -75,10 +75,8 @@ const _: () = {
         [::std::mem::offset_of!(envoy_dynamic_module_type_envoy_http_header, key_length) - 8usize];
     ["Offset of field: envoy_dynamic_module_type_envoy_http_header::value_ptr"]
         [::std::mem::offset_of!(envoy_dynamic_module_type_envoy_http_header, value_ptr) - 16usize];
-    ["Offset of field: envoy_dynamic_module_type_envoy_http_header::value_length"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_envoy_http_header,
-        value_length
-    ) - 24usize];
+    ["Offset of field: envoy_dynamic_module_type_envoy_http_header::value_length"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_envoy_http_header, value_length) - 24usize];
 };
 impl Default for envoy_dynamic_module_type_envoy_http_header {
     fn default() -> Self {
@@ -102,10 +100,7 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_on_program_init() -> envoy_dynamic_module_type_abi_version_module_ptr;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_log(
-        level: envoy_dynamic_module_type_log_level,
-        message: MB,
-    );
+    pub fn envoy_dynamic_module_callback_log(level: envoy_dynamic_module_type_log_level, message: MB);
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_log_v2(
@@ -116,9 +111,7 @@ unsafe extern "C" {
     );
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_log_enabled(
-        level: envoy_dynamic_module_type_log_level,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_log_enabled(level: envoy_dynamic_module_type_log_level) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_get_log_level() -> envoy_dynamic_module_type_log_level;
@@ -139,10 +132,7 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_get_runtime_number(key: MB, default_value: f64) -> f64;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_register_function(
-        key: MB,
-        function_ptr: *mut ::std::os::raw::c_void,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_register_function(key: MB, function_ptr: *mut ::std::os::raw::c_void) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_get_function(
@@ -151,10 +141,7 @@ unsafe extern "C" {
     ) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_register_shared_data(
-        key: MB,
-        data_ptr: *mut ::std::os::raw::c_void,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_register_shared_data(key: MB, data_ptr: *mut ::std::os::raw::c_void) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_get_shared_data(
@@ -186,41 +173,22 @@ const _: () = {
         [::std::mem::size_of::<envoy_dynamic_module_type_timing_info>() - 64usize];
     ["Alignment of envoy_dynamic_module_type_timing_info"]
         [::std::mem::align_of::<envoy_dynamic_module_type_timing_info>() - 8usize];
-    ["Offset of field: envoy_dynamic_module_type_timing_info::start_time_unix_ns"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_timing_info,
-        start_time_unix_ns
-    ) - 0usize];
-    ["Offset of field: envoy_dynamic_module_type_timing_info::request_complete_duration_ns"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_timing_info,
-        request_complete_duration_ns
-    )
-        - 8usize];
-    ["Offset of field: envoy_dynamic_module_type_timing_info::first_upstream_tx_byte_sent_ns"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_timing_info,
-        first_upstream_tx_byte_sent_ns
-    )
-        - 16usize];
-    ["Offset of field: envoy_dynamic_module_type_timing_info::last_upstream_tx_byte_sent_ns"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_timing_info,
-        last_upstream_tx_byte_sent_ns
-    )
-        - 24usize];
-    ["Offset of field: envoy_dynamic_module_type_timing_info::first_upstream_rx_byte_received_ns"] [:: std :: mem :: offset_of ! (envoy_dynamic_module_type_timing_info , first_upstream_rx_byte_received_ns) - 32usize] ;
-    ["Offset of field: envoy_dynamic_module_type_timing_info::last_upstream_rx_byte_received_ns"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_timing_info,
-        last_upstream_rx_byte_received_ns
-    )
-        - 40usize];
-    ["Offset of field: envoy_dynamic_module_type_timing_info::first_downstream_tx_byte_sent_ns"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_timing_info,
-        first_downstream_tx_byte_sent_ns
-    )
-        - 48usize];
-    ["Offset of field: envoy_dynamic_module_type_timing_info::last_downstream_tx_byte_sent_ns"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_timing_info,
-        last_downstream_tx_byte_sent_ns
-    )
-        - 56usize];
+    ["Offset of field: envoy_dynamic_module_type_timing_info::start_time_unix_ns"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_timing_info, start_time_unix_ns) - 0usize];
+    ["Offset of field: envoy_dynamic_module_type_timing_info::request_complete_duration_ns"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_timing_info, request_complete_duration_ns) - 8usize];
+    ["Offset of field: envoy_dynamic_module_type_timing_info::first_upstream_tx_byte_sent_ns"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_timing_info, first_upstream_tx_byte_sent_ns) - 16usize];
+    ["Offset of field: envoy_dynamic_module_type_timing_info::last_upstream_tx_byte_sent_ns"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_timing_info, last_upstream_tx_byte_sent_ns) - 24usize];
+    ["Offset of field: envoy_dynamic_module_type_timing_info::first_upstream_rx_byte_received_ns"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_timing_info, first_upstream_rx_byte_received_ns) - 32usize];
+    ["Offset of field: envoy_dynamic_module_type_timing_info::last_upstream_rx_byte_received_ns"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_timing_info, last_upstream_rx_byte_received_ns) - 40usize];
+    ["Offset of field: envoy_dynamic_module_type_timing_info::first_downstream_tx_byte_sent_ns"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_timing_info, first_downstream_tx_byte_sent_ns) - 48usize];
+    ["Offset of field: envoy_dynamic_module_type_timing_info::last_downstream_tx_byte_sent_ns"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_timing_info, last_downstream_tx_byte_sent_ns) - 56usize];
 };
 pub const ENVOY_OBS_TIMING_START_TIME_UNIX_NS: _bindgen_ty_1 = 0;
 pub const ENVOY_OBS_TIMING_DOWNSTREAM_CONNECTION_BEGIN: _bindgen_ty_1 = 1;
@@ -278,10 +246,8 @@ const _: () = {
         [::std::mem::offset_of!(envoy_dynamic_module_type_bytes_info, bytes_received) - 0usize];
     ["Offset of field: envoy_dynamic_module_type_bytes_info::bytes_sent"]
         [::std::mem::offset_of!(envoy_dynamic_module_type_bytes_info, bytes_sent) - 8usize];
-    ["Offset of field: envoy_dynamic_module_type_bytes_info::wire_bytes_received"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_bytes_info,
-        wire_bytes_received
-    ) - 16usize];
+    ["Offset of field: envoy_dynamic_module_type_bytes_info::wire_bytes_received"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_bytes_info, wire_bytes_received) - 16usize];
     ["Offset of field: envoy_dynamic_module_type_bytes_info::wire_bytes_sent"]
         [::std::mem::offset_of!(envoy_dynamic_module_type_bytes_info, wire_bytes_sent) - 24usize];
 };
@@ -297,16 +263,10 @@ const _: () = {
         [::std::mem::size_of::<envoy_dynamic_module_type_downstream_wire_bytes>() - 16usize];
     ["Alignment of envoy_dynamic_module_type_downstream_wire_bytes"]
         [::std::mem::align_of::<envoy_dynamic_module_type_downstream_wire_bytes>() - 8usize];
-    ["Offset of field: envoy_dynamic_module_type_downstream_wire_bytes::wire_bytes_received"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_downstream_wire_bytes,
-        wire_bytes_received
-    )
-        - 0usize];
-    ["Offset of field: envoy_dynamic_module_type_downstream_wire_bytes::wire_bytes_sent"][::std::mem::offset_of!(
-        envoy_dynamic_module_type_downstream_wire_bytes,
-        wire_bytes_sent
-    )
-        - 8usize];
+    ["Offset of field: envoy_dynamic_module_type_downstream_wire_bytes::wire_bytes_received"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_downstream_wire_bytes, wire_bytes_received) - 0usize];
+    ["Offset of field: envoy_dynamic_module_type_downstream_wire_bytes::wire_bytes_sent"]
+        [::std::mem::offset_of!(envoy_dynamic_module_type_downstream_wire_bytes, wire_bytes_sent) - 8usize];
 };
 unsafe extern "C" {
     pub fn envoy_dynamic_module_on_access_logger_config_new(
@@ -424,22 +384,16 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_response_trailers_bytes(l: AL) -> u64;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_pool_ready_duration_ns(
-        l: AL,
-    ) -> i64;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_pool_ready_duration_ns(l: AL) -> i64;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_v_start(
-        l: AL,
-    ) -> i64;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_v_start(l: AL) -> i64;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_v_end(l: AL)
-        -> i64;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_v_end(l: AL) -> i64;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_cert_v_start(l: AL)
-        -> i64;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_cert_v_start(l: AL) -> i64;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_cert_v_end(l: AL) -> i64;
@@ -454,48 +408,28 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_is_health_check(l: AL) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_presented(
-        l: AL,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_presented(l: AL) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_validated(
-        l: AL,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_validated(l: AL) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_protocol(l: AL, result: *mut EB)
-        -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_protocol(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_request_id(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_request_id(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_response_code_details(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_response_code_details(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_route_name(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_route_name(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_virtual_cluster_name(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_virtual_cluster_name(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_local_reply_body(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_local_reply_body(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_connection_termination_details(
@@ -504,28 +438,16 @@ unsafe extern "C" {
     ) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_requested_server_name(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_requested_server_name(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_cluster(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_cluster(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_host(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_host(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_protocol(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_protocol(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_upstream_transport_failure_reason(
@@ -534,46 +456,25 @@ unsafe extern "C" {
     ) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_tls_version(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_tls_version(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_tls_cipher(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_tls_cipher(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_tls_session_id(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_tls_session_id(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_subject(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_subject(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_issuer(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_issuer(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_serial(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_serial(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_digest(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_cert_digest(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_fingerprint_1(
@@ -582,10 +483,7 @@ unsafe extern "C" {
     ) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_subject(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_subject(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_downstream_transport_failure_reason(
@@ -594,68 +492,40 @@ unsafe extern "C" {
     ) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_ja3_hash(l: AL, result: *mut EB)
-        -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_ja3_hash(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_ja4_hash(l: AL, result: *mut EB)
-        -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_ja4_hash(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_tls_version(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_tls_version(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_tls_cipher(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_tls_cipher(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_tls_session_id(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_tls_session_id(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_subject(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_subject(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_issuer(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_issuer(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_cert_digest(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_cert_digest(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_subject(
-        l: AL,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_subject(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_trace_id(l: AL, result: *mut EB)
-        -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_trace_id(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_span_id(l: AL, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_filter_state(
-        l: AL,
-        key: MB,
-        result: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_filter_state(l: AL, key: MB, result: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_downstream_remote_address(
@@ -700,92 +570,52 @@ unsafe extern "C" {
     ) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_uri_san_size(
-        l: AL,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_uri_san_size(l: AL) -> usize;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_uri_san(
-        l: AL,
-        sans_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_uri_san(l: AL, sans_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_dns_san_size(
-        l: AL,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_dns_san_size(l: AL) -> usize;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_dns_san(
-        l: AL,
-        sans_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_peer_dns_san(l: AL, sans_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_uri_san_size(
-        l: AL,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_uri_san_size(l: AL) -> usize;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_uri_san(
-        l: AL,
-        sans_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_uri_san(l: AL, sans_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_dns_san_size(
-        l: AL,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_dns_san_size(l: AL) -> usize;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_dns_san(
-        l: AL,
-        sans_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_downstream_local_dns_san(l: AL, sans_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_uri_san_size(
-        l: AL,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_uri_san_size(l: AL) -> usize;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_uri_san(
-        l: AL,
-        sans_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_uri_san(l: AL, sans_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_dns_san_size(
-        l: AL,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_dns_san_size(l: AL) -> usize;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_dns_san(
-        l: AL,
-        sans_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_peer_dns_san(l: AL, sans_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_uri_san_size(
-        l: AL,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_uri_san_size(l: AL) -> usize;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_uri_san(
-        l: AL,
-        sans_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_uri_san(l: AL, sans_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_dns_san_size(
-        l: AL,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_dns_san_size(l: AL) -> usize;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_dns_san(
-        l: AL,
-        sans_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_access_logger_get_upstream_local_dns_san(l: AL, sans_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_access_logger_get_dynamic_metadata(
@@ -935,11 +765,7 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_on_tracer_span_inject_context(span: SPAN, span_envoy_ptr: TS);
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_on_tracer_span_spawn_child(
-        span: SPAN,
-        name: EB,
-        start_time_ns: i64,
-    ) -> SPAN;
+    pub fn envoy_dynamic_module_on_tracer_span_spawn_child(span: SPAN, name: EB, start_time_ns: i64) -> SPAN;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_on_tracer_span_set_sampled(span: SPAN, sampled: bool);
@@ -948,18 +774,13 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_on_tracer_span_use_local_decision(span: SPAN) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_on_tracer_span_get_baggage(
-        span: SPAN,
-        key: EB,
-        value_out: *mut MB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_on_tracer_span_get_baggage(span: SPAN, key: EB, value_out: *mut MB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_on_tracer_span_set_baggage(span: SPAN, key: EB, value: EB);
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_on_tracer_span_get_trace_id(span: SPAN, value_out: *mut MB)
-        -> bool;
+    pub fn envoy_dynamic_module_on_tracer_span_get_trace_id(span: SPAN, value_out: *mut MB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_on_tracer_span_get_span_id(span: SPAN, value_out: *mut MB) -> bool;
@@ -968,11 +789,7 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_on_tracer_span_destroy(span: SPAN);
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_value(
-        s: TS,
-        key: MB,
-        value_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_value(s: TS, key: MB, value_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_tracer_set_trace_context_value(s: TS, key: MB, value: MB);
@@ -981,28 +798,16 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_tracer_remove_trace_context_value(s: TS, key: MB);
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_protocol(
-        s: TS,
-        value_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_protocol(s: TS, value_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_host(
-        s: TS,
-        value_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_host(s: TS, value_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_path(
-        s: TS,
-        value_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_path(s: TS, value_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_method(
-        s: TS,
-        value_out: *mut EB,
-    ) -> bool;
+    pub fn envoy_dynamic_module_callback_tracer_get_trace_context_method(s: TS, value_out: *mut EB) -> bool;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_tracer_define_counter(
@@ -1061,8 +866,7 @@ unsafe extern "C" {
 pub type envoy_dynamic_module_type_stat_sink_config_envoy_ptr = *mut ::std::os::raw::c_void;
 pub type envoy_dynamic_module_type_stat_sink_config_module_ptr = *const ::std::os::raw::c_void;
 pub type envoy_dynamic_module_type_stat_sink_snapshot_envoy_ptr = *mut ::std::os::raw::c_void;
-pub type envoy_dynamic_module_type_stat_sink_config_scheduler_module_ptr =
-    *mut ::std::os::raw::c_void;
+pub type envoy_dynamic_module_type_stat_sink_config_scheduler_module_ptr = *mut ::std::os::raw::c_void;
 pub type SC = envoy_dynamic_module_type_stat_sink_config_envoy_ptr;
 pub type SN = envoy_dynamic_module_type_stat_sink_snapshot_envoy_ptr;
 unsafe extern "C" {
@@ -1154,10 +958,7 @@ unsafe extern "C" {
     ) -> bool;
 }
 unsafe extern "C" {
-    pub fn envoy_dynamic_module_callback_stat_sink_snapshot_get_histogram_bucket_count(
-        n: SN,
-        index: usize,
-    ) -> usize;
+    pub fn envoy_dynamic_module_callback_stat_sink_snapshot_get_histogram_bucket_count(n: SN, index: usize) -> usize;
 }
 unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_stat_sink_snapshot_get_histogram_bucket(

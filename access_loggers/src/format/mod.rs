@@ -8,7 +8,7 @@
 use std::cell::Cell;
 
 use envoy_obs_common::ffi::access_log::{
-    timing as t, AddrField, Bytes, CertTime, HeaderKind, MetaValue, SanField, StrField, Stream, Timing,
+    timing as t, AddrField, Bytes, CertTime, HeaderKind, HeaderTable, MetaValue, SanField, StrField, Stream, Timing,
 };
 
 pub mod escape;
@@ -271,7 +271,8 @@ pub struct Ctx<'s, S: Stream> {
     wire: Cell<Option<(u64, u64)>>,
     /// Request headers fetched in one call, when the plan reads several of them.
     bulk_request_headers: bool,
-    request_headers: std::cell::OnceCell<Vec<(&'s [u8], &'s [u8])>>,
+    request_headers: std::cell::RefCell<HeaderTable<'s>>,
+    request_headers_fetched: Cell<bool>,
 }
 
 impl<'s, S: Stream> Ctx<'s, S> {
@@ -284,7 +285,8 @@ impl<'s, S: Stream> Ctx<'s, S> {
             bytes: Cell::new(None),
             wire: Cell::new(None),
             bulk_request_headers: false,
-            request_headers: std::cell::OnceCell::new(),
+            request_headers: std::cell::RefCell::new(HeaderTable::default()),
+            request_headers_fetched: Cell::new(false),
         }
     }
 
@@ -299,13 +301,12 @@ impl<'s, S: Stream> Ctx<'s, S> {
         if !self.bulk_request_headers {
             return self.stream.header(HeaderKind::Request, name);
         }
-        let all = self.request_headers.get_or_init(|| {
-            let mut v = Vec::new();
-            self.stream.headers(HeaderKind::Request, &mut v);
-            v
-        });
-        all.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        if !self.request_headers_fetched.replace(true) {
+            self.stream.headers(HeaderKind::Request, &mut self.request_headers.borrow_mut());
+        }
+        self.request_headers.borrow().get(name)
     }
+
     /// Timing, fetched once.
     pub fn timing(&self) -> Timing {
         if let Some(t) = self.timing.get() {

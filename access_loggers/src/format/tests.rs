@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use envoy_obs_common::ffi::access_log::Stream;
+use envoy_obs_common::ffi::access_log::{HeaderTable, Stream};
 
 #[derive(Default)]
 pub(crate) struct FakeStream {
@@ -45,15 +45,15 @@ impl Stream for FakeStream {
             HeaderKind::ResponseTrailer => None,
         }
     }
-    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut Vec<(&'s [u8], &'s [u8])>) {
+    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut HeaderTable<'s>) {
         let m = match kind {
             HeaderKind::Request => &self.req,
             HeaderKind::Response => &self.resp,
             HeaderKind::ResponseTrailer => return,
         };
-        let mut v: Vec<_> = m.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
-        v.sort();
-        out.extend(v);
+        for (k, v) in m {
+            out.push(k, v);
+        }
     }
     fn response_code(&self) -> u32 {
         self.code

@@ -101,9 +101,123 @@ pub enum CertTime {
     UpstreamPeerEnd,
 }
 
+type RawHeader = abi::envoy_dynamic_module_type_envoy_http_header;
+const INLINE_HEADERS: usize = 32;
+
+/// A header map snapshot: up to 32 entries without allocating, more in a spill vector.
+/// Entries borrow Envoy's (or a test's) memory for `'s`.
+pub struct HeaderTable<'s> {
+    inline: [std::mem::MaybeUninit<RawHeader>; INLINE_HEADERS],
+    len: usize,
+    spill: Vec<RawHeader>,
+    _borrow: PhantomData<&'s [u8]>,
+}
+
+impl Default for HeaderTable<'_> {
+    fn default() -> Self {
+        HeaderTable {
+            inline: [std::mem::MaybeUninit::uninit(); INLINE_HEADERS],
+            len: 0,
+            spill: Vec::new(),
+            _borrow: PhantomData,
+        }
+    }
+}
+
+impl<'s> HeaderTable<'s> {
+    /// Adds one header.
+    pub fn push(&mut self, key: &'s [u8], value: &'s [u8]) {
+        let h = RawHeader {
+            key_ptr: key.as_ptr().cast(),
+            key_length: key.len(),
+            value_ptr: value.as_ptr().cast(),
+            value_length: value.len(),
+        };
+        if self.spill.is_empty() && self.len < INLINE_HEADERS {
+            self.inline[self.len].write(h);
+            self.len += 1;
+        } else {
+            self.spill_all();
+            self.spill.push(h);
+        }
+    }
+
+    fn spill_all(&mut self) {
+        if self.spill.is_empty() {
+            // SAFETY: the first `len` inline entries are initialised.
+            self.spill.extend(self.inline[..self.len].iter().map(|h| unsafe { h.assume_init() }));
+            self.len = 0;
+        }
+    }
+
+    /// Room for `n` more raw entries, for Envoy to fill; see [`Self::commit_raw`].
+    fn reserve_raw(&mut self, n: usize) -> *mut RawHeader {
+        if self.spill.is_empty() && self.len + n <= INLINE_HEADERS {
+            self.inline[self.len..].as_mut_ptr().cast()
+        } else {
+            self.spill_all();
+            self.spill.reserve(n);
+            // SAFETY: reserve guarantees capacity for `n` more elements past `len`.
+            unsafe { self.spill.as_mut_ptr().add(self.spill.len()) }
+        }
+    }
+
+    /// # Safety
+    /// The `n` entries at the pointer from the last `reserve_raw(n)` are initialised and point
+    /// at memory valid for `'s`.
+    unsafe fn commit_raw(&mut self, n: usize) {
+        if self.spill.is_empty() && self.len + n <= INLINE_HEADERS {
+            self.len += n;
+        } else {
+            // SAFETY: per contract, the reserved tail is initialised.
+            unsafe { self.spill.set_len(self.spill.len() + n) };
+        }
+    }
+
+    fn entries(&self) -> &[RawHeader] {
+        if self.spill.is_empty() {
+            // SAFETY: the first `len` inline entries are initialised; MaybeUninit<T> has T's layout.
+            unsafe { std::slice::from_raw_parts(self.inline.as_ptr().cast(), self.len) }
+        } else {
+            &self.spill
+        }
+    }
+
+    /// The first value of `name` (lower-case, as Envoy stores keys).
+    #[inline]
+    pub fn get(&self, name: &[u8]) -> Option<&'s [u8]> {
+        for h in self.entries() {
+            if h.key_length == name.len() {
+                // SAFETY: entries point at memory valid for 's (push/commit_raw contracts).
+                let (k, v) = unsafe {
+                    (
+                        envoy_bytes(abi::EB { ptr: h.key_ptr, length: h.key_length }),
+                        envoy_bytes(abi::EB { ptr: h.value_ptr, length: h.value_length }),
+                    )
+                };
+                if k == name {
+                    return Some(v);
+                }
+            }
+        }
+        None
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Indices into [`Timing::ns`] (the 1.40 `timing_info_v2` layout).
 #[allow(missing_docs)]
 pub mod timing {
+    //! Indices of the 1.40 `timing_info_v2` fields.
     pub const START_TIME_UNIX_NS: usize = 0;
     pub const LAST_DOWNSTREAM_RX: usize = 5;
     pub const LAST_UPSTREAM_TX: usize = 10;
@@ -163,9 +277,9 @@ pub enum MetaValue<'a> {
 pub trait Stream {
     /// First value of header `name` (lower-case).
     fn header(&self, kind: HeaderKind, name: &[u8]) -> Option<&[u8]>;
-    /// Every header of the map, in order, as (lower-case name, value). One ABI call for the
-    /// whole map: cheaper than several `header` lookups, each of which costs Envoy a key copy.
-    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut Vec<(&'s [u8], &'s [u8])>);
+    /// Every header of the map, in order, appended to `out`. One ABI call for the whole map:
+    /// cheaper than several `header` lookups, each of which costs Envoy a key copy.
+    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut HeaderTable<'s>);
     fn response_code(&self) -> u32;
     fn attempt_count(&self) -> u32;
     /// Bit `n` set = response flag `n` (Envoy's numbering).
@@ -249,39 +363,18 @@ impl Stream for LogStream<'_> {
             }
         }
     }
-    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut Vec<(&'s [u8], &'s [u8])>) {
-        const STACK: usize = 48;
+    fn headers<'s>(&'s self, kind: HeaderKind, out: &mut HeaderTable<'s>) {
         // SAFETY: live log context.
         let n = unsafe { abi::envoy_dynamic_module_callback_access_logger_get_headers_size(self.ptr, kind.abi()) };
         if n == 0 {
             return;
         }
-        let empty = abi::envoy_dynamic_module_type_envoy_http_header {
-            key_ptr: std::ptr::null(),
-            key_length: 0,
-            value_ptr: std::ptr::null(),
-            value_length: 0,
-        };
-        let mut stack = [empty; STACK];
-        let mut heap = Vec::new();
-        let buf: &mut [abi::envoy_dynamic_module_type_envoy_http_header] = if n <= STACK {
-            &mut stack[..n]
-        } else {
-            heap.resize(n, empty);
-            &mut heap
-        };
-        // SAFETY: `buf` has exactly `n` entries as the ABI requires; the pointers Envoy writes
-        // stay valid until the hook returns, which bounds `'s`.
-        unsafe {
-            if !abi::envoy_dynamic_module_callback_access_logger_get_headers(self.ptr, kind.abi(), buf.as_mut_ptr()) {
-                return;
-            }
-            out.reserve(n);
-            for h in buf.iter() {
-                let k = envoy_bytes(abi::EB { ptr: h.key_ptr, length: h.key_length });
-                let v = envoy_bytes(abi::EB { ptr: h.value_ptr, length: h.value_length });
-                out.push((k, v));
-            }
+        let buf = out.reserve_raw(n);
+        // SAFETY: `buf` has room for exactly `n` entries as the ABI requires; the pointers Envoy
+        // writes stay valid until the hook returns, which bounds `'s`.
+        if unsafe { abi::envoy_dynamic_module_callback_access_logger_get_headers(self.ptr, kind.abi(), buf) } {
+            // SAFETY: Envoy initialised all `n` entries.
+            unsafe { out.commit_raw(n) };
         }
     }
     fn response_code(&self) -> u32 {
@@ -586,5 +679,37 @@ impl ConfigHandle {
     pub fn set(&self, id: GaugeId, v: u64) {
         // SAFETY: as for `add`.
         unsafe { abi::envoy_dynamic_module_callback_access_logger_set_gauge(self.0, id.0, v) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeaderTable;
+
+    #[test]
+    fn header_table_spills_past_the_inline_capacity() {
+        let keys: Vec<String> = (0..40).map(|i| format!("x-h{i}")).collect();
+        let mut t = HeaderTable::default();
+        for k in &keys {
+            t.push(k.as_bytes(), k.as_bytes());
+        }
+        assert_eq!(t.len(), 40);
+        assert_eq!(t.get(b"x-h0"), Some(&b"x-h0"[..]));
+        assert_eq!(t.get(b"x-h39"), Some(&b"x-h39"[..]));
+        assert_eq!(t.get(b"x-h40"), None);
+        let raw = t.reserve_raw(2);
+        // SAFETY (test): write two initialised entries into the reserved tail.
+        unsafe {
+            for i in 0..2 {
+                raw.add(i).write(super::RawHeader {
+                    key_ptr: b"k".as_ptr().cast(),
+                    key_length: 1,
+                    value_ptr: b"v".as_ptr().cast(),
+                    value_length: 1,
+                });
+            }
+            t.commit_raw(2);
+        }
+        assert_eq!((t.len(), t.get(b"k")), (42, Some(&b"v"[..])));
     }
 }
