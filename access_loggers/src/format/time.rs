@@ -36,6 +36,18 @@ enum Tok {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TimeFormat {
     toks: Vec<Tok>,
+    /// Tokens before this index depend only on the whole second, so their rendering is cached
+    /// per second (a log's records mostly share their second).
+    split: usize,
+    /// Identity for the prefix cache (clones share it: same tokens, same output).
+    id: u64,
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// Per rendering thread: (format id, second, rendered second-dependent prefix).
+    static PREFIX_CACHE: std::cell::RefCell<Vec<(u64, i64, Vec<u8>)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 const WD_SHORT: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
@@ -136,19 +148,57 @@ impl TimeFormat {
             i += adv;
         }
         flush(&mut lit, &mut toks);
-        Ok(TimeFormat { toks })
+        let split =
+            toks.iter().position(|t| matches!(t, Tok::SecFrac(_) | Tok::Frac(_) | Tok::Epoch)).unwrap_or(toks.len());
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(TimeFormat { toks, split, id })
     }
 
     /// Appends the UTC rendering of `unix_ns` to `out`.
     pub fn write(&self, unix_ns: i64, out: &mut Vec<u8>) {
+        if self.split == 0 {
+            return self.write_toks(&self.toks, unix_ns, out);
+        }
+        let secs = unix_ns.div_euclid(1_000_000_000);
+        let key = self.id;
+        let hit = PREFIX_CACHE.with(|c| {
+            let Ok(mut c) = c.try_borrow_mut() else { return false };
+            let slot = match c.iter().position(|e| e.0 == key) {
+                Some(i) => i,
+                None => {
+                    if c.len() >= 16 {
+                        c.clear();
+                    }
+                    c.push((key, i64::MIN, Vec::new()));
+                    c.len() - 1
+                }
+            };
+            let e = &mut c[slot];
+            if e.1 != secs {
+                e.2.clear();
+                self.write_toks(&self.toks[..self.split], unix_ns, &mut e.2);
+                e.1 = secs;
+            }
+            out.extend_from_slice(&e.2);
+            true
+        });
+        if hit {
+            self.write_toks(&self.toks[self.split..], unix_ns, out);
+        } else {
+            self.write_toks(&self.toks, unix_ns, out);
+        }
+    }
+
+    fn write_toks(&self, toks: &[Tok], unix_ns: i64, out: &mut Vec<u8>) {
         let secs = unix_ns.div_euclid(1_000_000_000);
         let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
         let days = secs.div_euclid(86_400);
         let sod = secs.rem_euclid(86_400) as u32;
         let (y, m, d) = civil_from_days(days);
         let (hh, mm, ss) = (sod / 3600, sod / 60 % 60, sod % 60);
-        for t in &self.toks {
+        for t in toks {
             match t {
+                Tok::Lit(l) if l.len() == 1 => out.push(l[0]),
                 Tok::Lit(l) => out.extend_from_slice(l),
                 Tok::Year => pad(out, y as u64, 4),
                 Tok::Year2 => pad(out, y.rem_euclid(100) as u64, 2),
@@ -272,6 +322,19 @@ mod tests {
         assert_eq!(fmt("%a %b %e %j %p %I %%", ns), "Mon Nov 23 327 PM 07 %");
         assert_eq!(fmt("%F %T", 0), "1970-01-01 00:00:00");
         assert_eq!(fmt("%F", 951_782_400_000_000_000), "2000-02-29");
+    }
+
+    #[test]
+    fn cached_prefix_matches_uncached_rendering() {
+        let f = TimeFormat::compile("%Y-%m-%dT%H:%M:%E3SZ|%s|%F %T.%6f").unwrap();
+        let mut ns = 1_795_463_003_304_123_456i64;
+        for _ in 0..5000 {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            f.write(ns, &mut a);
+            f.write_toks(&f.toks, ns, &mut b);
+            assert_eq!(a, b);
+            ns += 997_000_001; // crosses seconds, minutes and days
+        }
     }
 
     #[test]
