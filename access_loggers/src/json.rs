@@ -17,7 +17,7 @@ use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Pipeline, PipelineCon
 use envoy_obs_common::timing::CycleClock;
 
 use crate::filter::{Filter, FilterSpec};
-use crate::format::{Ctx, JsonPlan};
+use crate::format::{BulkHeaders, Ctx, JsonPlan};
 
 /// Default `flush_interval_ms`: like Envoy's file logger, at most a second behind.
 pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
@@ -144,7 +144,7 @@ pub fn compile(bytes: &[u8]) -> Result<Compiled, ConfigError> {
 
 struct Inner {
     plan: Arc<JsonPlan>,
-    bulk_headers: bool,
+    bulk_headers: BulkHeaders,
     filter: Option<Filter>,
     self_timing: Option<CycleClock>,
 }
@@ -187,7 +187,7 @@ impl JsonLogger {
                     .map_err(|e| ConfigError::new("", format!("cannot start flush thread: {e}")))?,
             )
         };
-        let bulk_headers = plan.prefers_bulk_headers();
+        let bulk_headers = plan.bulk_headers();
         Ok(JsonLogger { inner: Arc::new(Inner { plan, bulk_headers, filter: c.filter, self_timing }), pipeline })
     }
 
@@ -277,7 +277,7 @@ impl ThreadLogger {
 
     #[inline(always)]
     fn log_record<S: Stream>(&self, producer: &Producer, stream: &S, log_type: u32) {
-        let cx = Ctx::new(stream, log_type).with_bulk_request_headers(self.inner.bulk_headers);
+        let cx = Ctx::new(stream, log_type).with_bulk_headers(self.inner.bulk_headers);
         if let Some(f) = &self.inner.filter {
             if !f.keep(&cx) {
                 producer.skip();

@@ -24,7 +24,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
-/// Whether any of the 8 bytes in `w` is a control character, `"` or `\`: SWAR tests that
+/// Whether any of the 8 bytes in `w` is a control character, `"` or `\\`: SWAR tests that
 /// look at a whole word per step (bytes >= 0x80, i.e. UTF-8, never match).
 #[inline(always)]
 fn needs_escape(w: u64) -> bool {
@@ -33,11 +33,32 @@ fn needs_escape(w: u64) -> bool {
     (ctrl | zero(w ^ (ONES * b'"' as u64)) | zero(w ^ (ONES * b'\\' as u64))) != 0
 }
 
-/// Appends `s` (valid UTF-8) escaped, without quotes.
-#[inline]
-fn escape_str(s: &[u8], out: &mut Vec<u8>) {
-    // Skip whole words that need no escaping; most values have none at all.
+/// Length of the prefix of `s` that needs no escaping: 16 bytes per step with SSE2 (part of
+/// the x86-64 baseline), 8 with SWAR elsewhere, then byte by byte.
+#[inline(always)]
+fn clean_prefix(s: &[u8]) -> usize {
     let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::*;
+        // SAFETY: SSE2 is always available on x86-64; every load reads 16 bytes that lie
+        // within `s` (i + 16 <= len) and tolerates any alignment.
+        unsafe {
+            let quote = _mm_set1_epi8(b'"' as i8);
+            let bslash = _mm_set1_epi8(b'\\' as i8);
+            let ctl = _mm_set1_epi8(0x1f);
+            while i + 16 <= s.len() {
+                let v = _mm_loadu_si128(s.as_ptr().add(i).cast());
+                let is_ctl = _mm_cmpeq_epi8(_mm_max_epu8(v, ctl), ctl);
+                let hit = _mm_or_si128(is_ctl, _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash)));
+                let mask = _mm_movemask_epi8(hit);
+                if mask != 0 {
+                    return i + mask.trailing_zeros() as usize;
+                }
+                i += 16;
+            }
+        }
+    }
     while i + 8 <= s.len() {
         let w = u64::from_le_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
         if needs_escape(w) {
@@ -45,36 +66,26 @@ fn escape_str(s: &[u8], out: &mut Vec<u8>) {
         }
         i += 8;
     }
-    out.reserve(s.len() + 2);
-    let mut start = 0;
-    for (j, &b) in s[i..].iter().enumerate() {
-        let i = i + j;
+    i + s[i..].iter().position(|&b| ESCAPE[b as usize] != 0).unwrap_or(s.len() - i)
+}
+
+/// Appends `s` (valid UTF-8) escaped, without quotes.
+#[inline]
+fn escape_str(s: &[u8], out: &mut Vec<u8>) {
+    let mut pos = 0;
+    loop {
+        let n = clean_prefix(&s[pos..]);
+        out.extend_from_slice(&s[pos..pos + n]);
+        pos += n;
+        let Some(&b) = s.get(pos) else { return };
         let e = ESCAPE[b as usize];
-        if e == 0 {
-            continue;
-        }
-        out.extend_from_slice(&s[start..i]);
         out.push(b'\\');
         if e == b'u' {
             out.extend_from_slice(&[b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
         } else {
             out.push(e);
         }
-        start = i + 1;
-    }
-    out.extend_from_slice(&s[start..]);
-}
-
-#[cfg(test)]
-#[test]
-fn swar_matches_the_table() {
-    for b in 0..=255u8 {
-        for pos in 0..8 {
-            let mut w = [b'a'; 8];
-            w[pos] = b;
-            let expect = ESCAPE[b as usize] != 0;
-            assert_eq!(needs_escape(u64::from_le_bytes(w)), expect, "byte {b:#x} at {pos}");
-        }
+        pos += 1;
     }
 }
 
@@ -102,6 +113,31 @@ pub fn quoted(s: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_prefix_matches_the_table() {
+        for len in [1usize, 7, 8, 15, 16, 17, 31, 33, 64] {
+            for pos in 0..len {
+                for b in 0..=255u8 {
+                    let mut s = vec![b'a'; len];
+                    s[pos] = b;
+                    let expect = if ESCAPE[b as usize] != 0 { pos } else { len };
+                    assert_eq!(clean_prefix(&s), expect, "byte {b:#x} at {pos} of {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn swar_matches_the_table() {
+        for b in 0..=255u8 {
+            for pos in 0..8 {
+                let mut w = [b'a'; 8];
+                w[pos] = b;
+                assert_eq!(needs_escape(u64::from_le_bytes(w)), ESCAPE[b as usize] != 0, "byte {b:#x} at {pos}");
+            }
+        }
+    }
 
     #[test]
     fn hostile_bytes_give_valid_json() {

@@ -217,7 +217,6 @@ impl<'s> HeaderTable<'s> {
 /// Indices into [`Timing::ns`] (the 1.40 `timing_info_v2` layout).
 #[allow(missing_docs)]
 pub mod timing {
-    //! Indices of the 1.40 `timing_info_v2` fields.
     pub const START_TIME_UNIX_NS: usize = 0;
     pub const LAST_DOWNSTREAM_RX: usize = 5;
     pub const LAST_UPSTREAM_TX: usize = 10;
