@@ -697,7 +697,7 @@ mod tests {
         assert_eq!(t.get(b"x-h39"), Some(&b"x-h39"[..]));
         assert_eq!(t.get(b"x-h40"), None);
         let raw = t.reserve_raw(2);
-        // SAFETY (test): write two initialised entries into the reserved tail.
+        // SAFETY: two initialised entries are written into the reserved tail before the commit.
         unsafe {
             for i in 0..2 {
                 raw.add(i).write(super::RawHeader {
