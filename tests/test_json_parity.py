@@ -133,3 +133,38 @@ def test_same_records_as_builtin_json_format(tmp_path):
     assert any(r["brx"] > 0 for r in recs) and any(r["long"] == "L" * 10 for r in recs)
     assert any(r["rep"] == "a" for r in recs) and any(r["flags"] == "UF" for r in recs)
     assert all(r["env"] == "from-env" for r in recs)
+
+
+OMIT_FORMAT = {
+    "unavailable": "%REQ(X-NOPE)%",
+    "code": "%RESPONSE_CODE%",
+    "text": "x%REQ(X-NOPE)%",
+    "only_commands": "%REQ(X-NOPE)%%REQ(X-NOPE2)%",
+    "all_gone": {"inner": "%REQ(X-NOPE)%"},
+    "partly": {"gone": "%REQ(X-NOPE)%", "kept": 1, "flags": "%RESPONSE_FLAGS%"},
+    "empty_literal": "",
+    "empty_value": "%LOCAL_REPLY_BODY%",
+    "route": "%ROUTE_NAME%",
+    "upstream": "%UPSTREAM_HOST%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+}
+
+
+def test_omit_empty_values_like_builtin(tmp_path):
+    front, up = free_port(), free_port()
+    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
+    b = builtin_json_logger(str(builtin), OMIT_FORMAT)
+    b["typed_config"]["log_format"]["omit_empty_values"] = True
+    o = our_json_logger({"path": str(ours), "json_format": OMIT_FORMAT, "omit_empty_values": True})
+    res = {"listeners": [hcm_listener("front", front, [route("/ok", "backend", name="r_ok")], access_log=[b, o]),
+                         direct_response_listener("up", up)],
+           "clusters": [static_cluster("backend", up)]}
+    with Envoy(tmp_path, res) as e:
+        assert curl(f"http://127.0.0.1:{front}/ok").stdout == "200"
+        assert curl(f"http://127.0.0.1:{front}/nope").stdout == "404"
+        poll_until(lambda: count_lines(builtin) == 2 and count_lines(ours) == 2, what="both loggers")
+        e.quit()
+    a = {r["request_id"]: r for r in read_json_lines(builtin)}
+    b = {r["request_id"]: r for r in read_json_lines(ours)}
+    assert a == b
+    assert any("route" not in r and "upstream" not in r for r in a.values())

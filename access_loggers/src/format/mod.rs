@@ -471,22 +471,20 @@ impl Command {
     }
 
     /// Appends the JSON rendering (typed). Returns false (and writes nothing) when the value
-    /// is empty (`null` or `""`) and `omit_empty` asks to leave such values out.
+    /// is unavailable (`null`) and `omit_empty` asks to leave such values out — as Envoy does,
+    /// an empty string is a value and stays.
     pub fn write_json(&self, v: Val<'_>, omit_empty: bool, out: &mut Vec<u8>) -> bool {
+        if omit_empty && matches!(v, Val::Null) {
+            return false;
+        }
         if let Some(max) = self.max_len {
             if is_stringish(&v) {
                 let start = out.len();
                 write_text_val(&v, false, out);
                 let text: Vec<u8> = out.drain(start..).take(max).collect();
-                if omit_empty && text.is_empty() {
-                    return false;
-                }
                 quoted(&text, out);
                 return true;
             }
-        }
-        if omit_empty && is_empty(&v) {
-            return false;
         }
         write_json_val(&v, out);
         true
@@ -645,15 +643,6 @@ impl<'a> Decoder<'a> {
 
 fn is_stringish(v: &Val<'_>) -> bool {
     matches!(v, Val::S(_) | Val::Addr(..) | Val::Time(..) | Val::Flags(..) | Val::Owned(_))
-}
-
-fn is_empty(v: &Val<'_>) -> bool {
-    match v {
-        Val::Null => true,
-        Val::S(s) => s.is_empty(),
-        Val::Owned(s) => s.is_empty(),
-        _ => false,
-    }
 }
 
 fn write_addr(ip: &[u8], port: u32, out: &mut Vec<u8>) {
@@ -1098,16 +1087,14 @@ impl JsonPlan {
                 }
                 Node::Typed(c) => c.write_json(vals.next(c), self.omit_empty, out),
                 Node::Text(t) => {
+                    // Mixed text is always a string; with omit_empty, unavailable parts print
+                    // nothing instead of "-" (Envoy keeps the key even when it ends up "").
                     scratch.clear();
                     t.write_text(vals, self.omit_empty, scratch);
-                    if self.omit_empty && scratch.is_empty() {
-                        false
-                    } else {
-                        out.push(b'"');
-                        escape_into(scratch, out);
-                        out.push(b'"');
-                        true
-                    }
+                    out.push(b'"');
+                    escape_into(scratch, out);
+                    out.push(b'"');
+                    true
                 }
                 Node::Map(m) => self.render_map(m, vals, scratch, out) || !self.omit_empty,
             };

@@ -175,10 +175,13 @@ fn truncation_flags_and_omit_empty() {
         true,
         &s,
     );
+    // Envoy 1.40 drops unavailable (null) values and maps left empty, keeps "" values.
     assert_eq!(
         v,
         serde_json::json!({"ua": "curl/", "f": "UF,URX", "fl": "UpstreamConnectionFailure,UpstreamRetryLimitExceeded", "t": "x"})
     );
+    let v = render(serde_json::json!({"e": "", "lrb": "%LOCAL_REPLY_BODY%", "two": "%REQ(X-A)%%REQ(X-B)%"}), true, &s);
+    assert_eq!(v, serde_json::json!({"e": "", "lrb": "", "two": ""}));
 }
 
 #[test]
