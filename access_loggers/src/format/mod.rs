@@ -1064,6 +1064,9 @@ impl JsonPlan {
     /// Flush-thread side: appends one JSON object (no newline) rendered from a captured
     /// record. `scratch` is reused text space.
     pub fn render(&self, record: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+        // One capacity check up front instead of a growth at some field (values rarely need
+        // escaping, so twice the captured bytes plus the keys is nearly always enough).
+        out.reserve(record.len() * 2 + 512);
         self.render_map(&self.root, &mut Decoder::new(record), scratch, out);
     }
 

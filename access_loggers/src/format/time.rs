@@ -194,7 +194,22 @@ impl TimeFormat {
         let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
         let days = secs.div_euclid(86_400);
         let sod = secs.rem_euclid(86_400) as u32;
-        let (y, m, d) = civil_from_days(days);
+        // The calendar date only for tokens that need it (the cached-prefix path renders just
+        // the sub-second tail).
+        let needs_date = toks.iter().any(|t| {
+            matches!(
+                t,
+                Tok::Year
+                    | Tok::Year2
+                    | Tok::Month
+                    | Tok::Day
+                    | Tok::DaySpace
+                    | Tok::DayOfYear
+                    | Tok::MonthShort
+                    | Tok::MonthLong
+            )
+        });
+        let (y, m, d) = if needs_date { civil_from_days(days) } else { (1970, 1, 1) };
         let (hh, mm, ss) = (sod / 3600, sod / 60 % 60, sod % 60);
         for t in toks {
             match t {
