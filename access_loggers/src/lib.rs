@@ -5,7 +5,8 @@
 //! - `on_access_logger_new` runs once per Envoy thread (each worker and the main thread) and
 //!   returns a per-thread logger bound to that worker's queue; `log` and `destroy` for it run
 //!   on that same thread, so it needs no synchronisation.
-//! - `log` does only reads through the ABI, a render into a pooled buffer and one queue push.
+//! - `log` does only reads through the ABI and a copy of what they return into this worker's
+//!   batch (the JSON is rendered later, on the flush thread).
 use std::ffi::c_void;
 use std::ptr;
 

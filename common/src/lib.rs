@@ -6,8 +6,9 @@
 //!
 //! Thread model:
 //! - Hooks run on Envoy's main thread (config load/destroy) or on its workers (per-request
-//!   hooks). Worker-side code here is lock-free: one bounded `ArrayQueue` per worker, relaxed
-//!   atomic counters in per-worker cache lines, no syscalls on the common path.
+//!   hooks). Worker-side code here is lock-free: per worker, a batch being filled (an atomic
+//!   cell) and a bounded `ArrayQueue` of full batches, relaxed counters in per-worker cache
+//!   lines, no syscalls on the common path.
 //! - Each config object owns one named flush thread ([`pipeline::Pipeline`]) that drains the
 //!   queues and calls its [`pipeline::Exporter`]; it is joined (with a bounded drain) when
 //!   Envoy destroys the config.
