@@ -490,6 +490,44 @@ impl Command {
         true
     }
 
+    /// Reads this command's captured value and appends its JSON: the common tags (null,
+    /// numbers, plain strings) straight from the record, everything else through [`Val`].
+    #[inline]
+    pub fn render_json<'a>(&'a self, vals: &mut Decoder<'a>, omit_empty: bool, out: &mut Vec<u8>) -> bool {
+        if self.max_len.is_none() {
+            match vals.peek_tag() {
+                Some(tag::NULL) => {
+                    vals.pos += 1;
+                    if omit_empty {
+                        return false;
+                    }
+                    out.extend_from_slice(b"null");
+                    return true;
+                }
+                Some(tag::U64) => {
+                    if let Some(n) = vals.fixed::<8>() {
+                        out.extend_from_slice(itoa::Buffer::new().format(u64::from_le_bytes(n)).as_bytes());
+                        return true;
+                    }
+                }
+                Some(tag::I64) => {
+                    if let Some(n) = vals.fixed::<8>() {
+                        out.extend_from_slice(itoa::Buffer::new().format(i64::from_le_bytes(n)).as_bytes());
+                        return true;
+                    }
+                }
+                Some(tag::BYTES) => {
+                    if let Some(b) = vals.bytes() {
+                        quoted(b, out);
+                        return true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.write_json(vals.next(self), omit_empty, out)
+    }
+
     /// Appends the text rendering.
     pub fn write_text(&self, v: Val<'_>, omit_empty: bool, out: &mut Vec<u8>) {
         let start = out.len();
@@ -594,6 +632,28 @@ impl<'a> Decoder<'a> {
 
     fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn peek_tag(&self) -> Option<u8> {
+        self.buf.get(self.pos).copied()
+    }
+
+    /// Tag byte plus `N` payload bytes; consumed only when complete.
+    #[inline]
+    fn fixed<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let v: [u8; N] = self.buf.get(self.pos + 1..self.pos + 1 + N)?.try_into().ok()?;
+        self.pos += 1 + N;
+        Some(v)
+    }
+
+    /// Tag byte, 4-byte length and that many bytes; consumed only when complete.
+    #[inline]
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len: [u8; 4] = self.buf.get(self.pos + 1..self.pos + 5)?.try_into().ok()?;
+        let start = self.pos + 5;
+        let b = self.buf.get(start..start.checked_add(u32::from_le_bytes(len) as usize)?)?;
+        self.pos = start + b.len();
+        Some(b)
     }
 
     /// The next value, interpreted for `cmd` (whose compiled options give time formats and
@@ -1088,7 +1148,7 @@ impl JsonPlan {
                     out.extend_from_slice(l);
                     true
                 }
-                Node::Typed(c) => c.write_json(vals.next(c), self.omit_empty, out),
+                Node::Typed(c) => c.render_json(vals, self.omit_empty, out),
                 Node::Text(t) => {
                     // Mixed text is always a string; with omit_empty, unavailable parts print
                     // nothing instead of "-" (Envoy keeps the key even when it ends up "").
