@@ -254,6 +254,11 @@ def main():
                  for n, b, o in zip(results["none"], results["builtin"], results["ours"])
                  if b["us_per_req"] > n["us_per_req"]]
     w = {v: statistics.median(r["worker_us"] for r in results[v]) for v in VARIANTS}
+    # How much did the machine itself move during the run? The no-log variant does the same
+    # work every burst, so its spread is pure noise.
+    q = statistics.quantiles([r["us_per_req"] for r in results["none"]], n=4)
+    noise = (q[2] - q[0]) / med["none"]
+    rq = statistics.quantiles(per_round, n=4) if len(per_round) >= 4 else [float("nan")] * 3
     our_flush = statistics.median(r["flush_us"] for r in results["ours"])
     lines = [
         f"# Access-log CPU cost — Envoy 1.40.0, 1 worker, {ROUNDS} rounds x {REQUESTS:,} requests per variant, "
@@ -274,6 +279,9 @@ def main():
         f"- **ratio ours / built-in of the added CPU per request: median of per-round ratios "
         f"{statistics.median(per_round):.2f}**, ratio of the medians {ratio:.2f} (target ≤ 0.5; the per-round "
         "ratio pairs bursts run seconds apart, so it is the one machine drift disturbs least)",
+        f"- run quality: the no-log baseline's interquartile spread was {noise:.0%} of its median; per-round "
+        f"ratios' interquartile range {rq[0]:.2f}–{rq[2]:.2f}"
+        + (" — **too noisy to judge: rerun**" if noise > 0.08 or added["builtin"] < 1.0 else ""),
         f"- our worker-thread CPU per record: **{w['ours'] - w['none']:.3f} µs** (worker CPU with ours minus "
         f"without a logger; target ≤ 1 µs); built-in: {w['builtin'] - w['none']:.3f} µs",
         f"- our flush-thread CPU per record: {our_flush:.3f} µs (rendering + write, off the request path)",

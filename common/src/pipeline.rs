@@ -529,6 +529,13 @@ mod tests {
     }
 
     #[test]
+    fn partial_batch_cell_is_lock_free() {
+        // crossbeam falls back to a global striped lock for cells it cannot swap atomically;
+        // the worker's per-record swap must never take a lock.
+        assert!(AtomicCell::<Option<Box<Batch>>>::is_lock_free());
+    }
+
+    #[test]
     fn batch_framing_round_trips_and_tolerates_garbage() {
         let mut b = Batch::default();
         b.append(|v| v.extend_from_slice(b"abc"));
