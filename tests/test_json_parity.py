@@ -168,3 +168,37 @@ def test_omit_empty_values_like_builtin(tmp_path):
     b = {r["request_id"]: r for r in read_json_lines(ours)}
     assert a == b
     assert any("route" not in r and "upstream" not in r for r in a.values())
+
+
+META_FORMAT = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "str": "%DYNAMIC_METADATA(obs.test:name)%",
+    "num": "%DYNAMIC_METADATA(obs.test:count)%",
+    "frac": "%DYNAMIC_METADATA(obs.test:ratio)%",
+    "flag": "%DYNAMIC_METADATA(obs.test:enabled)%",
+    "nested": "%DYNAMIC_METADATA(obs.test:inner:leaf)%",
+    "missing": "%DYNAMIC_METADATA(obs.test:nope)%",
+    "other_ns": "%DYNAMIC_METADATA(obs.none:name)%",
+    "text": "n=%DYNAMIC_METADATA(obs.test:count)% f=%DYNAMIC_METADATA(obs.test:enabled)%",
+    "trunc": "%DYNAMIC_METADATA(obs.test:name):3%",
+}
+
+
+def test_dynamic_metadata_like_builtin(tmp_path):
+    front, up = free_port(), free_port()
+    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
+    logs = [builtin_json_logger(str(builtin), META_FORMAT), our_json_logger({"path": str(ours), "json_format": META_FORMAT})]
+    listener = hcm_listener("front", front, [route("/", "backend")], access_log=logs)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"].insert(0, {"name": "envoy.filters.http.set_metadata", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+        "metadata": [{"metadata_namespace": "obs.test", "value": {
+            "name": "checkout", "count": 42, "ratio": 0.25, "enabled": True, "inner": {"leaf": "deep"}}}]}})
+    res = {"listeners": [listener, direct_response_listener("up", up)], "clusters": [static_cluster("backend", up)]}
+    with Envoy(tmp_path, res) as e:
+        assert curl(f"http://127.0.0.1:{front}/x").stdout == "200"
+        poll_until(lambda: count_lines(builtin) == 1 and count_lines(ours) == 1, what="both loggers")
+        e.quit()
+    a, b = read_json_lines(builtin), read_json_lines(ours)
+    assert a == b
+    assert a[0]["str"] == "checkout" and a[0]["num"] == 42 and a[0]["flag"] is True
