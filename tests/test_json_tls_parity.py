@@ -83,3 +83,63 @@ def test_tls_operators_match_builtin(tmp_path):
     assert rec["peer_uri_san"] == "spiffe://obs/client" and rec["sni"] == "localhost"
     assert rec["peer_subject"] and rec["local_uri_san"] == "spiffe://obs/server" and rec["ja3"] and rec["ja4"]
     assert {r["version"] for r in a.values()} == {"TLSv1.3", "TLSv1.2"}
+
+
+UPSTREAM_TLS_FORMAT = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "version": "%UPSTREAM_TLS_VERSION%",
+    "cipher": "%UPSTREAM_TLS_CIPHER%",
+    "session": "%UPSTREAM_TLS_SESSION_ID%",
+    "peer_subject": "%UPSTREAM_PEER_SUBJECT%",
+    "peer_issuer": "%UPSTREAM_PEER_ISSUER%",
+    "peer_uri_san": "%UPSTREAM_PEER_URI_SAN%",
+    "peer_dns_san": "%UPSTREAM_PEER_DNS_SAN%",
+    "peer_start": "%UPSTREAM_PEER_CERT_V_START%",
+    "peer_end": "%UPSTREAM_PEER_CERT_V_END%",
+    "local_uri_san": "%UPSTREAM_LOCAL_URI_SAN%",
+    "local_dns_san": "%UPSTREAM_LOCAL_DNS_SAN%",
+    "failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    "code": "%RESPONSE_CODE%",
+}
+
+
+def test_upstream_tls_operators_match_builtin(tmp_path):
+    make_pki(tmp_path)
+    front, up = free_port(), free_port()
+    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
+    logs = [builtin_json_logger(str(builtin), UPSTREAM_TLS_FORMAT),
+            our_json_logger({"path": str(ours), "json_format": UPSTREAM_TLS_FORMAT})]
+    upstream = direct_response_listener("up", up)
+    upstream["filter_chains"][0]["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_certificates": [{"certificate_chain": {"filename": str(tmp_path / "server.pem")},
+                                      "private_key": {"filename": str(tmp_path / "server.key")}}],
+                "validation_context": {"trusted_ca": {"filename": str(tmp_path / "ca.pem")}}}}}
+    cluster = static_cluster("backend", up)
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {
+                "tls_certificates": [{"certificate_chain": {"filename": str(tmp_path / "client.pem")},
+                                      "private_key": {"filename": str(tmp_path / "client.key")}}],
+                "validation_context": {"trusted_ca": {"filename": str(tmp_path / "ca.pem")}}}}}
+    res = {"listeners": [hcm_listener("front", front, [route("/", "backend")], access_log=logs), upstream],
+           "clusters": [cluster]}
+    with Envoy(tmp_path, res) as e:
+        for _ in range(2):
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                                  f"http://127.0.0.1:{front}/ok"], capture_output=True, text=True)
+            assert out.stdout == "200", out
+        poll_until(lambda: count_lines(builtin) == 2 and count_lines(ours) == 2, what="both loggers")
+        e.quit()
+    a = {r["request_id"]: r for r in read_json_lines(builtin)}
+    b = {r["request_id"]: r for r in read_json_lines(ours)}
+    assert a == b
+    rec = next(iter(a.values()))
+    assert rec["peer_uri_san"] == "spiffe://obs/server" and rec["local_uri_san"] == "spiffe://obs/client"
