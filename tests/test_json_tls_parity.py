@@ -46,21 +46,26 @@ def make_pki(d):
                 "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=d)
 
 
+def mtls_server(d) -> dict:
+    """A listener transport socket: server.pem, client certificate required (signed by ca.pem)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_certificates": [{"certificate_chain": {"filename": str(d / "server.pem")},
+                                      "private_key": {"filename": str(d / "server.key")}}],
+                "validation_context": {"trusted_ca": {"filename": str(d / "ca.pem")}}}}}
+
+
 def test_tls_operators_match_builtin(tmp_path):
     make_pki(tmp_path)
     front, up = free_port(), free_port()
     builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
     logs = [builtin_json_logger(str(builtin), TLS_FORMAT), our_json_logger({"path": str(ours), "json_format": TLS_FORMAT})]
     listener = hcm_listener("front", front, [route("/", "backend")], access_log=logs)
-    listener["filter_chains"][0]["transport_socket"] = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "require_client_certificate": True,
-            "common_tls_context": {
-                "tls_certificates": [{"certificate_chain": {"filename": str(tmp_path / "server.pem")},
-                                      "private_key": {"filename": str(tmp_path / "server.key")}}],
-                "validation_context": {"trusted_ca": {"filename": str(tmp_path / "ca.pem")}}}}}
+    listener["filter_chains"][0]["transport_socket"] = mtls_server(tmp_path)
     listener["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
         "enable_ja3_fingerprinting": True, "enable_ja4_fingerprinting": True}}]
@@ -110,15 +115,7 @@ def test_upstream_tls_operators_match_builtin(tmp_path):
     logs = [builtin_json_logger(str(builtin), UPSTREAM_TLS_FORMAT),
             our_json_logger({"path": str(ours), "json_format": UPSTREAM_TLS_FORMAT})]
     upstream = direct_response_listener("up", up)
-    upstream["filter_chains"][0]["transport_socket"] = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "require_client_certificate": True,
-            "common_tls_context": {
-                "tls_certificates": [{"certificate_chain": {"filename": str(tmp_path / "server.pem")},
-                                      "private_key": {"filename": str(tmp_path / "server.key")}}],
-                "validation_context": {"trusted_ca": {"filename": str(tmp_path / "ca.pem")}}}}}
+    upstream["filter_chains"][0]["transport_socket"] = mtls_server(tmp_path)
     cluster = static_cluster("backend", up)
     cluster["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
