@@ -123,6 +123,18 @@ mod tests {
     }
 
     #[test]
+    fn recreates_a_removed_file() {
+        let d = tmpdir("remove");
+        let p = d.join("a.log");
+        let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
+        e.write(b"1\n");
+        std::fs::remove_file(&p).unwrap();
+        e.maybe_reopen(true);
+        e.write(b"2\n");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "2\n");
+    }
+
+    #[test]
     fn validation_check_names_the_problem() {
         assert!(check_writable(Path::new("/nonexistent-dir-xyz/a.log")).unwrap_err().contains("does not exist"));
         let d = tmpdir("check");

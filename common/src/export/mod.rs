@@ -1,2 +1,3 @@
-//! Exporters shared by the module kinds.
+//! Destinations the flush threads write to (the per-signal `Exporter`s live with their
+//! signal and use these).
 pub mod file;

@@ -1,8 +1,6 @@
 //! The FFI seam. Raw pointers from Envoy stop here: above this module code sees borrowed
 //! views that cannot outlive the hook that produced them, plain enums mapped from C integers,
 //! and `Copy` metric-handle newtypes.
-use std::marker::PhantomData;
-
 use envoy_obs_abi as abi;
 
 pub mod access_log;
@@ -37,7 +35,6 @@ pub(crate) fn empty_eb() -> abi::EB {
 #[derive(Clone, Copy)]
 pub struct View<'a> {
     bytes: &'a [u8],
-    _hook: PhantomData<&'a ()>,
 }
 
 impl<'a> View<'a> {
@@ -47,7 +44,7 @@ impl<'a> View<'a> {
     /// Same as [`envoy_bytes`].
     pub unsafe fn from_envoy(b: abi::EB) -> Self {
         // SAFETY: forwarded contract.
-        View { bytes: unsafe { envoy_bytes(b) }, _hook: PhantomData }
+        View { bytes: unsafe { envoy_bytes(b) } }
     }
     /// The raw bytes.
     pub fn bytes(&self) -> &'a [u8] {
