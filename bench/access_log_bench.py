@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from harness import (ACCESS_LOG_SO, ENVOY_BIN, builtin_json_logger, count_lines, free_port,  # noqa: E402
                      hcm_listener, our_json_logger, socket_address)
+from harness import h2load as harness_h2load  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "60"))
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "10000"))
@@ -99,13 +100,24 @@ def our_stats(admin: int) -> dict[str, int]:
 
 
 def h2load(url: str, n: int, clients: int = CLIENTS) -> float:
-    out = subprocess.run(["taskset", "-c", "1", "h2load", "--h1", "-n", str(n), "-c", str(clients), "-m", "1",
-                          "-t", "1", url], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"(\d+) succeeded", out)
-    if not m or int(m.group(1)) != n:
-        raise RuntimeError(f"h2load did not complete every request:\n{out}")
+    """`n` requests from h2load pinned to core 1; returns requests per second."""
+    out = harness_h2load(url, n, clients=clients, cpu=1)
     rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     return float(rps.group(1)) if rps else 0.0
+
+
+def stop_envoy(proc: subprocess.Popen, admin: int, timeout: float) -> None:
+    """Graceful /quitquitquit, killed if it does not exit within `timeout`."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{admin}/quitquitquit", method="POST"),
+                               timeout=10).read()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_envoy(workdir: pathlib.Path, logs: dict[str, pathlib.Path], wrapper: list[str] | None = None,
@@ -191,15 +203,7 @@ def instruction_counts(workdir: pathlib.Path) -> dict[str, float] | None:
                 out[v].append(ir / n)
                 print(f"callgrind round {rnd + 1}/2 {v:8s} {ir / n:10.0f} instructions/request", flush=True)
     finally:
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{admin}/quitquitquit", method="POST"),
-                                   timeout=10).read()
-        except OSError:
-            pass
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_envoy(proc, admin, 120)
     return {v: statistics.median(x) for v, x in out.items()}
 
 
@@ -231,12 +235,7 @@ def main():
         bg_after = thread_cpu_ns(proc.pid)
         hook = our_stats(admin)
     finally:
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{admin}/quitquitquit", method="POST"),
-                                   timeout=5).read()
-        except OSError:
-            pass
-        proc.wait(60)
+        stop_envoy(proc, admin, 60)
     total = WARMUP + ROUNDS * REQUESTS
     for v, path in logs.items():
         lines = count_lines(path)
@@ -260,7 +259,7 @@ def main():
     ratio = statistics.median(per_round) if per_round else float("nan")
     rq = statistics.quantiles(per_round, n=4) if len(per_round) >= 4 else [float("nan")] * 3
     base = [r["worker_us"] for r in results["none"]]
-    q = statistics.quantiles(base, n=4)
+    q = statistics.quantiles(base, n=4) if len(base) >= 2 else [base[0]] * 3
     noise = (q[2] - q[0]) / statistics.median(base)
     noisy = noise > 0.08 or added["builtin"] < 1.0
     lines = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import time
@@ -197,6 +198,18 @@ def curl(url: str, *args: str, http2: bool = False) -> subprocess.CompletedProce
     if http2:
         cmd.append("--http2-prior-knowledge")
     return subprocess.run(cmd + list(args) + [url], capture_output=True, text=True, check=True)
+
+
+def h2load(url: str, n: int, clients: int = 8, cpu: int | None = None, timeout: float = 600) -> str:
+    """Sends exactly `n` HTTP/1.1 keep-alive requests with h2load (optionally pinned to `cpu`);
+    returns h2load's report and fails unless every request succeeded."""
+    cmd = (["taskset", "-c", str(cpu)] if cpu is not None else []) + [
+        "h2load", "--h1", "-n", str(n), "-c", str(clients), "-m", "1", "-t", "1", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
+    m = re.search(r"(\d+) succeeded", out)
+    if not m or int(m.group(1)) != n:
+        raise AssertionError(f"h2load did not complete every request:\n{out}")
+    return out
 
 
 def read_json_lines(path) -> list[dict]:

@@ -1,15 +1,12 @@
 """The JSON logger under hostile input, load, a tiny queue, log rotation and validate mode,
 against a real Envoy 1.40.0."""
 import os
-import re
 import socket
-import subprocess
 import time
 
-import pytest
 
-from harness import (Envoy, count_lines, curl, direct_response_listener, free_port, hcm_listener, our_json_logger,
-                     poll_until, read_json_lines, route, static_cluster)
+from harness import (Envoy, count_lines, curl, direct_response_listener, free_port, h2load, hcm_listener,
+                     our_json_logger, poll_until, read_json_lines, route, static_cluster)
 
 
 def proxy(tmp_path, logger_config, concurrency=2, **hcm_extra):
@@ -68,14 +65,6 @@ def test_hostile_header_values_give_valid_json(tmp_path):
     injected = [r for r in recs if r["evil"] and r["evil"].startswith("json injection")]
     # The injected `", "evil": "yes` stays inside the value: no key beyond the format's own.
     assert injected and set(injected[0]) == set(fmt) and injected[0]["code"] == 200
-
-
-def h2load(url: str, n: int, clients: int = 8, h1: bool = True) -> str:
-    cmd = ["h2load", "-n", str(n), "-c", str(clients), "-m", "1", "-t", "1"] + (["--h1"] if h1 else []) + [url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
-    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
-    assert m, out
-    return out
 
 
 def test_nothing_lost_20000_requests_then_quitquitquit(tmp_path):
