@@ -96,6 +96,28 @@ def builtin_json_logger(path: str, json_format: dict) -> dict:
                              "path": path, "log_format": {"json_format": json_format}}}
 
 
+def paired_loggers(tmp_path, json_format: dict, omit_empty_values: bool = False):
+    """Envoy's built-in file logger and ours with the same `json_format`, for parity tests:
+    returns (access_log list, built-in log path, our log path)."""
+    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
+    b = builtin_json_logger(str(builtin), json_format)
+    cfg = {"path": str(ours), "json_format": json_format}
+    if omit_empty_values:
+        b["typed_config"]["log_format"]["omit_empty_values"] = True
+        cfg["omit_empty_values"] = True
+    return [b, our_json_logger(cfg)], builtin, ours
+
+
+def wait_lines(n: int, *paths) -> None:
+    """Polls until every file holds `n` lines."""
+    poll_until(lambda: all(count_lines(p) == n for p in paths), what=f"{n} lines in each of {[str(p) for p in paths]}")
+
+
+def records_by_id(path) -> dict[str, dict]:
+    """The file's JSON lines keyed by their `request_id` field."""
+    return {r["request_id"]: r for r in read_json_lines(path)}
+
+
 class Envoy:
     """One Envoy process. Use as a context manager; `quit()` shuts it down gracefully."""
 

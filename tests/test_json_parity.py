@@ -6,8 +6,8 @@ Stated tolerance for time-dependent fields: START_TIME values and the millisecon
 may differ by at most 1 ms (both loggers read the same stream info, so in practice they are equal)."""
 import datetime
 
-from harness import (Envoy, builtin_json_logger, curl, direct_response_listener, free_port, hcm_listener,
-                     our_json_logger, poll_until, read_json_lines, route, static_cluster, count_lines)
+from harness import (Envoy, curl, direct_response_listener, free_port, hcm_listener, paired_loggers, read_json_lines,
+                     records_by_id, route, static_cluster, wait_lines)
 
 FORMAT = {
     "start": "%START_TIME%",
@@ -89,8 +89,7 @@ def start_ms(s: str) -> float:
 
 def test_same_records_as_builtin_json_format(tmp_path):
     front, up, dead = free_port(), free_port(), free_port()
-    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
-    logs = [builtin_json_logger(str(builtin), FORMAT), our_json_logger({"path": str(ours), "json_format": FORMAT})]
+    logs, builtin, ours = paired_loggers(tmp_path, FORMAT)
     res = {"listeners": [hcm_listener("front", front, [route("/ok", "backend", name="r_ok"),
                                                        route("/dead", "dead", name="r_dead")], access_log=logs),
                          direct_response_listener("up", up)],
@@ -108,11 +107,9 @@ def test_same_records_as_builtin_json_format(tmp_path):
             curl(f"{base}/nope", http2=True).stdout,
         ]
         assert codes == ["200", "200", "404", "503", "200", "200", "200", "404"]
-        poll_until(lambda: count_lines(builtin) == len(codes) and count_lines(ours) == len(codes),
-                   what="both loggers to write every record")
+        wait_lines(len(codes), builtin, ours)
         assert e.quit() == 0
-    a = {r["request_id"]: r for r in read_json_lines(builtin)}
-    b = {r["request_id"]: r for r in read_json_lines(ours)}
+    a, b = records_by_id(builtin), records_by_id(ours)
     assert len(a) == len(codes) and a.keys() == b.keys()
     for rid, x in a.items():
         y = b[rid]
@@ -152,21 +149,17 @@ OMIT_FORMAT = {
 
 def test_omit_empty_values_like_builtin(tmp_path):
     front, up = free_port(), free_port()
-    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
-    b = builtin_json_logger(str(builtin), OMIT_FORMAT)
-    b["typed_config"]["log_format"]["omit_empty_values"] = True
-    o = our_json_logger({"path": str(ours), "json_format": OMIT_FORMAT, "omit_empty_values": True})
-    res = {"listeners": [hcm_listener("front", front, [route("/ok", "backend", name="r_ok")], access_log=[b, o]),
+    logs, builtin, ours = paired_loggers(tmp_path, OMIT_FORMAT, omit_empty_values=True)
+    res = {"listeners": [hcm_listener("front", front, [route("/ok", "backend", name="r_ok")], access_log=logs),
                          direct_response_listener("up", up)],
            "clusters": [static_cluster("backend", up)]}
     with Envoy(tmp_path, res) as e:
         assert curl(f"http://127.0.0.1:{front}/ok").stdout == "200"
         assert curl(f"http://127.0.0.1:{front}/nope").stdout == "404"
-        poll_until(lambda: count_lines(builtin) == 2 and count_lines(ours) == 2, what="both loggers")
+        wait_lines(2, builtin, ours)
         e.quit()
-    a = {r["request_id"]: r for r in read_json_lines(builtin)}
-    b = {r["request_id"]: r for r in read_json_lines(ours)}
-    assert a == b
+    a = records_by_id(builtin)
+    assert a == records_by_id(ours)
     assert any("route" not in r and "upstream" not in r for r in a.values())
 
 
@@ -186,8 +179,7 @@ META_FORMAT = {
 
 def test_dynamic_metadata_like_builtin(tmp_path):
     front, up = free_port(), free_port()
-    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
-    logs = [builtin_json_logger(str(builtin), META_FORMAT), our_json_logger({"path": str(ours), "json_format": META_FORMAT})]
+    logs, builtin, ours = paired_loggers(tmp_path, META_FORMAT)
     listener = hcm_listener("front", front, [route("/", "backend")], access_log=logs)
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"].insert(0, {"name": "envoy.filters.http.set_metadata", "typed_config": {
@@ -197,7 +189,7 @@ def test_dynamic_metadata_like_builtin(tmp_path):
     res = {"listeners": [listener, direct_response_listener("up", up)], "clusters": [static_cluster("backend", up)]}
     with Envoy(tmp_path, res) as e:
         assert curl(f"http://127.0.0.1:{front}/x").stdout == "200"
-        poll_until(lambda: count_lines(builtin) == 1 and count_lines(ours) == 1, what="both loggers")
+        wait_lines(1, builtin, ours)
         e.quit()
     a, b = read_json_lines(builtin), read_json_lines(ours)
     assert a == b

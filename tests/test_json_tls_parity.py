@@ -3,8 +3,8 @@ the same TLS facts (version, cipher, session id, peer/local subjects, SANs, fing
 serial, validity, SNI)."""
 import subprocess
 
-from harness import (Envoy, builtin_json_logger, count_lines, direct_response_listener, free_port, hcm_listener,
-                     our_json_logger, poll_until, read_json_lines, route, static_cluster)
+from harness import (Envoy, direct_response_listener, free_port, hcm_listener, paired_loggers, records_by_id, route,
+                     static_cluster, wait_lines)
 
 TLS_FORMAT = {
     "request_id": "%REQ(X-REQUEST-ID)%",
@@ -62,8 +62,7 @@ def mtls_server(d) -> dict:
 def test_tls_operators_match_builtin(tmp_path):
     make_pki(tmp_path)
     front, up = free_port(), free_port()
-    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
-    logs = [builtin_json_logger(str(builtin), TLS_FORMAT), our_json_logger({"path": str(ours), "json_format": TLS_FORMAT})]
+    logs, builtin, ours = paired_loggers(tmp_path, TLS_FORMAT)
     listener = hcm_listener("front", front, [route("/", "backend")], access_log=logs)
     listener["filter_chains"][0]["transport_socket"] = mtls_server(tmp_path)
     listener["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
@@ -77,10 +76,9 @@ def test_tls_operators_match_builtin(tmp_path):
                                   "--key", str(tmp_path / "client.key"), "--resolve", f"localhost:{front}:127.0.0.1",
                                   *extra, f"https://localhost:{front}/ok"], capture_output=True, text=True)
             assert out.stdout == "200", out
-        poll_until(lambda: count_lines(builtin) == 3 and count_lines(ours) == 3, what="both loggers")
+        wait_lines(3, builtin, ours)
         e.quit()
-    a = {r["request_id"]: r for r in read_json_lines(builtin)}
-    b = {r["request_id"]: r for r in read_json_lines(ours)}
+    a, b = records_by_id(builtin), records_by_id(ours)
     assert a.keys() == b.keys() and len(a) == 3
     for rid in a:
         assert a[rid] == b[rid], (a[rid], b[rid])
@@ -111,9 +109,7 @@ UPSTREAM_TLS_FORMAT = {
 def test_upstream_tls_operators_match_builtin(tmp_path):
     make_pki(tmp_path)
     front, up = free_port(), free_port()
-    builtin, ours = tmp_path / "builtin.log", tmp_path / "ours.log"
-    logs = [builtin_json_logger(str(builtin), UPSTREAM_TLS_FORMAT),
-            our_json_logger({"path": str(ours), "json_format": UPSTREAM_TLS_FORMAT})]
+    logs, builtin, ours = paired_loggers(tmp_path, UPSTREAM_TLS_FORMAT)
     upstream = direct_response_listener("up", up)
     upstream["filter_chains"][0]["transport_socket"] = mtls_server(tmp_path)
     cluster = static_cluster("backend", up)
@@ -133,10 +129,9 @@ def test_upstream_tls_operators_match_builtin(tmp_path):
             out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
                                   f"http://127.0.0.1:{front}/ok"], capture_output=True, text=True)
             assert out.stdout == "200", out
-        poll_until(lambda: count_lines(builtin) == 2 and count_lines(ours) == 2, what="both loggers")
+        wait_lines(2, builtin, ours)
         e.quit()
-    a = {r["request_id"]: r for r in read_json_lines(builtin)}
-    b = {r["request_id"]: r for r in read_json_lines(ours)}
+    a, b = records_by_id(builtin), records_by_id(ours)
     assert a == b
     rec = next(iter(a.values()))
     assert rec["peer_uri_san"] == "spiffe://obs/server" and rec["local_uri_san"] == "spiffe://obs/client"
