@@ -108,6 +108,9 @@ pub trait Exporter: Send + 'static {
     fn flush(&mut self) -> Outcome {
         Outcome::default()
     }
+    /// Shutdown has begun: the drain must be over by `deadline` (exporters that wait on the
+    /// network cut their retries short).
+    fn draining(&mut self, _deadline: Instant) {}
     /// Last call before the thread exits.
     fn shutdown(&mut self) {}
 }
@@ -394,6 +397,7 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
 
     fn finish(&mut self) {
         let deadline = Instant::now() + self.drain_budget;
+        self.exporter.draining(deadline);
         while self.drain(true) > 0 && Instant::now() < deadline {}
         self.exporter.shutdown();
         self.report();

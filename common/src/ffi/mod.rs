@@ -2,6 +2,7 @@
 //! views that cannot outlive the hook that produced them, plain enums mapped from C integers,
 //! and `Copy` metric-handle newtypes.
 use envoy_obs_abi as abi;
+use std::ffi::c_void;
 
 pub mod access_log;
 
@@ -57,7 +58,7 @@ impl<'a> View<'a> {
 }
 
 /// Envoy's log levels (spdlog numbering).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u32)]
 pub enum LogLevel {
     /// trace
@@ -74,23 +75,54 @@ pub enum LogLevel {
     Critical = 5,
 }
 
-/// Whether Envoy's `dynamic_modules` logger would print `level`.
+/// Envoy's two log callbacks, looked up in the process once instead of linked directly, so
+/// code that may log (the flush thread's exporters) also runs in unit tests outside Envoy,
+/// where the lines go to stderr.
+struct LogFns {
+    enabled: EnabledFn,
+    log: LogFn,
+}
+type EnabledFn = unsafe extern "C" fn(u32) -> bool;
+type LogFn = unsafe extern "C" fn(u32, abi::MB, abi::MB, u32);
+
+fn log_fns() -> Option<&'static LogFns> {
+    static FNS: std::sync::OnceLock<Option<LogFns>> = std::sync::OnceLock::new();
+    FNS.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names; the symbols, when Envoy
+        // exports them, have the prototypes of our header (checked by the conformance test).
+        unsafe {
+            let e = libc::dlsym(libc::RTLD_DEFAULT, c"envoy_dynamic_module_callback_log_enabled".as_ptr());
+            let l = libc::dlsym(libc::RTLD_DEFAULT, c"envoy_dynamic_module_callback_log_v2".as_ptr());
+            if e.is_null() || l.is_null() {
+                return None;
+            }
+            Some(LogFns {
+                enabled: std::mem::transmute::<*mut c_void, EnabledFn>(e),
+                log: std::mem::transmute::<*mut c_void, LogFn>(l),
+            })
+        }
+    })
+    .as_ref()
+}
+
+/// Whether Envoy's `dynamic_modules` logger would print `level` (outside Envoy: warnings and up).
 #[inline]
 pub fn log_enabled(level: LogLevel) -> bool {
-    // SAFETY: plain value call; Envoy documents it callable from any thread.
-    unsafe { abi::envoy_dynamic_module_callback_log_enabled(level as u32) }
+    match log_fns() {
+        // SAFETY: plain value call; Envoy documents it callable from any thread.
+        Some(f) => unsafe { (f.enabled)(level as u32) },
+        None => level >= LogLevel::Warn,
+    }
 }
 
 /// Writes one line to Envoy's log (component `dynamic_modules`), tagged with our source location.
 pub fn log(level: LogLevel, message: &str, file: &'static str, line: u32) {
-    // SAFETY: both buffers are valid for the duration of the call; Envoy copies them.
-    unsafe {
-        abi::envoy_dynamic_module_callback_log_v2(
-            level as u32,
-            module_buffer(message.as_bytes()),
-            module_buffer(file.as_bytes()),
-            line,
-        )
+    match log_fns() {
+        // SAFETY: both buffers are valid for the duration of the call; Envoy copies them.
+        Some(f) => unsafe {
+            (f.log)(level as u32, module_buffer(message.as_bytes()), module_buffer(file.as_bytes()), line)
+        },
+        None => eprintln!("[{level:?}] {file}:{line}: {message}"),
     }
 }
 
