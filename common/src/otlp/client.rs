@@ -1,0 +1,368 @@
+//! Sends encoded OTLP export requests over gRPC (tonic) or HTTP/1.1 (hyper), with
+//! compression, per-attempt timeouts and retries with jittered exponential backoff.
+//!
+//! Everything runs on a private current-thread tokio runtime owned by the flush thread that
+//! created the client: no Envoy thread ever waits on the network.
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use super::proto;
+use super::settings::{Compression, Protocol, Settings};
+
+/// How one export request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Accepted; `rejected` records were refused by the collector (partial success).
+    Accepted {
+        /// Records the collector reported as rejected.
+        rejected: u64,
+        /// The collector's explanation, if any.
+        message: String,
+    },
+    /// Not delivered: a permanent error, or retries ran out of time.
+    Failed(String),
+}
+
+/// Result of one attempt.
+#[derive(Debug)]
+enum Attempt {
+    Done(Delivery),
+    /// Retryable; the server may have said how long to wait.
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+}
+
+enum Transport {
+    Grpc(Channel),
+    Http(Box<HttpClient<HttpConnector, Full<Bytes>>>),
+}
+
+/// What a send cost, for the caller's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SendStats {
+    /// Attempts after the first.
+    pub retries: u64,
+    /// Wall time from the first attempt to the final outcome.
+    pub elapsed: Duration,
+}
+
+/// An OTLP client bound to one signal's settings.
+pub struct Client {
+    settings: Settings,
+    rt: tokio::runtime::Runtime,
+    transport: Transport,
+    http_uri: Option<http::Uri>,
+    rng: u64,
+}
+
+impl Client {
+    /// Builds the runtime and the (lazily connecting) transport. Call on the thread that will
+    /// send; nothing connects until the first request.
+    pub fn new(settings: Settings) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (transport, http_uri) = match settings.protocol {
+            Protocol::Grpc => {
+                let ep = Endpoint::from_shared(settings.endpoint.clone())
+                    .map_err(std::io::Error::other)?
+                    .connect_timeout(settings.timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(false);
+                let _guard = rt.enter();
+                (Transport::Grpc(ep.connect_lazy()), None)
+            }
+            Protocol::HttpProtobuf => {
+                let mut conn = HttpConnector::new();
+                conn.set_nodelay(true);
+                conn.set_connect_timeout(Some(settings.timeout));
+                let client =
+                    HttpClient::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(conn);
+                let uri = settings.endpoint.parse().map_err(std::io::Error::other)?;
+                (Transport::Http(Box::new(client)), Some(uri))
+            }
+        };
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        Ok(Client { settings, rt, transport, http_uri, rng: seed | 1 })
+    }
+
+    /// The settings this client was built with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Sends one encoded `Export*ServiceRequest`, retrying retryable failures until
+    /// `retry.max_elapsed_ms` has passed or `deadline` (shutdown) is reached.
+    pub fn send(&mut self, body: Bytes, deadline: Option<Instant>) -> (Delivery, SendStats) {
+        let start = Instant::now();
+        let retry = self.settings.retry.clone();
+        let mut give_up = start + Duration::from_millis(retry.max_elapsed_ms);
+        if let Some(d) = deadline {
+            give_up = give_up.min(d);
+        }
+        let body = match (self.settings.protocol, self.settings.compression) {
+            (Protocol::HttpProtobuf, Compression::Gzip) => gzip(&body),
+            _ => body,
+        };
+        let mut backoff = Duration::from_millis(retry.initial_backoff_ms);
+        let mut stats = SendStats::default();
+        loop {
+            let now = Instant::now();
+            let timeout =
+                self.settings.timeout.min(give_up.saturating_duration_since(now).max(Duration::from_millis(1)));
+            let attempt = self.rt.block_on(self.attempt(body.clone(), timeout));
+            let (after, reason) = match attempt {
+                Attempt::Done(d) => {
+                    stats.elapsed = start.elapsed();
+                    return (d, stats);
+                }
+                Attempt::Retry { after, reason } => (after, reason),
+            };
+            // Equal jitter: half the backoff plus a random share of the other half.
+            let jittered = backoff / 2 + Duration::from_nanos(self.next_rand() % (backoff.as_nanos() as u64 / 2 + 1));
+            // A server-given delay (Retry-After, RetryInfo) is honoured as is.
+            let wait = after.unwrap_or(jittered);
+            if !retry.enabled || Instant::now() + wait >= give_up {
+                stats.elapsed = start.elapsed();
+                let why = if retry.enabled { "retries exhausted" } else { "retry disabled" };
+                return (Delivery::Failed(format!("{reason} ({why})")), stats);
+            }
+            stats.retries += 1;
+            std::thread::sleep(wait);
+            backoff = (backoff * 2).min(Duration::from_millis(retry.max_backoff_ms));
+        }
+    }
+
+    fn next_rand(&mut self) -> u64 {
+        // xorshift64: jitter only needs to decorrelate senders, not be unpredictable.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    async fn attempt(&self, body: Bytes, timeout: Duration) -> Attempt {
+        let fut = async {
+            match &self.transport {
+                Transport::Grpc(ch) => self.grpc(ch.clone(), body, timeout).await,
+                Transport::Http(c) => self.http(c, body).await,
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(a) => a,
+            Err(_) => Attempt::Retry { after: None, reason: format!("timed out after {} ms", timeout.as_millis()) },
+        }
+    }
+
+    async fn grpc(&self, ch: Channel, body: Bytes, timeout: Duration) -> Attempt {
+        let mut grpc = tonic::client::Grpc::new(ch);
+        if self.settings.compression == Compression::Gzip {
+            grpc = grpc.send_compressed(CompressionEncoding::Gzip);
+        }
+        grpc = grpc.accept_compressed(CompressionEncoding::Gzip).max_decoding_message_size(1 << 20);
+        if let Err(e) = grpc.ready().await {
+            return Attempt::Retry { after: None, reason: format!("connection: {e}") };
+        }
+        let mut req = tonic::Request::new(body);
+        req.set_timeout(timeout);
+        for (k, v) in &self.settings.headers {
+            if let (Ok(k), Ok(v)) = (k.parse::<tonic::metadata::MetadataKey<_>>(), v.parse()) {
+                req.metadata_mut().insert(k, v);
+            }
+        }
+        let path = http::uri::PathAndQuery::from_static(self.settings.signal.grpc_path());
+        match grpc.unary(req, path, RawCodec).await {
+            Ok(resp) => Attempt::Done(partial_success(resp.get_ref())),
+            Err(status) => classify_grpc(&status),
+        }
+    }
+
+    async fn http(&self, c: &HttpClient<HttpConnector, Full<Bytes>>, body: Bytes) -> Attempt {
+        let Some(uri) = self.http_uri.clone() else {
+            return Attempt::Done(Delivery::Failed("no HTTP endpoint".into()));
+        };
+        let mut b = http::Request::post(uri)
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .header(http::header::USER_AGENT, concat!("envoy-obs/", env!("CARGO_PKG_VERSION")));
+        if self.settings.compression == Compression::Gzip {
+            b = b.header(http::header::CONTENT_ENCODING, "gzip");
+        }
+        for (k, v) in &self.settings.headers {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        let req = match b.body(Full::new(body)) {
+            Ok(r) => r,
+            Err(e) => return Attempt::Done(Delivery::Failed(format!("request: {e}"))),
+        };
+        let resp = match c.request(req).await {
+            Ok(r) => r,
+            Err(e) => return Attempt::Retry { after: None, reason: format!("connection: {e}") },
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = Limited::new(resp.into_body(), 1 << 20).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        match status {
+            200..=299 => Attempt::Done(partial_success(&body)),
+            429 | 502 | 503 | 504 => Attempt::Retry { after: retry_after, reason: format!("HTTP {status}") },
+            _ => Attempt::Done(Delivery::Failed(format!("HTTP {status}: {}", status_message(&body)))),
+        }
+    }
+}
+
+/// `Export*ServiceResponse.partial_success` → rejected count and message (field 1 and 2 of
+/// `Export*PartialSuccess` in all three signals).
+fn partial_success(resp: &[u8]) -> Delivery {
+    let Some(ps) = proto::get_bytes(resp, 1) else {
+        return Delivery::Accepted { rejected: 0, message: String::new() };
+    };
+    let rejected = proto::get_varint(ps, 1).unwrap_or(0);
+    let message = proto::get_bytes(ps, 2).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+    Delivery::Accepted { rejected, message }
+}
+
+/// The message of a `google.rpc.Status` body (OTLP/HTTP error responses), else the raw text.
+fn status_message(body: &[u8]) -> String {
+    let m = proto::get_bytes(body, 2).map_or_else(|| String::from_utf8_lossy(body), String::from_utf8_lossy);
+    m.chars().take(200).collect()
+}
+
+/// Retryable gRPC codes per the OTLP specification; RESOURCE_EXHAUSTED only when the server
+/// says when to come back (`google.rpc.RetryInfo`).
+fn classify_grpc(s: &Status) -> Attempt {
+    let reason = format!("gRPC {:?}: {}", s.code(), s.message());
+    let after = retry_info(s.details());
+    match s.code() {
+        Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Unavailable
+        | Code::DataLoss => Attempt::Retry { after, reason },
+        Code::ResourceExhausted if after.is_some() => Attempt::Retry { after, reason },
+        _ => Attempt::Done(Delivery::Failed(reason)),
+    }
+}
+
+/// `retry_delay` of a `google.rpc.RetryInfo` inside a `google.rpc.Status` details list.
+fn retry_info(details: &[u8]) -> Option<Duration> {
+    proto::Reader::new(details).find_map(|(f, v)| {
+        let proto::Field::Bytes(any) = v else { return None };
+        if f != 3 || proto::get_bytes(any, 1)? != b"type.googleapis.com/google.rpc.RetryInfo" {
+            return None;
+        }
+        let delay = proto::get_bytes(proto::get_bytes(any, 2)?, 1)?;
+        let secs = proto::get_varint(delay, 1).unwrap_or(0);
+        let nanos = proto::get_varint(delay, 2).unwrap_or(0);
+        Some(Duration::from_secs(secs.min(3600)) + Duration::from_nanos(nanos.min(999_999_999)))
+    })
+}
+
+fn gzip(b: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(b.len() / 4 + 64), flate2::Compression::fast());
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(b);
+    Bytes::from(enc.finish().unwrap_or_default())
+}
+
+/// Passes pre-encoded protobuf through tonic's framing (and compression) untouched.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct RawDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_success_is_read() {
+        let mut resp = Vec::new();
+        proto::message(&mut resp, 1, |o| {
+            proto::uint(o, 1, 7);
+            proto::bytes(o, 2, b"bad attr");
+        });
+        assert_eq!(partial_success(&resp), Delivery::Accepted { rejected: 7, message: "bad attr".into() });
+        assert_eq!(partial_success(&[]), Delivery::Accepted { rejected: 0, message: String::new() });
+    }
+
+    #[test]
+    fn retry_info_is_found_in_status_details() {
+        let mut st = Vec::new();
+        proto::uint(&mut st, 1, 8);
+        proto::message(&mut st, 3, |o| {
+            proto::bytes(o, 1, b"type.googleapis.com/google.rpc.RetryInfo");
+            proto::message(o, 2, |o| {
+                proto::message(o, 1, |o| {
+                    proto::uint(o, 1, 2);
+                    proto::uint(o, 2, 500_000_000);
+                })
+            });
+        });
+        assert_eq!(retry_info(&st), Some(Duration::from_millis(2500)));
+        let s = Status::with_details(Code::ResourceExhausted, "slow down", Bytes::from(st));
+        assert!(matches!(classify_grpc(&s), Attempt::Retry { after: Some(_), .. }));
+        let s = Status::new(Code::ResourceExhausted, "no info");
+        assert!(matches!(classify_grpc(&s), Attempt::Done(Delivery::Failed(_))));
+        assert!(matches!(classify_grpc(&Status::unavailable("x")), Attempt::Retry { after: None, .. }));
+        assert!(matches!(classify_grpc(&Status::invalid_argument("x")), Attempt::Done(_)));
+    }
+
+    #[test]
+    fn gzip_round_trips() {
+        use std::io::Read;
+        let data = vec![b'a'; 10_000];
+        let z = gzip(&data);
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(&z[..]).read_to_end(&mut back).unwrap();
+        assert_eq!(back, data);
+    }
+}

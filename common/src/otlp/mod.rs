@@ -1,0 +1,268 @@
+//! The OTLP export core shared by the three signals (logs, traces, metrics).
+//!
+//! - [`settings`]: the shared config keys and their resolution against the OpenTelemetry
+//!   environment variables.
+//! - [`proto`]: a direct protobuf writer (records are encoded from captured bytes, no message
+//!   structs) and the small reader for responses.
+//! - [`client`]: gRPC (tonic) and HTTP/protobuf (hyper) transports on a private
+//!   current-thread tokio runtime, compression, retries.
+//! - [`OtlpExporter`] (here): accumulates encoded items (log records, spans, metrics) on the
+//!   flush thread, cuts requests at `max_batch_size` items or `max_request_bytes`, wraps them in
+//!   the signal's `Export*ServiceRequest` with the resource and scope, sends, and counts.
+//!
+//! The three `Export*ServiceRequest` messages share one shape — `resource_*` = 1 holding
+//! `resource` = 1 and `scope_*` = 2, which holds `scope` = 1 and the items = 2 — so one
+//! assembly serves all signals.
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::ffi::LogLevel;
+use crate::pipeline::Outcome;
+use crate::timing::Histogram;
+
+pub mod client;
+pub mod proto;
+pub mod settings;
+
+pub use client::{Client, Delivery};
+pub use settings::{resolve, split_config, OtlpConfig, Settings, Signal};
+
+/// Export counters of one signal, written by the flush thread, read by its reporter.
+#[derive(Default)]
+pub struct ExportStats {
+    /// Items the collector accepted.
+    pub exported: AtomicU64,
+    /// Items given up on: permanent errors, retries exhausted, partial-success rejections,
+    /// items too large for one request.
+    pub failed: AtomicU64,
+    /// Of `failed`: items the collector rejected in a partial-success response.
+    pub rejected: AtomicU64,
+    /// Export attempts that were retries.
+    pub retries: AtomicU64,
+    /// Export requests completed (delivered or not).
+    pub requests: AtomicU64,
+    /// Export requests that failed.
+    pub failed_requests: AtomicU64,
+    /// Time from first attempt to outcome per request, in microseconds.
+    pub latency_us: Histogram,
+}
+
+/// Accumulates one signal's encoded items and exports them in requests.
+pub struct OtlpExporter {
+    settings: Settings,
+    client: Option<Client>,
+    resource: Vec<u8>,
+    scope: Vec<u8>,
+    items: Vec<u8>,
+    count: usize,
+    stats: Arc<ExportStats>,
+    deadline: Option<Instant>,
+    label: String,
+    last_warning: Option<Instant>,
+}
+
+/// Largest encoded overhead of the request envelope around the items (keys and varints).
+const ENVELOPE: usize = 32;
+
+impl OtlpExporter {
+    /// An exporter for `settings`. `label` names it in Envoy's log (e.g. "otlp access logger").
+    /// No runtime, socket or thread is created until the first send.
+    pub fn new(settings: Settings, scope_name: &str, label: &str, stats: Arc<ExportStats>) -> Self {
+        let mut resource = Vec::new();
+        for (k, v) in &settings.resource {
+            proto::kv_str(&mut resource, 1, k.as_bytes(), v.as_bytes());
+        }
+        let mut scope = Vec::new();
+        proto::bytes(&mut scope, 1, scope_name.as_bytes());
+        proto::bytes(&mut scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
+        OtlpExporter {
+            settings,
+            client: None,
+            resource,
+            scope,
+            items: Vec::new(),
+            count: 0,
+            stats,
+            deadline: None,
+            label: label.to_string(),
+            last_warning: None,
+        }
+    }
+
+    /// Settings in use.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// From now on, retries stop at `deadline` (shutdown drain).
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
+    }
+
+    /// Appends one item, encoded by `encode` as the body of the scope's item message, and
+    /// sends when the request is full. Returns what any send it triggered achieved.
+    pub fn add(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Outcome {
+        let at = self.items.len();
+        proto::message(&mut self.items, 2, encode);
+        let item_len = self.items.len() - at;
+        let limit = self.settings.max_request_bytes.saturating_sub(self.resource.len() + self.scope.len() + ENVELOPE);
+        let mut out = Outcome::default();
+        if item_len > limit {
+            // One item alone is over the collector's limit: it can never be delivered.
+            self.items.truncate(at);
+            self.stats.failed.fetch_add(1, Relaxed);
+            out.failed += 1;
+            self.warn(&format!("dropped one record of {item_len} bytes, over max_request_bytes"));
+            return out;
+        }
+        if self.items.len() > limit {
+            // Send what came before this item, then start the next request with it.
+            let item = self.items.split_off(at);
+            out = add_outcomes(out, self.send_pending());
+            self.items.extend_from_slice(&item);
+        }
+        self.count += 1;
+        if self.count >= self.settings.max_batch_size {
+            out = add_outcomes(out, self.send_pending());
+        }
+        out
+    }
+
+    /// Sends everything accumulated (one request).
+    pub fn send_pending(&mut self) -> Outcome {
+        if self.count == 0 {
+            return Outcome::default();
+        }
+        let n = self.count as u64;
+        let body = self.request();
+        self.items.clear();
+        self.count = 0;
+        if self.client.is_none() {
+            match Client::new(self.settings.clone()) {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    self.warn(&format!("cannot start the exporter: {e}"));
+                    self.stats.failed.fetch_add(n, Relaxed);
+                    return Outcome { written: 0, failed: n };
+                }
+            }
+        }
+        let Some(client) = self.client.as_mut() else { return Outcome { written: 0, failed: n } };
+        let (delivery, st) = client.send(body, self.deadline);
+        let s = &self.stats;
+        s.requests.fetch_add(1, Relaxed);
+        s.retries.fetch_add(st.retries, Relaxed);
+        s.latency_us.record(st.elapsed.as_micros() as u64);
+        match delivery {
+            Delivery::Accepted { rejected, message } => {
+                let rejected = rejected.min(n);
+                s.exported.fetch_add(n - rejected, Relaxed);
+                if rejected > 0 {
+                    s.failed.fetch_add(rejected, Relaxed);
+                    s.rejected.fetch_add(rejected, Relaxed);
+                    self.warn(&format!("collector rejected {rejected} of {n} records: {message}"));
+                }
+                Outcome { written: n - rejected, failed: rejected }
+            }
+            Delivery::Failed(why) => {
+                s.failed.fetch_add(n, Relaxed);
+                s.failed_requests.fetch_add(1, Relaxed);
+                self.warn(&format!("export of {n} records to {} failed: {why}", self.settings.endpoint));
+                Outcome { written: 0, failed: n }
+            }
+        }
+    }
+
+    /// The `Export*ServiceRequest` around the accumulated items, lengths computed up front so
+    /// the items are copied once.
+    fn request(&self) -> Bytes {
+        let (res, scope, items) = (&self.resource, &self.scope, &self.items);
+        let field = |len: usize| 1 + proto::varint_len(len as u64) + len;
+        let scoped_len = field(scope.len()) + items.len();
+        let rs_len = field(res.len()) + field(scoped_len);
+        let mut out = Vec::with_capacity(field(rs_len));
+        let head = |out: &mut Vec<u8>, f: u8, len: usize| {
+            out.push((f << 3) | 2);
+            proto::varint(out, len as u64);
+        };
+        head(&mut out, 1, rs_len);
+        head(&mut out, 1, res.len());
+        out.extend_from_slice(res);
+        head(&mut out, 2, scoped_len);
+        head(&mut out, 1, scope.len());
+        out.extend_from_slice(scope);
+        out.extend_from_slice(items);
+        Bytes::from(out)
+    }
+
+    fn warn(&mut self, msg: &str) {
+        // At most one line per 10 s per exporter: a dead collector must not flood Envoy's log.
+        let now = Instant::now();
+        if self.last_warning.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            return;
+        }
+        self.last_warning = Some(now);
+        crate::envoy_log!(LogLevel::Warn, "envoy-obs {}: {msg}", self.label);
+    }
+}
+
+fn add_outcomes(a: Outcome, b: Outcome) -> Outcome {
+    Outcome { written: a.written + b.written, failed: a.failed + b.failed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(max_batch: usize, max_bytes: usize) -> Settings {
+        let mut s = resolve(&OtlpConfig::default(), Signal::Logs, &|_| None).unwrap();
+        s.max_batch_size = max_batch;
+        s.max_request_bytes = max_bytes;
+        s.resource = vec![("service.name".into(), "edge".into())];
+        s
+    }
+
+    #[test]
+    fn request_envelope_decodes() {
+        let mut e = OtlpExporter::new(settings(10, 1 << 20), "envoy-obs", "test", Arc::default());
+        for i in 0..3u64 {
+            e.add(|o| proto::fixed64(o, 1, i));
+        }
+        let req = e.request();
+        let rl = proto::get_bytes(&req, 1).expect("resource_logs");
+        let res = proto::get_bytes(rl, 1).expect("resource");
+        let kv = proto::get_bytes(res, 1).expect("attribute");
+        assert_eq!(proto::get_bytes(kv, 1), Some(&b"service.name"[..]));
+        let sl = proto::get_bytes(rl, 2).expect("scope_logs");
+        let scope = proto::get_bytes(sl, 1).expect("scope");
+        assert_eq!(proto::get_bytes(scope, 1), Some(&b"envoy-obs"[..]));
+        let items: Vec<_> = proto::Reader::new(sl).filter(|(f, _)| *f == 2).collect();
+        assert_eq!(items.len(), 3);
+        assert_eq!(proto::Reader::new(&req).count(), 1, "one resource_logs, nothing trailing");
+    }
+
+    #[test]
+    fn oversized_items_fail_alone_and_requests_split_by_bytes() {
+        // Nothing listens on port 9: sends fail fast (connection refused, retry disabled).
+        let mut s = settings(1000, 1024);
+        s.endpoint = "http://127.0.0.1:9".into();
+        s.retry.enabled = false;
+        s.timeout = Duration::from_millis(200);
+        let stats = Arc::new(ExportStats::default());
+        let mut e = OtlpExporter::new(s, "envoy-obs", "test", stats.clone());
+        let o = e.add(|o| proto::bytes(o, 5, &[b'x'; 2000]));
+        assert_eq!((o.failed, e.count), (1, 0));
+        let mut failed = 0;
+        for _ in 0..10 {
+            failed += e.add(|o| proto::bytes(o, 5, &[b'y'; 300])).failed;
+        }
+        assert!(e.request().len() <= 1024);
+        failed += e.send_pending().failed;
+        assert_eq!(failed, 10, "every record counted once");
+        assert_eq!(stats.failed.load(Relaxed), 11);
+        assert!(stats.requests.load(Relaxed) >= 3, "requests cut at 1 KiB");
+    }
+}

@@ -1,0 +1,512 @@
+//! OTLP exporter settings: the config keys every OTLP signal shares, resolved against the
+//! OpenTelemetry environment variables (explicit config wins over the environment, the
+//! signal-specific variable over the generic one).
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+
+/// Which OTLP signal an exporter carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// Log records (`/v1/logs`).
+    Logs,
+    /// Spans (`/v1/traces`).
+    Traces,
+    /// Metric points (`/v1/metrics`).
+    Metrics,
+}
+
+impl Signal {
+    /// Path of the OTLP/HTTP endpoint.
+    pub fn http_path(self) -> &'static str {
+        match self {
+            Signal::Logs => "/v1/logs",
+            Signal::Traces => "/v1/traces",
+            Signal::Metrics => "/v1/metrics",
+        }
+    }
+    /// Path of the OTLP/gRPC method.
+    pub fn grpc_path(self) -> &'static str {
+        match self {
+            Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+            Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        }
+    }
+    /// The signal's part of the `OTEL_EXPORTER_OTLP_<SIGNAL>_*` variables.
+    pub fn env_name(self) -> &'static str {
+        match self {
+            Signal::Logs => "LOGS",
+            Signal::Traces => "TRACES",
+            Signal::Metrics => "METRICS",
+        }
+    }
+}
+
+/// Wire protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// OTLP/gRPC (default port 4317).
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (default port 4318).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// Request body compression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Uncompressed.
+    None,
+    /// gzip (`Content-Encoding: gzip` / `grpc-encoding: gzip`).
+    Gzip,
+}
+
+/// `retry` block.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retry retryable failures at all.
+    pub enabled: bool,
+    /// First backoff (jittered, doubled per attempt).
+    pub initial_backoff_ms: u64,
+    /// Cap on one backoff.
+    pub max_backoff_ms: u64,
+    /// Give up on a request once this much time has passed since its first attempt.
+    pub max_elapsed_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig { enabled: true, initial_backoff_ms: 500, max_backoff_ms: 5_000, max_elapsed_ms: 30_000 }
+    }
+}
+
+/// The OTLP keys of a signal's config (they sit at the top level beside the signal's own keys).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// Collector URL, e.g. `http://otel-collector:4317`. Absent: `OTEL_EXPORTER_OTLP_*_ENDPOINT`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `grpc` (default) or `http/protobuf`.
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    /// Extra request headers / gRPC metadata (e.g. `authorization`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `none` (default) or `gzip`.
+    #[serde(default)]
+    pub compression: Option<Compression>,
+    /// Deadline of one export attempt.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Records (log records, spans, data points) per export request at most.
+    #[serde(default)]
+    pub max_batch_size: Option<u64>,
+    /// Encoded request size limit; a request is sent before it would grow past it.
+    #[serde(default)]
+    pub max_request_bytes: Option<u64>,
+    /// Retry policy for retryable failures.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Resource attributes (over `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`).
+    #[serde(default)]
+    pub resource_attributes: BTreeMap<String, String>,
+}
+
+/// The top-level keys that belong to [`OtlpConfig`].
+pub const OTLP_KEYS: &[&str] = &[
+    "endpoint",
+    "protocol",
+    "headers",
+    "compression",
+    "timeout_ms",
+    "max_batch_size",
+    "max_request_bytes",
+    "retry",
+    "resource_attributes",
+];
+
+/// Default per-attempt timeout.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// Default records per request.
+pub const DEFAULT_MAX_BATCH_SIZE: u64 = 512;
+/// Default request size limit: the gRPC default max receive size of collectors (4 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Splits a signal's config object into its OTLP keys and the rest, so each half can be
+/// parsed with `deny_unknown_fields` and every error still names its top-level field.
+pub fn split_config(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ConfigError::new("", "config is not valid UTF-8 (expected a JSON object)"))?;
+    let text = if text.trim().is_empty() { "{}" } else { text };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ConfigError::new("", format!("config is not JSON: {e}")))?;
+    let serde_json::Value::Object(map) = v else {
+        return Err(ConfigError::new("", "config must be a JSON object"));
+    };
+    let (otlp, rest): (serde_json::Map<_, _>, serde_json::Map<_, _>) =
+        map.into_iter().partition(|(k, _)| OTLP_KEYS.contains(&k.as_str()));
+    let enc = |m| serde_json::to_vec(&serde_json::Value::Object(m)).unwrap_or_default();
+    Ok((enc(otlp), enc(rest)))
+}
+
+/// Resolved, validated exporter settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The signal.
+    pub signal: Signal,
+    /// Wire protocol.
+    pub protocol: Protocol,
+    /// For gRPC the authority URL (`http://host:port`); for HTTP the full URL with path.
+    pub endpoint: String,
+    /// Request headers / metadata, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Body compression.
+    pub compression: Compression,
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+    /// Records per request at most.
+    pub max_batch_size: usize,
+    /// Encoded request bytes at most.
+    pub max_request_bytes: usize,
+    /// Retry policy.
+    pub retry: RetryConfig,
+    /// Resource attributes, sorted by key.
+    pub resource: Vec<(String, String)>,
+}
+
+/// Resolves `cfg` for `signal` against the environment read through `env`
+/// (`std::env::var` in production, a map in tests).
+pub fn resolve(
+    cfg: &OtlpConfig,
+    signal: Signal,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
+    let s = signal.env_name();
+    let env_nonempty = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let sig_env = |suffix: &str| env_nonempty(&format!("OTEL_EXPORTER_OTLP_{s}_{suffix}"));
+    let gen_env = |suffix: &str| env_nonempty(&format!("OTEL_EXPORTER_OTLP_{suffix}"));
+
+    let protocol = match cfg.protocol {
+        Some(p) => p,
+        None => match sig_env("PROTOCOL")
+            .map(|v| (format!("OTEL_EXPORTER_OTLP_{s}_PROTOCOL"), v))
+            .or_else(|| gen_env("PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL".to_string(), v)))
+        {
+            None => Protocol::Grpc,
+            Some((var, v)) => match v.trim() {
+                "grpc" => Protocol::Grpc,
+                "http/protobuf" => Protocol::HttpProtobuf,
+                other => {
+                    return Err(ConfigError::new(
+                        "protocol",
+                        format!("{var}={other:?} is not supported; use grpc or http/protobuf"),
+                    ))
+                }
+            },
+        },
+    };
+
+    let join_path = |base: &str| -> String {
+        let b = base.trim_end_matches('/');
+        format!("{b}{}", signal.http_path())
+    };
+    let endpoint = if let Some(e) = &cfg.endpoint {
+        let e = e.trim().to_string();
+        match protocol {
+            Protocol::Grpc => e,
+            // Like the signal-specific variable, a URL with a path is used as given; a bare
+            // `http://host:port` gets the signal's path.
+            Protocol::HttpProtobuf if has_path(&e) => e,
+            Protocol::HttpProtobuf => join_path(&e),
+        }
+    } else if let Some(e) = sig_env("ENDPOINT") {
+        e.trim().to_string()
+    } else if let Some(e) = gen_env("ENDPOINT") {
+        match protocol {
+            Protocol::Grpc => e.trim().to_string(),
+            Protocol::HttpProtobuf => join_path(e.trim()),
+        }
+    } else {
+        match protocol {
+            Protocol::Grpc => "http://localhost:4317".to_string(),
+            Protocol::HttpProtobuf => join_path("http://localhost:4318"),
+        }
+    };
+    check_endpoint(&endpoint, protocol)?;
+
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for var in ["OTEL_EXPORTER_OTLP_HEADERS".to_string(), format!("OTEL_EXPORTER_OTLP_{s}_HEADERS")] {
+        if let Some(v) = env_nonempty(&var) {
+            for (k, v) in parse_kv_list(&v).map_err(|m| ConfigError::new("headers", format!("{var}: {m}")))? {
+                headers.insert(k.to_ascii_lowercase(), v);
+            }
+        }
+    }
+    for (k, v) in &cfg.headers {
+        headers.insert(k.to_ascii_lowercase(), v.clone());
+    }
+    for (k, v) in &headers {
+        check_header(k, v).map_err(|m| ConfigError::new(format!("headers.{k}"), m))?;
+    }
+
+    let compression = match cfg.compression {
+        Some(c) => c,
+        None => match sig_env("COMPRESSION").or_else(|| gen_env("COMPRESSION")).as_deref().map(str::trim) {
+            None | Some("none") => Compression::None,
+            Some("gzip") => Compression::Gzip,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "compression",
+                    format!("OTEL_EXPORTER_OTLP_*COMPRESSION={other:?}; use gzip or none"),
+                ))
+            }
+        },
+    };
+
+    let timeout_ms = match cfg.timeout_ms {
+        Some(t) => t,
+        None => match sig_env("TIMEOUT").or_else(|| gen_env("TIMEOUT")) {
+            Some(v) => v.trim().parse().map_err(|_| {
+                ConfigError::new("timeout_ms", format!("OTEL_EXPORTER_OTLP_*TIMEOUT={v:?} is not milliseconds"))
+            })?,
+            None => DEFAULT_TIMEOUT_MS,
+        },
+    };
+    if !(1..=600_000).contains(&timeout_ms) {
+        return Err(ConfigError::new("timeout_ms", "must be between 1 and 600000"));
+    }
+    let max_batch_size = cfg.max_batch_size.unwrap_or(DEFAULT_MAX_BATCH_SIZE);
+    if !(1..=1_000_000).contains(&max_batch_size) {
+        return Err(ConfigError::new("max_batch_size", "must be between 1 and 1000000"));
+    }
+    let max_request_bytes = cfg.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+    if !(1024..=(256 << 20)).contains(&max_request_bytes) {
+        return Err(ConfigError::new("max_request_bytes", "must be between 1024 and 268435456"));
+    }
+    let retry = cfg.retry.clone().unwrap_or_default();
+    if retry.initial_backoff_ms == 0 || retry.initial_backoff_ms > 60_000 {
+        return Err(ConfigError::new("retry.initial_backoff_ms", "must be between 1 and 60000"));
+    }
+    if retry.max_backoff_ms < retry.initial_backoff_ms || retry.max_backoff_ms > 300_000 {
+        return Err(ConfigError::new("retry.max_backoff_ms", "must be between initial_backoff_ms and 300000"));
+    }
+    if retry.max_elapsed_ms > 3_600_000 {
+        return Err(ConfigError::new("retry.max_elapsed_ms", "must be at most 3600000"));
+    }
+
+    let mut resource: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(v) = env_nonempty("OTEL_RESOURCE_ATTRIBUTES") {
+        for (k, v) in parse_kv_list(&v)
+            .map_err(|m| ConfigError::new("resource_attributes", format!("OTEL_RESOURCE_ATTRIBUTES: {m}")))?
+        {
+            resource.insert(k, v);
+        }
+    }
+    if let Some(v) = env_nonempty("OTEL_SERVICE_NAME") {
+        resource.insert("service.name".into(), v.trim().to_string());
+    }
+    for (k, v) in &cfg.resource_attributes {
+        if k.is_empty() {
+            return Err(ConfigError::new("resource_attributes", "keys must not be empty"));
+        }
+        resource.insert(k.clone(), v.clone());
+    }
+
+    Ok(Settings {
+        signal,
+        protocol,
+        endpoint,
+        headers: headers.into_iter().collect(),
+        compression,
+        timeout: Duration::from_millis(timeout_ms),
+        max_batch_size: max_batch_size as usize,
+        max_request_bytes: max_request_bytes as usize,
+        retry,
+        resource: resource.into_iter().collect(),
+    })
+}
+
+fn has_path(url: &str) -> bool {
+    url.parse::<http::Uri>().map(|u| !matches!(u.path(), "" | "/")).unwrap_or(false)
+}
+
+fn check_endpoint(e: &str, protocol: Protocol) -> Result<(), ConfigError> {
+    let bad = |m: String| Err(ConfigError::new("endpoint", m));
+    let uri: http::Uri = match e.parse() {
+        Ok(u) => u,
+        Err(err) => return bad(format!("{e:?} is not a URL: {err}")),
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return bad(format!(
+                "{e:?}: https is not supported yet; send to a collector on loopback or a sidecar over http"
+            ))
+        }
+        _ => return bad(format!("{e:?} must start with http://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return bad(format!("{e:?} has no host"));
+    }
+    if protocol == Protocol::Grpc && !matches!(uri.path(), "" | "/") {
+        return bad(format!("{e:?}: a gRPC endpoint is host and port only, without a path"));
+    }
+    Ok(())
+}
+
+fn check_header(k: &str, v: &str) -> Result<(), String> {
+    if http::HeaderName::from_bytes(k.as_bytes()).is_err() || k.starts_with(':') {
+        return Err(format!("{k:?} is not a valid header name"));
+    }
+    if k.ends_with("-bin") {
+        return Err("binary (-bin) metadata is not supported".into());
+    }
+    if http::HeaderValue::from_str(v).is_err() {
+        return Err("value must be printable ASCII".into());
+    }
+    Ok(())
+}
+
+/// Parses the W3C-baggage-like `k1=v1,k2=v2` lists of `OTEL_EXPORTER_OTLP_HEADERS` and
+/// `OTEL_RESOURCE_ATTRIBUTES` (values percent-decoded, whitespace around items ignored).
+pub fn parse_kv_list(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(format!("{item:?} is not key=value"));
+        };
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(format!("{item:?} has an empty key"));
+        }
+        out.push((k.to_string(), percent_decode(v.trim())?));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(v) => out.push(v),
+                None => return Err(format!("bad percent-escape in {s:?}")),
+            }
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} decodes to invalid UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    fn cfg(json: &str) -> OtlpConfig {
+        crate::config::parse(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_otlp_spec() {
+        let s = resolve(&cfg("{}"), Signal::Logs, &env(&[])).unwrap();
+        assert_eq!((s.protocol, s.endpoint.as_str()), (Protocol::Grpc, "http://localhost:4317"));
+        let s = resolve(&cfg(r#"{"protocol":"http/protobuf"}"#), Signal::Traces, &env(&[])).unwrap();
+        assert_eq!(s.endpoint, "http://localhost:4318/v1/traces");
+        assert_eq!((s.compression, s.timeout, s.max_batch_size), (Compression::None, Duration::from_secs(10), 512));
+    }
+
+    #[test]
+    fn environment_is_used_and_config_wins() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://gen:4318/"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20abc, x-a = 1"),
+            ("OTEL_EXPORTER_OTLP_LOGS_HEADERS", "x-a=2"),
+            ("OTEL_SERVICE_NAME", "edge"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "service.name=ignored,deployment.environment=prod"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ]);
+        let s = resolve(&cfg("{}"), Signal::Logs, &e).unwrap();
+        assert_eq!(s.endpoint, "http://gen:4318/v1/logs");
+        assert_eq!(s.compression, Compression::Gzip);
+        assert_eq!(s.headers, vec![("authorization".into(), "Bearer abc".into()), ("x-a".into(), "2".into())]);
+        assert_eq!(
+            s.resource,
+            vec![("deployment.environment".into(), "prod".into()), ("service.name".into(), "edge".into())]
+        );
+        let s = resolve(
+            &cfg(r#"{"endpoint":"http://cfg:4317","protocol":"grpc","headers":{"x-a":"3"},
+                "resource_attributes":{"service.name":"mine"}}"#),
+            Signal::Logs,
+            &e,
+        )
+        .unwrap();
+        assert_eq!((s.protocol, s.endpoint.as_str()), (Protocol::Grpc, "http://cfg:4317"));
+        assert!(s.headers.contains(&("x-a".into(), "3".into())));
+        assert!(s.resource.contains(&("service.name".into(), "mine".into())));
+        let sig = env(&[("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://sig:9999/custom")]);
+        let s = resolve(&cfg(r#"{"protocol":"http/protobuf"}"#), Signal::Logs, &sig).unwrap();
+        assert_eq!(s.endpoint, "http://sig:9999/custom", "the signal-specific URL is used as is");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            (r#"{"endpoint":"not a url"}"#, "endpoint"),
+            (r#"{"endpoint":"ftp://x:1"}"#, "endpoint"),
+            (r#"{"endpoint":"https://x:4317"}"#, "endpoint"),
+            (r#"{"endpoint":"http://x:4317/v1/logs"}"#, "endpoint"),
+            (r#"{"headers":{"bad header":"v"}}"#, "headers.bad header"),
+            (r#"{"headers":{"x":"line\nbreak"}}"#, "headers.x"),
+            (r#"{"timeout_ms":0}"#, "timeout_ms"),
+            (r#"{"max_batch_size":0}"#, "max_batch_size"),
+            (r#"{"max_request_bytes":10}"#, "max_request_bytes"),
+            (r#"{"retry":{"initial_backoff_ms":0}}"#, "retry.initial_backoff_ms"),
+            (r#"{"retry":{"initial_backoff_ms":100,"max_backoff_ms":10}}"#, "retry.max_backoff_ms"),
+        ];
+        for (json, field) in cases {
+            let e = resolve(&cfg(json), Signal::Logs, &env(&[])).unwrap_err();
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+        let e = crate::config::parse::<OtlpConfig>(br#"{"protocol":"http/json"}"#).unwrap_err();
+        assert_eq!(e.field, "protocol");
+        let e = crate::config::parse::<OtlpConfig>(br#"{"max_batch_size":-5}"#).unwrap_err();
+        assert_eq!(e.field, "max_batch_size");
+        let e = resolve(&cfg("{}"), Signal::Logs, &env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")])).unwrap_err();
+        assert_eq!(e.field, "protocol");
+    }
+
+    #[test]
+    fn split_keeps_each_half_strict() {
+        let (otlp, rest) = split_config(br#"{"endpoint":"http://a:1","body":"%PROTOCOL%","retry":{}}"#).unwrap();
+        let o: serde_json::Value = serde_json::from_slice(&otlp).unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&rest).unwrap();
+        assert_eq!(o, serde_json::json!({"endpoint":"http://a:1","retry":{}}));
+        assert_eq!(r, serde_json::json!({"body":"%PROTOCOL%"}));
+        assert!(split_config(b"[1]").is_err());
+    }
+}
