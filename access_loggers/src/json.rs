@@ -6,27 +6,22 @@
 //! batches to the file, recycle buffers, reopen after rotation, publish self-metrics.
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
 
 use envoy_obs_common::config::{parse, ConfigError};
 use envoy_obs_common::export::file::{check_writable, open_append, LogFile};
 use envoy_obs_common::ffi::access_log::Stream;
-use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Pipeline, PipelineConfig, Producer, Reporter};
-use envoy_obs_common::timing::CycleClock;
+use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
 
 use crate::filter::{Filter, FilterSpec};
 use crate::format::{BulkHeaders, Ctx, JsonPlan};
+use crate::logger::{
+    check_common, compile_filter, split_error, Common, Logger, Plan, DEFAULT_FLUSH_INTERVAL_MS, DEFAULT_QUEUE_CAPACITY,
+};
 
-/// Default `flush_interval_ms`: like Envoy's file logger, at most a second behind.
-pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
-/// Default per-worker `queue_capacity` in records (about 8 MiB per worker at 1 KiB records).
-pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
 /// Default `stat_prefix`: counters are `<metrics_namespace>.access_log.json.*`.
 pub const DEFAULT_STAT_PREFIX: &str = "json";
-/// Bound on the drain when Envoy destroys the config.
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rendered bytes buffered on the flush thread before a write(2).
 const WRITE_BUFFER: usize = 256 * 1024;
 
@@ -113,92 +108,53 @@ pub fn compile(bytes: &[u8]) -> Result<Compiled, ConfigError> {
     if config.path.trim().is_empty() {
         return Err(ConfigError::new("path", "must name a file, /dev/stdout or /dev/stderr"));
     }
-    if !(1..=60_000).contains(&config.flush_interval_ms) {
-        return Err(ConfigError::new("flush_interval_ms", "must be between 1 and 60000"));
-    }
-    if !(1..=1_048_576).contains(&config.queue_capacity) {
-        return Err(ConfigError::new("queue_capacity", "must be between 1 and 1048576"));
-    }
-    if config.stat_prefix.is_empty()
-        || !config.stat_prefix.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
-    {
-        return Err(ConfigError::new("stat_prefix", "must be non-empty [a-z0-9_]"));
-    }
+    check_common(config.flush_interval_ms, config.queue_capacity, &config.stat_prefix)?;
     let format = config.json_format.clone().unwrap_or_else(default_format);
     if format.is_empty() {
         return Err(ConfigError::new("json_format", "must have at least one key"));
     }
-    let plan = JsonPlan::compile(&format, config.omit_empty_values).map_err(|e| {
-        let (field, msg) = e.split_once(": ").unwrap_or(("json_format", &e));
-        ConfigError::new(field, msg)
-    })?;
-    let filter = match &config.filter {
-        Some(spec) => Some(spec.compile("filter").map_err(|e| {
-            let (field, msg) = e.split_once(": ").unwrap_or(("filter", &e));
-            ConfigError::new(field, msg)
-        })?),
-        None => None,
-    };
+    let plan = JsonPlan::compile(&format, config.omit_empty_values).map_err(|e| split_error(&e, "json_format"))?;
+    let filter = compile_filter(&config.filter)?;
     Ok(Compiled { config, plan, filter })
 }
 
-struct Inner {
-    plan: Arc<JsonPlan>,
-    bulk_headers: BulkHeaders,
-    filter: Option<Filter>,
-    self_timing: Option<CycleClock>,
+/// The JSON logger's config object.
+pub type JsonLogger = Logger<JsonPlan>;
+
+/// Opens the file and starts the flush thread (under `validation`: only checks the path).
+pub fn start<R: Reporter>(c: Compiled, validation: bool, slots: usize, reporter: R) -> Result<JsonLogger, ConfigError> {
+    let path = PathBuf::from(&c.config.path);
+    let plan = Arc::new(c.plan);
+    let exporter = if validation {
+        check_writable(&path).map_err(|e| ConfigError::new("path", e))?;
+        None
+    } else {
+        let file = open_append(&path)
+            .map_err(|e| ConfigError::new("path", format!("cannot open {} for appending: {e}", path.display())))?;
+        Some(JsonFileExporter {
+            plan: plan.clone(),
+            file: LogFile::new(path, file),
+            out: Vec::with_capacity(WRITE_BUFFER + 64 * 1024),
+            pending: 0,
+            scratch: Vec::with_capacity(256),
+        })
+    };
+    let common = Common {
+        thread_name: "obs-json-flush",
+        flush_interval_ms: c.config.flush_interval_ms,
+        queue_capacity: c.config.queue_capacity,
+        self_timing: c.config.self_timing,
+    };
+    Logger::start(&common, plan, c.filter, exporter, slots, reporter)
 }
 
-/// The config object Envoy holds between `config_new` and `config_destroy`.
-pub struct JsonLogger {
-    inner: Arc<Inner>,
-    /// `None` under `envoy --mode validate`: nothing is opened, no thread runs.
-    pipeline: Option<Pipeline>,
-}
-
-impl JsonLogger {
-    /// Opens the file and starts the flush thread (unless `validation`).
-    pub fn start<R: Reporter>(c: Compiled, validation: bool, slots: usize, reporter: R) -> Result<Self, ConfigError> {
-        let path = PathBuf::from(&c.config.path);
-        let self_timing = c.config.self_timing.then(|| CycleClock::calibrate(Duration::from_millis(20)));
-        let plan = Arc::new(c.plan);
-        let pipeline = if validation {
-            check_writable(&path).map_err(|e| ConfigError::new("path", e))?;
-            None
-        } else {
-            let file = open_append(&path)
-                .map_err(|e| ConfigError::new("path", format!("cannot open {} for appending: {e}", path.display())))?;
-            let cfg = PipelineConfig {
-                thread_name: "obs-json-flush".into(),
-                slots,
-                queue_capacity: c.config.queue_capacity,
-                flush_interval: Duration::from_millis(c.config.flush_interval_ms),
-                shutdown_timeout: SHUTDOWN_TIMEOUT,
-            };
-            let exporter = JsonFileExporter {
-                plan: plan.clone(),
-                file: LogFile::new(path, file),
-                out: Vec::with_capacity(WRITE_BUFFER + 64 * 1024),
-                pending: 0,
-                scratch: Vec::with_capacity(256),
-            };
-            Some(
-                Pipeline::start(cfg, exporter, reporter)
-                    .map_err(|e| ConfigError::new("", format!("cannot start flush thread: {e}")))?,
-            )
-        };
-        let bulk_headers = plan.bulk_headers();
-        Ok(JsonLogger { inner: Arc::new(Inner { plan, bulk_headers, filter: c.filter, self_timing }), pipeline })
+impl Plan for JsonPlan {
+    #[inline]
+    fn capture<S: Stream>(&self, cx: &Ctx<'_, S>, out: &mut Vec<u8>) {
+        JsonPlan::capture(self, cx, out)
     }
-
-    /// The per-thread logger for worker `index`.
-    pub fn thread_logger(&self, index: usize) -> ThreadLogger {
-        ThreadLogger { inner: self.inner.clone(), producer: self.pipeline.as_ref().map(|p| p.producer(index)) }
-    }
-
-    /// Waits until everything queued so far is written (tests, explicit flushes).
-    pub fn flush(&self, timeout: Duration) -> bool {
-        self.pipeline.as_ref().is_none_or(|p| p.flush(timeout))
+    fn bulk_headers(&self) -> BulkHeaders {
+        JsonPlan::bulk_headers(self)
     }
 }
 
@@ -255,45 +211,13 @@ impl Exporter for JsonFileExporter {
     }
 }
 
-/// One per Envoy thread; only ever used from that thread.
-pub struct ThreadLogger {
-    inner: Arc<Inner>,
-    producer: Option<Producer>,
-}
-
-impl ThreadLogger {
-    /// The per-record hot path.
-    #[inline]
-    pub fn log<S: Stream>(&self, stream: &S, log_type: u32) {
-        let Some(producer) = &self.producer else { return };
-        if let Some(clock) = &self.inner.self_timing {
-            let t0 = CycleClock::now();
-            self.log_record(producer, stream, log_type);
-            producer.record_busy_ns(clock.ns_between(t0, CycleClock::now()));
-        } else {
-            self.log_record(producer, stream, log_type);
-        }
-    }
-
-    #[inline(always)]
-    fn log_record<S: Stream>(&self, producer: &Producer, stream: &S, log_type: u32) {
-        let cx = Ctx::new(stream, log_type).with_bulk_headers(self.inner.bulk_headers);
-        if let Some(f) = &self.inner.filter {
-            if !f.keep(&cx) {
-                producer.skip();
-                return;
-            }
-        }
-        producer.push_with(|buf| self.inner.plan.capture(&cx, buf));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::format::tests::FakeStream;
     use envoy_obs_common::pipeline::Totals;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     #[derive(Clone, Default)]
     struct Rec(Arc<Mutex<Totals>>);
@@ -319,7 +243,7 @@ mod tests {
             path.display()
         );
         let rec = Rec::default();
-        let logger = JsonLogger::start(compile(cfg.as_bytes()).unwrap(), false, 3, rec.clone()).unwrap();
+        let logger = start(compile(cfg.as_bytes()).unwrap(), false, 3, rec.clone()).unwrap();
         let tl = logger.thread_logger(1);
         let mut s = FakeStream::ok();
         tl.log(&s, 6);
@@ -338,11 +262,11 @@ mod tests {
     fn validation_mode_opens_nothing() {
         let path = tmp("validate");
         let cfg = format!(r#"{{"path":"{}"}}"#, path.display());
-        let logger = JsonLogger::start(compile(cfg.as_bytes()).unwrap(), true, 3, ()).unwrap();
+        let logger = start(compile(cfg.as_bytes()).unwrap(), true, 3, ()).unwrap();
         logger.thread_logger(0).log(&FakeStream::ok(), 6);
         assert!(!path.exists());
         let bad = r#"{"path":"/nonexistent-dir-xyz/a.log"}"#;
-        assert_eq!(JsonLogger::start(compile(bad.as_bytes()).unwrap(), true, 1, ()).err().unwrap().field, "path");
+        assert_eq!(start(compile(bad.as_bytes()).unwrap(), true, 1, ()).err().unwrap().field, "path");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `libenvoy_obs_access_log.so`: Envoy access loggers (`logger_name: json`).
+//! `libenvoy_obs_access_log.so`: Envoy access loggers (`logger_name: json`, `logger_name: otlp`).
 //!
 //! Thread model (Envoy 1.40 access-logger ABI):
 //! - `config_new` / `config_destroy` run on the main thread. The config owns the flush thread.
@@ -15,13 +15,18 @@ use envoy_obs_common::config::ConfigError;
 use envoy_obs_common::ffi::access_log::{ConfigHandle, CounterId, GaugeId, LogStream};
 use envoy_obs_common::ffi::{self, LogLevel};
 use envoy_obs_common::hook::{self, guard};
+use envoy_obs_common::otlp::ExportStats;
 use envoy_obs_common::pipeline::{Reporter, Totals};
-use envoy_obs_common::timing::quantile;
+use envoy_obs_common::timing::{quantile, BUCKETS};
 use envoy_obs_common::{declare_program_init, envoy_log};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 pub mod filter;
 pub mod format;
 pub mod json;
+pub mod logger;
+pub mod otlp;
 
 declare_program_init!();
 
@@ -32,23 +37,58 @@ struct Metrics {
     written: CounterId,
     dropped: CounterId,
     filtered: CounterId,
-    write_errors: CounterId,
+    failed: CounterId,
     queue_depth: GaugeId,
     worker_ns: Option<(CounterId, GaugeId, GaugeId)>,
+    export: Option<ExportMetrics>,
     last: Totals,
     name: String,
 }
 
+/// The OTLP logger's export counters (from the shared OTLP core).
+struct ExportMetrics {
+    stats: Arc<ExportStats>,
+    retries: CounterId,
+    rejected: CounterId,
+    requests: CounterId,
+    failed_requests: CounterId,
+    latency_p50: GaugeId,
+    latency_p99: GaugeId,
+    last: [u64; 4],
+}
+
 impl Metrics {
-    fn define(handle: ConfigHandle, logger: &str, prefix: &str, self_timing: bool) -> Result<Self, String> {
+    /// `written`/`failed` are named per logger kind: `records_written`/`write_errors` for
+    /// files, `records_exported`/`records_failed` for OTLP.
+    fn define(
+        handle: ConfigHandle,
+        logger: &str,
+        prefix: &str,
+        self_timing: bool,
+        names: (&str, &str),
+        export: Option<Arc<ExportStats>>,
+    ) -> Result<Self, String> {
         let n = |s: &str| format!("access_log.{prefix}.{s}");
+        let export = match export {
+            Some(stats) => Some(ExportMetrics {
+                stats,
+                retries: handle.define_counter(&n("export_retries"))?,
+                rejected: handle.define_counter(&n("records_rejected"))?,
+                requests: handle.define_counter(&n("export_requests"))?,
+                failed_requests: handle.define_counter(&n("export_failures"))?,
+                latency_p50: handle.define_gauge(&n("export_latency_ms_p50"))?,
+                latency_p99: handle.define_gauge(&n("export_latency_ms_p99"))?,
+                last: [0; 4],
+            }),
+            None => None,
+        };
         Ok(Metrics {
             handle,
             logged: handle.define_counter(&n("records_logged"))?,
-            written: handle.define_counter(&n("records_written"))?,
+            written: handle.define_counter(&n(names.0))?,
             dropped: handle.define_counter(&n("records_dropped"))?,
             filtered: handle.define_counter(&n("records_filtered"))?,
-            write_errors: handle.define_counter(&n("write_errors"))?,
+            failed: handle.define_counter(&n(names.1))?,
             queue_depth: handle.define_gauge(&n("queue_depth"))?,
             worker_ns: if self_timing {
                 Some((
@@ -59,6 +99,7 @@ impl Metrics {
             } else {
                 None
             },
+            export,
             last: Totals::default(),
             name: logger.to_string(),
         })
@@ -73,12 +114,30 @@ impl Reporter for Metrics {
         h.add(self.written, t.written - l.written);
         h.add(self.dropped, t.dropped - l.dropped);
         h.add(self.filtered, t.skipped - l.skipped);
-        h.add(self.write_errors, t.failed - l.failed);
+        h.add(self.failed, t.failed - l.failed);
         h.set(self.queue_depth, t.queue_depth);
         if let Some((total, p50, p99)) = self.worker_ns {
             h.add(total, t.busy_ns - l.busy_ns);
             h.set(p50, quantile(&t.busy_hist, 0.5));
             h.set(p99, quantile(&t.busy_hist, 0.99));
+        }
+        if let Some(e) = &mut self.export {
+            let s = &e.stats;
+            let now = [
+                s.retries.load(Relaxed),
+                s.rejected.load(Relaxed),
+                s.requests.load(Relaxed),
+                s.failed_requests.load(Relaxed),
+            ];
+            for ((id, n), l) in [e.retries, e.rejected, e.requests, e.failed_requests].into_iter().zip(now).zip(e.last)
+            {
+                h.add(id, n - l);
+            }
+            e.last = now;
+            let mut hist = vec![0; BUCKETS];
+            s.latency_us.accumulate(&mut hist);
+            h.set(e.latency_p50, quantile(&hist, 0.5) / 1000);
+            h.set(e.latency_p99, quantile(&hist, 0.99) / 1000);
         }
         if l.dropped == 0 && t.dropped > 0 {
             envoy_log!(
@@ -95,21 +154,34 @@ impl Reporter for Metrics {
 pub enum LoggerConfig {
     /// `logger_name: json`
     Json(json::JsonLogger),
+    /// `logger_name: otlp`
+    Otlp(otlp::OtlpLogger),
 }
 
 /// Builds a logger config. Pure except for the metric definitions and file open.
 fn config_new_impl(handle: ConfigHandle, name: &str, config: &[u8]) -> Result<LoggerConfig, ConfigError> {
+    let validation = ffi::is_validation_mode();
+    // One slot per worker plus the main thread's logger (index == concurrency).
+    let slots = ffi::concurrency() as usize + 1;
+    let metric_err = |e: String| ConfigError::new("", e);
     match name {
         "json" => {
-            let compiled = json::compile(config)?;
-            let metrics = Metrics::define(handle, name, &compiled.config.stat_prefix, compiled.config.self_timing)
-                .map_err(|e| ConfigError::new("", e))?;
-            let validation = ffi::is_validation_mode();
-            // One slot per worker plus the main thread's logger (index == concurrency).
-            let slots = ffi::concurrency() as usize + 1;
-            Ok(LoggerConfig::Json(json::JsonLogger::start(compiled, validation, slots, metrics)?))
+            let c = json::compile(config)?;
+            let names = ("records_written", "write_errors");
+            let metrics = Metrics::define(handle, name, &c.config.stat_prefix, c.config.self_timing, names, None)
+                .map_err(metric_err)?;
+            Ok(LoggerConfig::Json(json::start(c, validation, slots, metrics)?))
         }
-        other => Err(ConfigError::new("logger_name", format!("unknown logger {other:?}; expected one of: json"))),
+        "otlp" => {
+            let c = otlp::compile(config, &|k| std::env::var(k).ok())?;
+            let stats = Arc::new(ExportStats::default());
+            let names = ("records_exported", "records_failed");
+            let metrics =
+                Metrics::define(handle, name, &c.config.stat_prefix, c.config.self_timing, names, Some(stats.clone()))
+                    .map_err(metric_err)?;
+            Ok(LoggerConfig::Otlp(otlp::start(c, validation, slots, stats, metrics)?))
+        }
+        other => Err(ConfigError::new("logger_name", format!("unknown logger {other:?}; expected one of: json, otlp"))),
     }
 }
 
@@ -142,7 +214,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_destroy(co
 /// Per-thread logger object.
 pub enum ThreadLogger {
     /// JSON
-    Json(json::ThreadLogger),
+    Json(logger::ThreadLogger<format::JsonPlan>),
+    /// OTLP
+    Otlp(logger::ThreadLogger<otlp::OtlpPlan>),
 }
 
 /// # Safety
@@ -162,6 +236,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_new(
         let index = unsafe { LogStream::worker_index(logger_envoy_ptr) } as usize;
         let tl = match config {
             LoggerConfig::Json(j) => ThreadLogger::Json(j.thread_logger(index)),
+            LoggerConfig::Otlp(o) => ThreadLogger::Otlp(o.thread_logger(index)),
         };
         Box::into_raw(Box::new(tl)) as *const c_void
     })
@@ -184,6 +259,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_log(
         let (tl, stream) = unsafe { (&*(logger_module_ptr as *const ThreadLogger), LogStream::new(logger_envoy_ptr)) };
         match tl {
             ThreadLogger::Json(j) => j.log(&stream, log_type),
+            ThreadLogger::Otlp(o) => o.log(&stream, log_type),
         }
     })
 }
