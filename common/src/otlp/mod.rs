@@ -61,7 +61,7 @@ pub struct OtlpExporter {
     stats: Arc<ExportStats>,
     deadline: Option<Instant>,
     label: String,
-    last_warning: Option<Instant>,
+    last_warning: [Option<Instant>; 3],
 }
 
 /// Largest encoded overhead of the request envelope around the items (keys and varints).
@@ -88,7 +88,7 @@ impl OtlpExporter {
             stats,
             deadline: None,
             label: label.to_string(),
-            last_warning: None,
+            last_warning: [None; 3],
         }
     }
 
@@ -115,7 +115,7 @@ impl OtlpExporter {
             self.items.truncate(at);
             self.stats.failed.fetch_add(1, Relaxed);
             out.failed += 1;
-            self.warn(&format!("dropped one record of {item_len} bytes, over max_request_bytes"));
+            self.warn(Warning::TooLarge, &format!("dropped one record of {item_len} bytes, over max_request_bytes"));
             return out;
         }
         if self.items.len() > limit {
@@ -144,7 +144,7 @@ impl OtlpExporter {
             match Client::new(self.settings.clone()) {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {
-                    self.warn(&format!("cannot start the exporter: {e}"));
+                    self.warn(Warning::Failed, &format!("cannot start the exporter: {e}"));
                     self.stats.failed.fetch_add(n, Relaxed);
                     return Outcome { written: 0, failed: n };
                 }
@@ -163,14 +163,17 @@ impl OtlpExporter {
                 if rejected > 0 {
                     s.failed.fetch_add(rejected, Relaxed);
                     s.rejected.fetch_add(rejected, Relaxed);
-                    self.warn(&format!("collector rejected {rejected} of {n} records: {message}"));
+                    self.warn(Warning::Rejected, &format!("collector rejected {rejected} of {n} records: {message}"));
                 }
                 Outcome { written: n - rejected, failed: rejected }
             }
             Delivery::Failed(why) => {
                 s.failed.fetch_add(n, Relaxed);
                 s.failed_requests.fetch_add(1, Relaxed);
-                self.warn(&format!("export of {n} records to {} failed: {why}", self.settings.endpoint));
+                self.warn(
+                    Warning::Failed,
+                    &format!("export of {n} records to {} failed: {why}", self.settings.endpoint),
+                );
                 Outcome { written: 0, failed: n }
             }
         }
@@ -198,15 +201,24 @@ impl OtlpExporter {
         Bytes::from(out)
     }
 
-    fn warn(&mut self, msg: &str) {
-        // At most one line per 10 s per exporter: a dead collector must not flood Envoy's log.
+    fn warn(&mut self, kind: Warning, msg: &str) {
+        // At most one line per kind per 10 s: a dead collector must not flood Envoy's log.
         let now = Instant::now();
-        if self.last_warning.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+        let last = &mut self.last_warning[kind as usize];
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
             return;
         }
-        self.last_warning = Some(now);
+        *last = Some(now);
         crate::envoy_log!(LogLevel::Warn, "envoy-obs {}: {msg}", self.label);
     }
+}
+
+/// Kinds of warnings, each rate-limited on its own.
+#[derive(Clone, Copy)]
+enum Warning {
+    Failed = 0,
+    Rejected = 1,
+    TooLarge = 2,
 }
 
 fn add_outcomes(a: Outcome, b: Outcome) -> Outcome {
