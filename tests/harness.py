@@ -81,13 +81,22 @@ def route(prefix: str, cluster: str, name: str | None = None) -> dict:
     return r
 
 
-def our_json_logger(logger_config: dict, so: pathlib.Path = ACCESS_LOG_SO, namespace: str = "obs") -> dict:
+def our_logger(name: str, logger_config: dict, so: pathlib.Path = ACCESS_LOG_SO, namespace: str = "obs") -> dict:
+    """One of our access loggers (`logger_name` json or otlp) with a Struct config."""
     return {"name": "envoy.access_loggers.dynamic_modules",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.dynamic_modules.v3.DynamicModuleAccessLog",
                 "dynamic_module_config": {"module": {"local": {"filename": str(so)}}, "metrics_namespace": namespace},
-                "logger_name": "json",
+                "logger_name": name,
                 "logger_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": logger_config}}}
+
+
+def our_json_logger(logger_config: dict, so: pathlib.Path = ACCESS_LOG_SO, namespace: str = "obs") -> dict:
+    return our_logger("json", logger_config, so, namespace)
+
+
+def our_otlp_logger(logger_config: dict, namespace: str = "obs") -> dict:
+    return our_logger("otlp", logger_config, namespace=namespace)
 
 
 def builtin_json_logger(path: str, json_format: dict) -> dict:
