@@ -231,11 +231,15 @@ def curl(url: str, *args: str, http2: bool = False) -> subprocess.CompletedProce
     return subprocess.run(cmd + list(args) + [url], capture_output=True, text=True, check=True)
 
 
-def h2load(url: str, n: int, clients: int = 8, cpu: int | None = None, timeout: float = 600) -> str:
-    """Sends exactly `n` HTTP/1.1 keep-alive requests with h2load (optionally pinned to `cpu`);
-    returns h2load's report and fails unless every request succeeded."""
+def h2load(url: str, n: int, clients: int = 8, cpu: int | None = None, timeout: float = 600,
+           rate: int | None = None) -> str:
+    """Sends exactly `n` HTTP/1.1 keep-alive requests with h2load (optionally pinned to `cpu`,
+    optionally paced at `rate` requests/s in total); returns h2load's report and fails unless
+    every request succeeded."""
     cmd = (["taskset", "-c", str(cpu)] if cpu is not None else []) + [
         "h2load", "--h1", "-n", str(n), "-c", str(clients), "-m", "1", "-t", "1", url]
+    if rate:
+        cmd.insert(-1, f"--rps={max(1, rate // clients)}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
     m = re.search(r"(\d+) succeeded", out)
     if not m or int(m.group(1)) != n:
