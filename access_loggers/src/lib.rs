@@ -12,14 +12,12 @@ use std::ptr;
 
 use envoy_obs_abi as abi;
 use envoy_obs_common::config::ConfigError;
-use envoy_obs_common::ffi::access_log::{ConfigHandle, CounterId, GaugeId, LogStream};
-use envoy_obs_common::ffi::{self, LogLevel};
+use envoy_obs_common::declare_program_init;
+use envoy_obs_common::ffi;
+use envoy_obs_common::ffi::access_log::{ConfigHandle, LogStream};
 use envoy_obs_common::hook::{self, guard};
+use envoy_obs_common::metrics::{Names, PipelineMetrics};
 use envoy_obs_common::otlp::ExportStats;
-use envoy_obs_common::pipeline::{Reporter, Totals};
-use envoy_obs_common::timing::{quantile, BUCKETS};
-use envoy_obs_common::{declare_program_init, envoy_log};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 pub mod filter;
@@ -30,124 +28,25 @@ pub mod otlp;
 
 declare_program_init!();
 
-/// Self-metrics published from the flush thread as deltas of the pipeline totals.
-struct Metrics {
+fn metrics(
     handle: ConfigHandle,
-    logged: CounterId,
-    written: CounterId,
-    dropped: CounterId,
-    filtered: CounterId,
-    failed: CounterId,
-    queue_depth: GaugeId,
-    worker_ns: Option<(CounterId, GaugeId, GaugeId)>,
-    export: Option<ExportMetrics>,
-    last: Totals,
-    name: String,
-}
-
-/// The OTLP logger's export counters (from the shared OTLP core).
-struct ExportMetrics {
-    stats: Arc<ExportStats>,
-    retries: CounterId,
-    rejected: CounterId,
-    requests: CounterId,
-    failed_requests: CounterId,
-    latency_p50: GaugeId,
-    latency_p99: GaugeId,
-    last: [u64; 4],
-}
-
-impl Metrics {
-    /// `written`/`failed` are named per logger kind: `records_written`/`write_errors` for
-    /// files, `records_exported`/`records_failed` for OTLP.
-    fn define(
-        handle: ConfigHandle,
-        logger: &str,
-        prefix: &str,
-        self_timing: bool,
-        names: (&str, &str),
-        export: Option<Arc<ExportStats>>,
-    ) -> Result<Self, String> {
-        let n = |s: &str| format!("access_log.{prefix}.{s}");
-        let export = match export {
-            Some(stats) => Some(ExportMetrics {
-                stats,
-                retries: handle.define_counter(&n("export_retries"))?,
-                rejected: handle.define_counter(&n("records_rejected"))?,
-                requests: handle.define_counter(&n("export_requests"))?,
-                failed_requests: handle.define_counter(&n("export_failures"))?,
-                latency_p50: handle.define_gauge(&n("export_latency_ms_p50"))?,
-                latency_p99: handle.define_gauge(&n("export_latency_ms_p99"))?,
-                last: [0; 4],
-            }),
-            None => None,
-        };
-        Ok(Metrics {
-            handle,
-            logged: handle.define_counter(&n("records_logged"))?,
-            written: handle.define_counter(&n(names.0))?,
-            dropped: handle.define_counter(&n("records_dropped"))?,
-            filtered: handle.define_counter(&n("records_filtered"))?,
-            failed: handle.define_counter(&n(names.1))?,
-            queue_depth: handle.define_gauge(&n("queue_depth"))?,
-            worker_ns: if self_timing {
-                Some((
-                    handle.define_counter(&n("worker_ns"))?,
-                    handle.define_gauge(&n("worker_ns_p50"))?,
-                    handle.define_gauge(&n("worker_ns_p99"))?,
-                ))
-            } else {
-                None
-            },
-            export,
-            last: Totals::default(),
-            name: logger.to_string(),
-        })
-    }
-}
-
-impl Reporter for Metrics {
-    fn report(&mut self, t: &Totals) {
-        let l = &self.last;
-        let h = self.handle;
-        h.add(self.logged, (t.queued + t.dropped) - (l.queued + l.dropped));
-        h.add(self.written, t.written - l.written);
-        h.add(self.dropped, t.dropped - l.dropped);
-        h.add(self.filtered, t.skipped - l.skipped);
-        h.add(self.failed, t.failed - l.failed);
-        h.set(self.queue_depth, t.queue_depth);
-        if let Some((total, p50, p99)) = self.worker_ns {
-            h.add(total, t.busy_ns - l.busy_ns);
-            h.set(p50, quantile(&t.busy_hist, 0.5));
-            h.set(p99, quantile(&t.busy_hist, 0.99));
-        }
-        if let Some(e) = &mut self.export {
-            let s = &e.stats;
-            let now = [
-                s.retries.load(Relaxed),
-                s.rejected.load(Relaxed),
-                s.requests.load(Relaxed),
-                s.failed_requests.load(Relaxed),
-            ];
-            for ((id, n), l) in [e.retries, e.rejected, e.requests, e.failed_requests].into_iter().zip(now).zip(e.last)
-            {
-                h.add(id, n - l);
-            }
-            e.last = now;
-            let mut hist = vec![0; BUCKETS];
-            s.latency_us.accumulate(&mut hist);
-            h.set(e.latency_p50, quantile(&hist, 0.5) / 1000);
-            h.set(e.latency_p99, quantile(&hist, 0.99) / 1000);
-        }
-        if l.dropped == 0 && t.dropped > 0 {
-            envoy_log!(
-                LogLevel::Warn,
-                "envoy-obs {} access logger: queue full, dropping new records (see records_dropped; raise queue_capacity)",
-                self.name
-            );
-        }
-        self.last = t.clone();
-    }
+    name: &str,
+    prefix: &str,
+    self_timing: bool,
+    (written, failed): (&str, &str),
+    export: Option<Arc<ExportStats>>,
+) -> Result<PipelineMetrics<ConfigHandle>, ConfigError> {
+    let names = Names {
+        prefix: format!("access_log.{prefix}."),
+        produced: "records_logged",
+        written,
+        dropped: "records_dropped",
+        skipped: "records_filtered",
+        failed,
+        total: None,
+        label: format!("{name} access logger"),
+    };
+    PipelineMetrics::define(handle, &names, self_timing, export).map_err(|e| ConfigError::new("", e))
 }
 
 /// What Envoy's config pointer points at.
@@ -163,13 +62,11 @@ fn config_new_impl(handle: ConfigHandle, name: &str, config: &[u8]) -> Result<Lo
     let validation = ffi::is_validation_mode();
     // One slot per worker plus the main thread's logger (index == concurrency).
     let slots = ffi::concurrency() as usize + 1;
-    let metric_err = |e: String| ConfigError::new("", e);
     match name {
         "json" => {
             let c = json::compile(config)?;
             let names = ("records_written", "write_errors");
-            let metrics = Metrics::define(handle, name, &c.config.stat_prefix, c.config.self_timing, names, None)
-                .map_err(metric_err)?;
+            let metrics = metrics(handle, name, &c.config.stat_prefix, c.config.self_timing, names, None)?;
             Ok(LoggerConfig::Json(json::start(c, validation, slots, metrics)?))
         }
         "otlp" => {
@@ -177,8 +74,7 @@ fn config_new_impl(handle: ConfigHandle, name: &str, config: &[u8]) -> Result<Lo
             let stats = Arc::new(ExportStats::default());
             let names = ("records_exported", "records_failed");
             let metrics =
-                Metrics::define(handle, name, &c.config.stat_prefix, c.config.self_timing, names, Some(stats.clone()))
-                    .map_err(metric_err)?;
+                metrics(handle, name, &c.config.stat_prefix, c.config.self_timing, names, Some(stats.clone()))?;
             Ok(LoggerConfig::Otlp(otlp::start(c, validation, slots, stats, metrics)?))
         }
         other => Err(ConfigError::new("logger_name", format!("unknown logger {other:?}; expected one of: json, otlp"))),

@@ -19,6 +19,7 @@ pub mod config;
 pub mod export;
 pub mod ffi;
 pub mod hook;
+pub mod metrics;
 pub mod otlp;
 pub mod pipeline;
 pub mod timing;

@@ -7,6 +7,7 @@ use std::marker::PhantomData;
 use envoy_obs_abi as abi;
 
 use super::{empty_eb, envoy_bytes, module_buffer};
+use crate::metrics::{CounterId, GaugeId, Metrics};
 
 /// Which header map to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -613,13 +614,6 @@ unsafe impl Send for ConfigHandle {}
 // SAFETY: see Send.
 unsafe impl Sync for ConfigHandle {}
 
-/// A counter defined at config load.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CounterId(usize);
-/// A gauge defined at config load.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GaugeId(usize);
-
 impl ConfigHandle {
     /// Wraps the `config_envoy_ptr` passed to `on_access_logger_config_new`.
     ///
@@ -628,10 +622,10 @@ impl ConfigHandle {
     pub unsafe fn new(ptr: *mut c_void) -> Self {
         ConfigHandle(ptr)
     }
+}
 
-    /// Defines a counter (only inside `config_new`). The name is prefixed by Envoy with the
-    /// module's `metrics_namespace`.
-    pub fn define_counter(&self, name: &str) -> Result<CounterId, String> {
+impl Metrics for ConfigHandle {
+    fn define_counter(&self, name: &str) -> Result<CounterId, String> {
         let mut id = 0usize;
         // SAFETY: valid handle during config_new; name outlives the call.
         let r = unsafe {
@@ -648,8 +642,7 @@ impl ConfigHandle {
         }
     }
 
-    /// Defines a gauge (only inside `config_new`).
-    pub fn define_gauge(&self, name: &str) -> Result<GaugeId, String> {
+    fn define_gauge(&self, name: &str) -> Result<GaugeId, String> {
         let mut id = 0usize;
         // SAFETY: valid handle during config_new; name outlives the call.
         let r = unsafe {
@@ -666,16 +659,14 @@ impl ConfigHandle {
         }
     }
 
-    /// Adds `v` to a counter.
-    pub fn add(&self, id: CounterId, v: u64) {
+    fn add(&self, id: CounterId, v: u64) {
         if v > 0 {
             // SAFETY: valid handle (see type docs); unknown ids are rejected by Envoy, not UB.
             unsafe { abi::envoy_dynamic_module_callback_access_logger_increment_counter(self.0, id.0, v) };
         }
     }
 
-    /// Sets a gauge.
-    pub fn set(&self, id: GaugeId, v: u64) {
+    fn set(&self, id: GaugeId, v: u64) {
         // SAFETY: as for `add`.
         unsafe { abi::envoy_dynamic_module_callback_access_logger_set_gauge(self.0, id.0, v) };
     }
