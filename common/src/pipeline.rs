@@ -197,37 +197,7 @@ impl Producer {
     /// (counted) without calling `f`. Returns whether the record was accepted.
     #[inline]
     pub fn push_with(&self, f: impl FnOnce(&mut Vec<u8>)) -> bool {
-        let sh = &*self.shared;
-        let slot = &sh.slots[self.slot];
-        let mut batch = slot.partial.swap(None).unwrap_or_else(|| sh.pool.pop().unwrap_or_default());
-        if batch.records >= sh.batch_records {
-            // The queue was full when this batch filled up: try again, else drop the newest.
-            match slot.full.push(batch) {
-                Ok(()) => batch = sh.pool.pop().unwrap_or_default(),
-                Err(b) => {
-                    slot.partial.store(Some(b));
-                    slot.dropped.fetch_add(1, Relaxed);
-                    return false;
-                }
-            }
-        }
-        batch.append(f);
-        slot.produced.fetch_add(1, Relaxed);
-        if batch.records >= sh.batch_records || batch.data.len() >= BATCH_BYTES {
-            match slot.full.push(batch) {
-                Ok(()) => {
-                    if slot.full.len() >= sh.wake_at && !sh.wake_pending.swap(true, Relaxed) {
-                        // One message per threshold crossing; a full channel means a wake is
-                        // already on its way.
-                        let _ = sh.ctl.try_send(Ctl::Wake);
-                    }
-                    return true;
-                }
-                Err(b) => batch = b,
-            }
-        }
-        slot.partial.store(Some(batch));
-        true
+        push_on(&self.shared, self.slot, f)
     }
 
     /// Counts a record this producer decided not to produce (filtered or sampled out).
@@ -242,6 +212,54 @@ impl Producer {
         let slot = &self.shared.slots[self.slot];
         slot.busy_ns.fetch_add(ns, Relaxed);
         slot.busy_hist.record(ns);
+    }
+}
+
+#[inline]
+fn push_on(sh: &Shared, slot: usize, f: impl FnOnce(&mut Vec<u8>)) -> bool {
+    let slot = &sh.slots[slot];
+    let mut batch = slot.partial.swap(None).unwrap_or_else(|| sh.pool.pop().unwrap_or_default());
+    if batch.records >= sh.batch_records {
+        // The queue was full when this batch filled up: try again, else drop the newest.
+        match slot.full.push(batch) {
+            Ok(()) => batch = sh.pool.pop().unwrap_or_default(),
+            Err(b) => {
+                put_back(slot, b);
+                slot.dropped.fetch_add(1, Relaxed);
+                return false;
+            }
+        }
+    }
+    batch.append(f);
+    slot.produced.fetch_add(1, Relaxed);
+    if batch.records >= sh.batch_records || batch.data.len() >= BATCH_BYTES {
+        match slot.full.push(batch) {
+            Ok(()) => {
+                if slot.full.len() >= sh.wake_at && !sh.wake_pending.swap(true, Relaxed) {
+                    // One message per threshold crossing; a full channel means a wake is
+                    // already on its way.
+                    let _ = sh.ctl.try_send(Ctl::Wake);
+                }
+                return true;
+            }
+            Err(b) => batch = b,
+        }
+    }
+    put_back(slot, batch);
+    true
+}
+
+/// Parks `batch` as the slot's partial batch. When two threads share a slot, another one may
+/// have parked its own meanwhile: that one is queued whole (or, with the queue full, its
+/// records are moved from produced to dropped) — never lost uncounted.
+#[inline]
+fn put_back(slot: &Slot, batch: Box<Batch>) {
+    if let Some(other) = slot.partial.swap(Some(batch)) {
+        if let Err(b) = slot.full.push(other) {
+            let n = b.records as u64;
+            slot.produced.fetch_sub(n, Relaxed);
+            slot.dropped.fetch_add(n, Relaxed);
+        }
     }
 }
 
@@ -299,6 +317,24 @@ impl Pipeline {
     /// operation on a slot is atomic, so sharing one is safe, just no longer contention-free.
     pub fn producer(&self, worker: usize) -> Producer {
         Producer { shared: self.shared.clone(), slot: worker % self.shared.slots.len() }
+    }
+
+    /// Number of producer slots.
+    pub fn slots(&self) -> usize {
+        self.shared.slots.len()
+    }
+
+    /// [`Producer::push_with`] on slot `slot` (wrapped into range), for callers that pick a
+    /// slot per call rather than holding a [`Producer`] per thread.
+    #[inline]
+    pub fn push_with(&self, slot: usize, f: impl FnOnce(&mut Vec<u8>)) -> bool {
+        push_on(&self.shared, slot % self.shared.slots.len(), f)
+    }
+
+    /// [`Producer::skip`] on slot `slot` (wrapped into range).
+    #[inline]
+    pub fn skip(&self, slot: usize) {
+        self.shared.slots[slot % self.shared.slots.len()].skipped.fetch_add(1, Relaxed);
     }
 
     /// Asks the flush thread to export everything produced so far; waits up to `timeout`.
@@ -530,6 +566,31 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         f()
+    }
+
+    #[test]
+    fn threads_sharing_a_slot_lose_nothing_uncounted() {
+        let out = Mem::default();
+        let rec_totals = Rec::default();
+        let p = Pipeline::start(cfg(1 << 20, 20), out.clone(), rec_totals.clone()).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                let p = &p;
+                s.spawn(move || {
+                    for i in 0..20_000u32 {
+                        p.push_with(7, rec(t * 100_000 + i));
+                    }
+                });
+            }
+        });
+        assert!(p.flush(Duration::from_secs(10)));
+        let t = rec_totals.0.lock().unwrap().clone();
+        let mut got = out.0.lock().unwrap().clone();
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len() as u64, t.written, "no duplicates");
+        assert_eq!(t.written + t.dropped, 80_000, "{t:?}");
+        assert_eq!(t.queued, t.written);
     }
 
     #[test]
