@@ -43,6 +43,7 @@ fn metrics(
         dropped: "records_dropped",
         skipped: "records_filtered",
         failed,
+        rejected: "records_rejected",
         total: None,
         label: format!("{name} access logger"),
     };

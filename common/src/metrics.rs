@@ -44,6 +44,8 @@ pub struct Names<'a> {
     pub skipped: &'a str,
     /// Records the exporter gave up on.
     pub failed: &'a str,
+    /// Of those, records the collector rejected (OTLP partial success).
+    pub rejected: &'a str,
     /// If set: produced + skipped (e.g. spans started, sampled or not).
     pub total: Option<&'a str>,
     /// What to call the records in log lines ("access logger", "tracer").
@@ -72,7 +74,7 @@ pub struct PipelineMetrics<M: Metrics> {
 
 impl<M: Metrics> PipelineMetrics<M> {
     /// Defines the counters. `self_timing` adds `worker_ns` (+ p50/p99 gauges); `export`
-    /// adds `records_rejected`, `export_requests`, `export_failures`, `export_retries` and
+    /// adds the rejected counter, `export_requests`, `export_failures`, `export_retries` and
     /// the export latency gauges.
     pub fn define(m: M, n: &Names<'_>, self_timing: bool, export: Option<Arc<ExportStats>>) -> Result<Self, String> {
         let p = |s: &str| format!("{}{s}", n.prefix);
@@ -81,7 +83,7 @@ impl<M: Metrics> PipelineMetrics<M> {
         let export = match export {
             Some(stats) => Some(ExportIds {
                 stats,
-                ids: [c("export_retries")?, c("records_rejected")?, c("export_requests")?, c("export_failures")?],
+                ids: [c("export_retries")?, c(n.rejected)?, c("export_requests")?, c("export_failures")?],
                 latency_p50: g("export_latency_ms_p50")?,
                 latency_p99: g("export_latency_ms_p99")?,
                 last: [0; 4],

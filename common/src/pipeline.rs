@@ -263,6 +263,26 @@ fn put_back(slot: &Slot, batch: Box<Batch>) {
     }
 }
 
+/// See [`Pipeline::handle`].
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// [`Producer::push_with`] on slot `slot` (wrapped into range).
+    #[inline]
+    pub fn push_with(&self, slot: usize, f: impl FnOnce(&mut Vec<u8>)) -> bool {
+        push_on(&self.shared, slot % self.shared.slots.len(), f)
+    }
+
+    /// [`Producer::skip`] on slot `slot` (wrapped into range).
+    #[inline]
+    pub fn skip(&self, slot: usize) {
+        self.shared.slots[slot % self.shared.slots.len()].skipped.fetch_add(1, Relaxed);
+    }
+}
+
 /// One flush thread and its per-worker queues.
 pub struct Pipeline {
     shared: Arc<Shared>,
@@ -324,17 +344,11 @@ impl Pipeline {
         self.shared.slots.len()
     }
 
-    /// [`Producer::push_with`] on slot `slot` (wrapped into range), for callers that pick a
-    /// slot per call rather than holding a [`Producer`] per thread.
-    #[inline]
-    pub fn push_with(&self, slot: usize, f: impl FnOnce(&mut Vec<u8>)) -> bool {
-        push_on(&self.shared, slot % self.shared.slots.len(), f)
-    }
-
-    /// [`Producer::skip`] on slot `slot` (wrapped into range).
-    #[inline]
-    pub fn skip(&self, slot: usize) {
-        self.shared.slots[slot % self.shared.slots.len()].skipped.fetch_add(1, Relaxed);
+    /// A producer side for callers that pick a slot per call rather than holding a
+    /// [`Producer`] per thread. It does not keep the flush thread alive: records pushed after
+    /// the pipeline is dropped are never exported.
+    pub fn handle(&self) -> Handle {
+        Handle { shared: self.shared.clone() }
     }
 
     /// Asks the flush thread to export everything produced so far; waits up to `timeout`.
@@ -411,7 +425,10 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
                 }
                 Ok(Ctl::Flush(reply)) => {
                     self.drain(true);
+                    // Counters are published before the reply: a flushed pipeline's stats agree.
+                    self.report();
                     let _ = reply.send(());
+                    continue;
                 }
                 Ok(Ctl::Shutdown(reply)) => {
                     self.finish();
@@ -573,9 +590,10 @@ mod tests {
         let out = Mem::default();
         let rec_totals = Rec::default();
         let p = Pipeline::start(cfg(1 << 20, 20), out.clone(), rec_totals.clone()).unwrap();
+        let h = p.handle();
         std::thread::scope(|s| {
             for t in 0..4u32 {
-                let p = &p;
+                let p = &h;
                 s.spawn(move || {
                     for i in 0..20_000u32 {
                         p.push_with(7, rec(t * 100_000 + i));

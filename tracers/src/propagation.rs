@@ -1,0 +1,381 @@
+//! Trace-context propagation: W3C `traceparent`/`tracestate`, W3C `baggage`, B3 single
+//! (`b3`) and B3 multi (`x-b3-*`) headers. Parsing never panics; malformed input is ignored,
+//! as the specifications require.
+use envoy_obs_common::ffi::tracer::Carrier;
+
+/// A propagation format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Propagator {
+    /// W3C Trace Context (`traceparent`, `tracestate`).
+    Tracecontext,
+    /// W3C Baggage (`baggage`).
+    Baggage,
+    /// B3 single header (`b3`).
+    B3,
+    /// B3 multiple headers (`x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled`, ...).
+    B3multi,
+}
+
+impl Propagator {
+    /// Parses an `OTEL_PROPAGATORS` item.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Some(match s.trim() {
+            "tracecontext" => Propagator::Tracecontext,
+            "baggage" => Propagator::Baggage,
+            "b3" => Propagator::B3,
+            "b3multi" => Propagator::B3multi,
+            _ => return None,
+        })
+    }
+}
+
+/// An incoming span context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remote {
+    /// Trace id.
+    pub trace_id: [u8; 16],
+    /// The remote parent's span id.
+    pub span_id: [u8; 8],
+    /// Its sampled flag (None: the format said nothing, e.g. B3 without `x-b3-sampled`).
+    pub sampled: Option<bool>,
+    /// `tracestate` to pass on (W3C only).
+    pub tracestate: Vec<u8>,
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of `b` into `out`.
+pub fn hex_into(b: &[u8], out: &mut Vec<u8>) {
+    for &x in b {
+        out.push(HEX[(x >> 4) as usize]);
+        out.push(HEX[(x & 15) as usize]);
+    }
+}
+
+fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let v = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = (v(s[2 * i])? << 4) | v(s[2 * i + 1])?;
+    }
+    Some(out)
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let s = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let e = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(s, |i| i + 1);
+    &b[s..e]
+}
+
+/// W3C `traceparent` (version 00, or a later version read as 00). All-zero ids are invalid.
+pub fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
+    let v = trim(v);
+    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let ver = unhex::<1>(&v[..2])?[0];
+    if ver == 0xff || (ver == 0 && v.len() != 55) || (v.len() > 55 && v[55] != b'-') {
+        return None;
+    }
+    // Upper-case hex is invalid in traceparent.
+    if v[..55].iter().any(u8::is_ascii_uppercase) {
+        return None;
+    }
+    let trace = unhex::<16>(&v[3..35])?;
+    let span = unhex::<8>(&v[36..52])?;
+    let flags = unhex::<1>(&v[53..55])?[0];
+    if trace == [0; 16] || span == [0; 8] {
+        return None;
+    }
+    Some((trace, span, flags))
+}
+
+/// B3 trace ids are 16 or 32 hex digits; 64-bit ids are left-padded with zeros.
+fn b3_trace_id(s: &[u8]) -> Option<[u8; 16]> {
+    match s.len() {
+        32 => unhex::<16>(s),
+        16 => {
+            let low = unhex::<8>(s)?;
+            let mut t = [0u8; 16];
+            t[8..].copy_from_slice(&low);
+            Some(t)
+        }
+        _ => None,
+    }
+    .filter(|t| *t != [0; 16])
+}
+
+fn b3_sampled(s: &[u8]) -> Option<bool> {
+    match s {
+        b"1" | b"d" | b"true" => Some(true),
+        b"0" | b"false" => Some(false),
+        _ => None,
+    }
+}
+
+/// The B3 single header: `{trace}-{span}[-{sampled}[-{parent}]]` (a lone `0`/`1`/`d` carries
+/// only a decision and no context).
+pub fn parse_b3(v: &[u8]) -> Option<Remote> {
+    let mut it = trim(v).split(|&c| c == b'-');
+    let trace = b3_trace_id(it.next()?)?;
+    let span = unhex::<8>(it.next()?).filter(|s| *s != [0; 8])?;
+    let sampled = match it.next() {
+        Some(s) => Some(b3_sampled(s)?),
+        None => None,
+    };
+    Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new() })
+}
+
+/// Extracts an incoming context with the first propagator (in configured order) that finds
+/// a valid one.
+pub fn extract<C: Carrier>(c: &C, props: &[Propagator]) -> Option<Remote> {
+    for p in props {
+        let found = match p {
+            Propagator::Tracecontext => c.get(b"traceparent").and_then(parse_traceparent).map(|(t, s, f)| Remote {
+                trace_id: t,
+                span_id: s,
+                sampled: Some(f & 1 == 1),
+                tracestate: c.get(b"tracestate").map(|v| trim(v).to_vec()).unwrap_or_default(),
+            }),
+            Propagator::B3 => c.get(b"b3").and_then(parse_b3),
+            Propagator::B3multi => (|| {
+                let trace = b3_trace_id(trim(c.get(b"x-b3-traceid")?))?;
+                let span = unhex::<8>(trim(c.get(b"x-b3-spanid")?)).filter(|s| *s != [0; 8])?;
+                let debug = c.get(b"x-b3-flags").map(trim) == Some(b"1");
+                let sampled = if debug { Some(true) } else { c.get(b"x-b3-sampled").map(trim).and_then(b3_sampled) };
+                Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new() })
+            })(),
+            Propagator::Baggage => None,
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+/// W3C baggage entries `(key, value)`, values percent-decoded; properties dropped.
+pub fn parse_baggage(v: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+    for item in v.split(|&c| c == b',') {
+        let member = item.split(|&c| c == b';').next().unwrap_or(&[]);
+        let Some(eq) = member.iter().position(|&c| c == b'=') else { continue };
+        let (k, val) = (trim(&member[..eq]), trim(&member[eq + 1..]));
+        if k.is_empty() || out.len() >= 64 {
+            continue;
+        }
+        set_entry(out, k, &percent_decode(val));
+    }
+}
+
+/// Sets `k` (replacing an existing entry).
+pub fn set_entry(list: &mut Vec<(Vec<u8>, Vec<u8>)>, k: &[u8], v: &[u8]) {
+    match list.iter_mut().find(|(key, _)| key == k) {
+        Some(e) => e.1 = v.to_vec(),
+        None => list.push((k.to_vec(), v.to_vec())),
+    }
+}
+
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            if let Some(b) = s.get(i + 1..i + 3).and_then(unhex::<1>) {
+                out.push(b[0]);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Serialises baggage: values percent-encoded where the W3C grammar requires it.
+pub fn format_baggage(list: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
+    for (i, (k, v)) in list.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(k);
+        out.push(b'=');
+        for &c in v {
+            let plain = c.is_ascii_graphic() && !matches!(c, b'"' | b',' | b';' | b'\\' | b'%');
+            if plain {
+                out.push(c);
+            } else {
+                out.extend_from_slice(&[
+                    b'%',
+                    HEX[(c >> 4) as usize].to_ascii_uppercase(),
+                    HEX[(c & 15) as usize].to_ascii_uppercase(),
+                ]);
+            }
+        }
+    }
+}
+
+/// What a span injects.
+pub struct Outgoing<'a> {
+    /// Trace id.
+    pub trace_id: &'a [u8; 16],
+    /// The span's own id (the parent of the next hop).
+    pub span_id: &'a [u8; 8],
+    /// Sampled decision.
+    pub sampled: bool,
+    /// `tracestate` to pass on.
+    pub tracestate: &'a [u8],
+    /// Baggage to pass on.
+    pub baggage: &'a [(Vec<u8>, Vec<u8>)],
+}
+
+/// Writes the headers of every configured propagator.
+pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>, scratch: &mut Vec<u8>) {
+    for p in props {
+        scratch.clear();
+        match p {
+            Propagator::Tracecontext => {
+                scratch.extend_from_slice(b"00-");
+                hex_into(o.trace_id, scratch);
+                scratch.push(b'-');
+                hex_into(o.span_id, scratch);
+                scratch.extend_from_slice(if o.sampled { b"-01" } else { b"-00" });
+                c.set(b"traceparent", scratch);
+                if !o.tracestate.is_empty() {
+                    c.set(b"tracestate", o.tracestate);
+                }
+            }
+            Propagator::B3 => {
+                hex_into(o.trace_id, scratch);
+                scratch.push(b'-');
+                hex_into(o.span_id, scratch);
+                scratch.extend_from_slice(if o.sampled { b"-1" } else { b"-0" });
+                c.set(b"b3", scratch);
+            }
+            Propagator::B3multi => {
+                hex_into(o.trace_id, scratch);
+                c.set(b"x-b3-traceid", scratch);
+                scratch.clear();
+                hex_into(o.span_id, scratch);
+                c.set(b"x-b3-spanid", scratch);
+                c.set(b"x-b3-sampled", if o.sampled { b"1" } else { b"0" });
+            }
+            Propagator::Baggage => {
+                if !o.baggage.is_empty() {
+                    format_baggage(o.baggage, scratch);
+                    c.set(b"baggage", scratch);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Default)]
+    pub struct Map(pub BTreeMap<Vec<u8>, Vec<u8>>);
+    impl Carrier for Map {
+        fn get(&self, k: &[u8]) -> Option<&[u8]> {
+            self.0.get(k).map(Vec::as_slice)
+        }
+        fn set(&mut self, k: &[u8], v: &[u8]) {
+            self.0.insert(k.to_vec(), v.to_vec());
+        }
+    }
+    pub fn map(pairs: &[(&str, &str)]) -> Map {
+        Map(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+    }
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn traceparent_rules() {
+        let (t, s, f) = parse_traceparent(TP.as_bytes()).unwrap();
+        assert_eq!((t[0], s[7], f), (0x4b, 0xb7, 1));
+        assert!(parse_traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").is_some());
+        for bad in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",
+            "",
+            "garbage",
+        ] {
+            assert!(parse_traceparent(bad.as_bytes()).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn b3_single_and_multi() {
+        let r = parse_b3(b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90").unwrap();
+        assert_eq!((r.trace_id[0], r.span_id[0], r.sampled), (0x80, 0xe4, Some(true)));
+        let r = parse_b3(b"64fe8b2a57d3eff7-e457b5a2e4d86bd1").unwrap();
+        assert_eq!((&r.trace_id[..8], r.trace_id[8], r.sampled), (&[0u8; 8][..], 0x64, None));
+        assert!(parse_b3(b"0").is_none() && parse_b3(b"x-y").is_none());
+        let c = map(&[
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ("x-b3-sampled", "0"),
+        ]);
+        let r = extract(&c, &[Propagator::Tracecontext, Propagator::B3multi]).unwrap();
+        assert_eq!(r.sampled, Some(false));
+        assert!(extract(&c, &[Propagator::Tracecontext, Propagator::B3]).is_none());
+    }
+
+    #[test]
+    fn first_propagator_wins_and_tracestate_rides_along() {
+        let c = map(&[
+            ("traceparent", TP),
+            ("tracestate", " vendor=x "),
+            ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0"),
+        ]);
+        let r = extract(&c, &[Propagator::Tracecontext, Propagator::B3]).unwrap();
+        assert_eq!((r.sampled, r.tracestate.as_slice()), (Some(true), &b"vendor=x"[..]));
+        let r = extract(&c, &[Propagator::B3, Propagator::Tracecontext]).unwrap();
+        assert_eq!(r.sampled, Some(false));
+    }
+
+    #[test]
+    fn inject_writes_every_format() {
+        let mut c = Map::default();
+        let bag = vec![(b"user".to_vec(), b"a b,c".to_vec())];
+        let o =
+            Outgoing { trace_id: &[0x11; 16], span_id: &[0x22; 8], sampled: false, tracestate: b"k=v", baggage: &bag };
+        inject(
+            &mut c,
+            &[Propagator::Tracecontext, Propagator::Baggage, Propagator::B3, Propagator::B3multi],
+            &o,
+            &mut Vec::new(),
+        );
+        let g = |k: &str| String::from_utf8(c.0[k.as_bytes()].clone()).unwrap();
+        assert_eq!(g("traceparent"), format!("00-{}-{}-00", "11".repeat(16), "22".repeat(8)));
+        assert_eq!(g("tracestate"), "k=v");
+        assert_eq!(g("b3"), format!("{}-{}-0", "11".repeat(16), "22".repeat(8)));
+        assert_eq!((g("x-b3-spanid"), g("x-b3-sampled")), ("22".repeat(8), "0".to_string()));
+        assert_eq!(g("baggage"), "user=a%20b%2Cc");
+        let mut back = Vec::new();
+        parse_baggage(g("baggage").as_bytes(), &mut back);
+        assert_eq!(back, bag);
+    }
+
+    #[test]
+    fn baggage_parsing_is_lenient() {
+        let mut out = Vec::new();
+        parse_baggage(b"a=1, b = 2;prop=x,bad, =3,a=4", &mut out);
+        assert_eq!(out, vec![(b"a".to_vec(), b"4".to_vec()), (b"b".to_vec(), b"2".to_vec())]);
+    }
+}

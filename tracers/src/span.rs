@@ -1,0 +1,313 @@
+//! The span Envoy drives through the tracer hooks, owned by one worker thread from
+//! `start_span` / `spawn_child` to `destroy`.
+//!
+//! A sampled span collects its tags and events in two flat byte arenas (one allocation each,
+//! no per-tag `String`s) and, at `finish`, is encoded straight into an OTLP `Span` message in
+//! its worker's queue. An unsampled span keeps only its ids, for propagation.
+use std::cell::Cell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use envoy_obs_common::otlp::proto;
+
+use crate::propagation::{hex_into, set_entry};
+
+/// `Span.SpanKind` values.
+pub const KIND_SERVER: u64 = 2;
+/// `SPAN_KIND_CLIENT`.
+pub const KIND_CLIENT: u64 = 3;
+
+/// Wall-clock now in Unix nanoseconds.
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into the valid buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let s = u64::from_ne_bytes(b);
+    if n == 8 && s != 0 {
+        s
+    } else {
+        // No getrandom: time and this thread's stack address still differ per thread.
+        now_ns() ^ ((&b as *const [u8; 8] as u64) << 16)
+    }
+}
+
+/// A random u64 (wyrand, per thread): ids must be unique, not secret.
+pub fn rand64() -> u64 {
+    RNG.with(|s| {
+        let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
+        s.set(x);
+        let t = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) as u64) ^ (t as u64)
+    })
+}
+
+/// A non-zero random span id.
+pub fn new_span_id() -> [u8; 8] {
+    loop {
+        let v = rand64();
+        if v != 0 {
+            return v.to_be_bytes();
+        }
+    }
+}
+
+/// A non-zero random trace id.
+pub fn new_trace_id() -> [u8; 16] {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&rand64().to_be_bytes());
+    t[8..].copy_from_slice(&new_span_id());
+    t
+}
+
+/// One span.
+pub struct Span {
+    /// Trace id.
+    pub trace_id: [u8; 16],
+    /// This span's id.
+    pub span_id: [u8; 8],
+    /// Parent span id; all zeros for a root.
+    pub parent: [u8; 8],
+    /// The parent came from the incoming request.
+    pub remote_parent: bool,
+    /// Sampled decision (Envoy may change it with `set_sampled`).
+    pub sampled: bool,
+    /// SERVER or CLIENT.
+    pub kind: u64,
+    /// Start, Unix ns.
+    pub start_ns: u64,
+    /// Operation name.
+    pub name: Vec<u8>,
+    /// `tracestate` to pass on.
+    pub tracestate: Vec<u8>,
+    /// Baggage entries.
+    pub baggage: Vec<(Vec<u8>, Vec<u8>)>,
+    tags: Vec<u8>,
+    events: Vec<u8>,
+    finished: bool,
+    hex: [u8; 48],
+    hex_ready: bool,
+}
+
+impl Span {
+    /// A span; `parent` zero for a root.
+    pub fn new(trace_id: [u8; 16], parent: [u8; 8], sampled: bool, kind: u64, start_ns: u64, name: &[u8]) -> Span {
+        Span {
+            trace_id,
+            span_id: new_span_id(),
+            parent,
+            remote_parent: false,
+            sampled,
+            kind,
+            start_ns,
+            name: name.to_vec(),
+            tracestate: Vec::new(),
+            baggage: Vec::new(),
+            tags: Vec::new(),
+            events: Vec::new(),
+            finished: false,
+            hex: [0; 48],
+            hex_ready: false,
+        }
+    }
+
+    /// A child of this span (Envoy's upstream request span).
+    pub fn child(&self, name: &[u8], start_ns: u64) -> Span {
+        let mut c = Span::new(self.trace_id, self.span_id, self.sampled, KIND_CLIENT, start_ns, name);
+        c.tracestate.clone_from(&self.tracestate);
+        c.baggage.clone_from(&self.baggage);
+        c
+    }
+
+    /// Records a tag (sampled spans only; a repeated key keeps its last value).
+    pub fn set_tag(&mut self, k: &[u8], v: &[u8]) {
+        if !self.sampled {
+            return;
+        }
+        if self.tags.is_empty() {
+            self.tags.reserve(768);
+        }
+        put(&mut self.tags, k);
+        put(&mut self.tags, v);
+    }
+
+    /// Records an event (span log).
+    pub fn log(&mut self, ts_ns: i64, event: &[u8]) {
+        if !self.sampled {
+            return;
+        }
+        self.events.extend_from_slice(&ts_ns.to_le_bytes());
+        put(&mut self.events, event);
+    }
+
+    /// Sets a baggage entry (propagated to children and, with the baggage propagator, upstream).
+    pub fn set_baggage(&mut self, k: &[u8], v: &[u8]) {
+        set_entry(&mut self.baggage, k, v);
+    }
+
+    /// A baggage value.
+    pub fn baggage(&self, k: &[u8]) -> Option<&[u8]> {
+        self.baggage.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_slice())
+    }
+
+    /// Hex trace id (32 bytes) and span id (16 bytes), kept for the span's lifetime.
+    pub fn hex_ids(&mut self) -> (&[u8], &[u8]) {
+        if !self.hex_ready {
+            let mut v = Vec::with_capacity(48);
+            hex_into(&self.trace_id, &mut v);
+            hex_into(&self.span_id, &mut v);
+            self.hex.copy_from_slice(&v);
+            self.hex_ready = true;
+        }
+        let (t, s) = self.hex.split_at(32);
+        (t, s)
+    }
+
+    /// Marks the span finished; true only the first time.
+    pub fn finish(&mut self) -> bool {
+        !std::mem::replace(&mut self.finished, true)
+    }
+
+    fn tags(&self) -> TagIter<'_> {
+        TagIter { b: &self.tags }
+    }
+
+    /// Envoy marks failed requests with the tag `error` = `true`.
+    fn is_error(&self) -> bool {
+        self.tags().any(|(k, v)| k == b"error" && v == b"true")
+    }
+
+    /// Encodes the body of an OTLP `Span` message, ending now (`end_ns`).
+    pub fn encode(&self, end_ns: u64, out: &mut Vec<u8>) {
+        proto::bytes(out, 1, &self.trace_id);
+        proto::bytes(out, 2, &self.span_id);
+        if !self.tracestate.is_empty() {
+            proto::bytes(out, 3, &self.tracestate);
+        }
+        if self.parent != [0; 8] {
+            proto::bytes(out, 4, &self.parent);
+        }
+        proto::bytes(out, 5, &utf8(&self.name));
+        proto::uint(out, 6, self.kind);
+        proto::fixed64(out, 7, self.start_ns);
+        proto::fixed64(out, 8, end_ns.max(self.start_ns));
+        let tags: Vec<(&[u8], &[u8])> = self.tags().collect();
+        for (i, (k, v)) in tags.iter().enumerate() {
+            // The last value of a repeated key wins, as with an OpenTelemetry SDK's SetAttribute.
+            if tags[i + 1..].iter().any(|(k2, _)| k2 == k) {
+                continue;
+            }
+            proto::kv_str(out, 9, &utf8(k), &utf8(v));
+        }
+        let mut ev = &self.events[..];
+        while ev.len() >= 12 {
+            let ts = i64::from_le_bytes(ev[..8].try_into().unwrap_or([0; 8]));
+            let n = u32::from_le_bytes(ev[8..12].try_into().unwrap_or([0; 4])) as usize;
+            let Some(name) = ev.get(12..12 + n) else { break };
+            proto::message(out, 11, |o| {
+                proto::fixed64(o, 1, ts.max(0) as u64);
+                proto::bytes(o, 2, &utf8(name));
+            });
+            ev = &ev[12 + n..];
+        }
+        // flags: W3C trace flags (sampled) + "has is_remote" (0x100) + is_remote (0x200).
+        let remote = if self.remote_parent { 0x300 } else { 0x100 };
+        proto::fixed32(out, 16, remote | u32::from(self.sampled));
+        if self.is_error() {
+            proto::message(out, 15, |o| proto::uint(o, 3, 2));
+        }
+    }
+}
+
+fn put(buf: &mut Vec<u8>, b: &[u8]) {
+    let b = &b[..b.len().min(u32::MAX as usize)];
+    buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    buf.extend_from_slice(b);
+}
+
+struct TagIter<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Iterator for TagIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut take = || {
+            let (len, rest) = self.b.split_first_chunk::<4>()?;
+            let n = (u32::from_le_bytes(*len) as usize).min(rest.len());
+            let (v, rest) = rest.split_at(n);
+            self.b = rest;
+            Some(v)
+        };
+        Some((take()?, take()?))
+    }
+}
+
+/// Protobuf strings must be UTF-8.
+fn utf8(b: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if b.is_ascii() || std::str::from_utf8(b).is_ok() {
+        std::borrow::Cow::Borrowed(b)
+    } else {
+        std::borrow::Cow::Owned(String::from_utf8_lossy(b).into_owned().into_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_random_and_non_zero() {
+        let a: Vec<[u8; 16]> = (0..1000).map(|_| new_trace_id()).collect();
+        let mut b = a.clone();
+        b.sort();
+        b.dedup();
+        assert_eq!(b.len(), 1000);
+        assert!(a.iter().all(|t| *t != [0; 16]));
+    }
+
+    #[test]
+    fn encode_dedupes_tags_sets_status_and_keeps_utf8_valid() {
+        let mut s = Span::new([1; 16], [2; 8], true, KIND_SERVER, 10, b"ingress");
+        s.set_tag(b"http.status_code", b"200");
+        s.set_tag(b"http.status_code", b"503");
+        s.set_tag(b"error", b"true");
+        s.set_tag(b"bad", b"a\xffb");
+        s.log(12, b"retry");
+        let mut out = Vec::new();
+        s.encode(20, &mut out);
+        let f: Vec<_> = proto::Reader::new(&out).collect();
+        let attrs: Vec<_> = f.iter().filter(|(n, _)| *n == 9).collect();
+        assert_eq!(attrs.len(), 3);
+        let get = |n: u32| f.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
+        assert_eq!(get(8), Some(proto::Field::Fixed64(20)));
+        assert_eq!(get(6), Some(proto::Field::Varint(2)));
+        let Some(proto::Field::Bytes(st)) = get(15) else { panic!("status") };
+        assert_eq!(proto::get_varint(st, 3), Some(2));
+        assert!(get(11).is_some());
+        for (_, v) in &attrs {
+            let proto::Field::Bytes(kv) = v else { panic!() };
+            let val = proto::get_bytes(proto::get_bytes(kv, 2).unwrap(), 1).unwrap();
+            assert!(std::str::from_utf8(val).is_ok());
+            if proto::get_bytes(kv, 1) == Some(b"http.status_code") {
+                assert_eq!(val, b"503");
+            }
+        }
+    }
+
+    #[test]
+    fn unsampled_spans_keep_nothing() {
+        let mut s = Span::new([1; 16], [0; 8], false, KIND_SERVER, 10, b"x");
+        s.set_tag(b"k", b"v");
+        s.log(1, b"e");
+        assert!(s.tags.is_empty() && s.events.is_empty());
+        let c = s.child(b"router", 11);
+        assert_eq!((c.parent, c.trace_id, c.sampled, c.kind), (s.span_id, s.trace_id, false, KIND_CLIENT));
+    }
+}
