@@ -197,10 +197,27 @@ impl Span {
         proto::uint(out, 6, self.kind);
         proto::fixed64(out, 7, self.start_ns);
         proto::fixed64(out, 8, end_ns.max(self.start_ns));
-        let tags: Vec<(&[u8], &[u8])> = self.tags().collect();
+        // Envoy sends ~10–20 tags per span: index them on the stack (a Vec past 32).
+        let mut stack: [(&[u8], &[u8]); 32] = [(&[], &[]); 32];
+        let mut heap = Vec::new();
+        let mut n = 0;
+        for t in self.tags() {
+            if n < stack.len() {
+                stack[n] = t;
+            } else {
+                heap.push(t);
+            }
+            n += 1;
+        }
+        let tags: &[(&[u8], &[u8])] = if n <= stack.len() {
+            &stack[..n]
+        } else {
+            heap.splice(0..0, stack);
+            &heap
+        };
         for (i, (k, v)) in tags.iter().enumerate() {
             // The last value of a repeated key wins, as with an OpenTelemetry SDK's SetAttribute.
-            if tags[i + 1..].iter().any(|(k2, _)| k2 == k) {
+            if tags[i + 1..].iter().any(|(k2, _)| k2.len() == k.len() && k2 == k) {
                 continue;
             }
             proto::kv_str(out, 9, &utf8(k), &utf8(v));
@@ -299,6 +316,27 @@ mod tests {
                 assert_eq!(val, b"503");
             }
         }
+    }
+
+    #[test]
+    fn many_tags_spill_to_the_heap_and_still_dedupe() {
+        let mut s = Span::new([1; 16], [0; 8], true, KIND_SERVER, 1, b"x");
+        s.set_tag(b"dup", b"first");
+        for i in 0..40 {
+            s.set_tag(format!("k{i}").as_bytes(), b"v");
+        }
+        s.set_tag(b"dup", b"last");
+        let mut out = Vec::new();
+        s.encode(2, &mut out);
+        let kvs: Vec<&[u8]> = proto::Reader::new(&out)
+            .filter_map(|(n, v)| match v {
+                proto::Field::Bytes(b) if n == 9 => Some(b),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kvs.len(), 41);
+        let dup = kvs.iter().find(|kv| proto::get_bytes(kv, 1) == Some(b"dup")).unwrap();
+        assert_eq!(proto::get_bytes(proto::get_bytes(dup, 2).unwrap(), 1), Some(&b"last"[..]));
     }
 
     #[test]

@@ -116,12 +116,22 @@ pub mod any {
     pub const KVLIST: u32 = 6;
 }
 
-/// A `KeyValue` (field `field` of the enclosing message) whose value is a string.
+/// A `KeyValue` (field `field` of the enclosing message) whose value is a string. Lengths
+/// are computed up front: one reservation, no back-patching (this is the per-attribute path).
 pub fn kv_str(out: &mut Vec<u8>, field: u32, k: &[u8], v: &[u8]) {
-    message(out, field, |o| {
-        bytes(o, 1, k);
-        message(o, 2, |o| bytes(o, any::STRING, v));
-    });
+    let any_len = 1 + varint_len(v.len() as u64) + v.len();
+    let kv_len = 1 + varint_len(k.len() as u64) + k.len() + 1 + varint_len(any_len as u64) + any_len;
+    out.reserve(kv_len + 6);
+    key(out, field, LEN);
+    varint(out, kv_len as u64);
+    out.push((1 << 3) | LEN as u8);
+    varint(out, k.len() as u64);
+    out.extend_from_slice(k);
+    out.push((2 << 3) | LEN as u8);
+    varint(out, any_len as u64);
+    out.push(((any::STRING << 3) | LEN) as u8);
+    varint(out, v.len() as u64);
+    out.extend_from_slice(v);
 }
 
 /// A `KeyValue` whose value is written by `value` into an `AnyValue`.
@@ -246,6 +256,18 @@ mod tests {
             let inner = get_bytes(&out[1..out.len() - 1], 5).expect("outer");
             assert_eq!(get_bytes(inner, 1).map(<[u8]>::len), Some(n));
             assert_eq!(*out.last().unwrap(), 0xBB);
+        }
+    }
+
+    #[test]
+    fn kv_str_matches_the_nested_encoding() {
+        for (k, v) in [(&b"a"[..], &b""[..]), (b"http.url", &[b'x'; 200][..]), (&[b'k'; 130][..], &[b'v'; 20_000][..])]
+        {
+            let mut fast = Vec::new();
+            kv_str(&mut fast, 9, k, v);
+            let mut slow = Vec::new();
+            kv(&mut slow, 9, k, |o| bytes(o, any::STRING, v));
+            assert_eq!(fast, slow);
         }
     }
 
