@@ -2,7 +2,7 @@
 #
 #   make demo    build the modules, run a real Envoy with the JSON access logger, show logs + counters
 #   make test    every test: Rust unit tests, lint, ABI bindings check, real-Envoy integration tests
-#   make bench   access-log CPU cost: no logger vs Envoy's built-in vs ours (see bench/README.md)
+#   make bench   CPU cost vs Envoy's built-ins: access loggers (file, OTel) and tracers (see bench/README.md)
 #
 # Each target installs what it needs (scripts/setup.sh: a .venv with Envoy 1.40.0, Debian tools).
 
@@ -44,6 +44,7 @@ demo: setup build
 
 bench: setup build
 	$(PY) bench/access_log_bench.py
+	$(PY) bench/tracer_bench.py
 
 clean:
 	$(CARGO) clean

@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Tracing CPU cost on a real Envoy 1.40.0: no tracing vs Envoy's built-in OpenTelemetry
+tracer vs ours (`libenvoy_obs_tracer.so`), each at 100 % and at 0 % sampling.
+
+Method (see bench/README.md): one Envoy with one worker pinned to core 0 and a listener per
+variant; every listener routes to an upstream (a second Envoy on core 1) with the router's
+`start_child_span: true`, so a sampled request makes a server and a client span. Both tracers
+export over gRPC to the null collector (bench/null_collector.py) on core 1; h2load on core 1
+drives open-loop bursts at BENCH_RATE, alternating variants round after round. Per burst the
+worker thread's CPU; ours also does work on its flush thread ("obs-otlp-spans"), measured over
+the whole run and divided by the spans it exported. Envoy's tracer encodes and sends on the
+worker itself. Then, with valgrind, instructions per request under callgrind.
+
+Results go to bench/results/tracer.md."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+import access_log_bench as alb  # noqa: E402
+from harness import ENVOY_BIN, TRACER_SO, free_port, hcm_listener, route, socket_address, static_cluster  # noqa: E402
+from otlp_receiver import h2_cluster  # noqa: E402
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))
+REQUESTS = int(os.environ.get("BENCH_REQUESTS", "4000"))
+WARMUP = int(os.environ.get("BENCH_WARMUP", "8000"))
+RATE = int(os.environ.get("BENCH_RATE", "5000"))
+VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0"]
+PAIRS = [("builtin_100", "ours_100", "100 % sampling", 0.2), ("builtin_0", "ours_0", "0 % sampling", 0.5)]
+
+
+def provider(kind: str, collector_cluster: str, collector_port: int) -> dict:
+    if kind == "builtin":
+        return {"name": "envoy.tracers.opentelemetry", "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            "grpc_service": {"envoy_grpc": {"cluster_name": collector_cluster}}, "service_name": "bench"}}
+    return {"name": "envoy.tracers.dynamic_modules", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.tracers.dynamic_modules.v3.DynamicModuleTracer",
+        "dynamic_module_config": {"module": {"local": {"filename": str(TRACER_SO)}}, "metrics_namespace": "obs"},
+        "tracer_name": "opentelemetry",
+        "tracer_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": {
+            "endpoint": f"http://127.0.0.1:{collector_port}", "service_name": "bench"}}}}
+
+
+def listener(variant: str, port: int, collector_port: int) -> dict:
+    extra = {}
+    if variant != "none":
+        kind, pct = variant.split("_")
+        extra["tracing"] = {"random_sampling": {"value": int(pct)}, "provider": provider(kind, "otlp", collector_port)}
+    lst = hcm_listener(variant, port, [route("/", "upstream")], stat_prefix=variant, **extra)
+    lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][-1]["typed_config"]["start_child_span"] = True
+    return lst
+
+
+def start_upstream(workdir: pathlib.Path) -> tuple[subprocess.Popen, int, int]:
+    port, admin = free_port(), free_port()
+    cfg = workdir / "upstream.yaml"
+    cfg.write_text(json.dumps({"admin": {"address": socket_address(admin)}, "static_resources": {"listeners": [
+        hcm_listener("up", port, [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {
+            "inline_string": "ok\n"}}}])]}}))
+    proc = subprocess.Popen(["taskset", "-c", "1", str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1",
+                             "--use-dynamic-base-id", "--disable-hot-restart", "-l", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(proc, admin)
+    return proc, port, admin
+
+
+def wait_ready(proc: subprocess.Popen, admin: int, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > end:
+            raise RuntimeError("Envoy did not start")
+        try:
+            if "LIVE" in alb.admin_get(admin, "/ready"):
+                return
+        except OSError:
+            time.sleep(0.05)
+
+
+def start_envoy(workdir: pathlib.Path, up_port: int, collector_port: int, wrapper: list[str] | None = None,
+                ready_timeout: float = 30):
+    ports = {v: free_port() for v in VARIANTS}
+    admin = free_port()
+    cfg = workdir / "envoy.yaml"
+    cfg.write_text(json.dumps({
+        "admin": {"address": socket_address(admin)},
+        "static_resources": {"listeners": [listener(v, ports[v], collector_port) for v in VARIANTS],
+                             "clusters": [static_cluster("upstream", up_port), h2_cluster("otlp", collector_port)]}}))
+    proc = subprocess.Popen(["taskset", "-c", "0-1"] + (wrapper or []) + [
+        str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1", "--use-dynamic-base-id", "--disable-hot-restart",
+        "-l", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(proc, admin, ready_timeout)
+    if not wrapper:
+        for task in pathlib.Path(f"/proc/{proc.pid}/task").iterdir():
+            if (task / "comm").read_text().strip().startswith("wrk:"):
+                subprocess.run(["taskset", "-p", "-c", "0", task.name], check=True, capture_output=True)
+    return proc, admin, ports
+
+
+def burst(proc, port: int, n: int) -> float:
+    before = alb.thread_cpu_ns(proc.pid)
+    alb.harness_h2load(f"http://127.0.0.1:{port}/bench", n, clients=alb.CLIENTS, cpu=1, rate=RATE)
+    after = alb.thread_cpu_ns(proc.pid)
+    return sum(after[k] - before.get(k, 0) for k in after if k.startswith("wrk:")) / n / 1000
+
+
+def instruction_counts(workdir: pathlib.Path, up_port: int, collector_port: int) -> dict[str, float] | None:
+    if not alb.shutil_which("valgrind") or os.environ.get("BENCH_CALLGRIND", "1") == "0":
+        return None
+    n = int(os.environ.get("BENCH_CALLGRIND_REQUESTS", "1000"))
+    cg = workdir / "callgrind"
+    cg.mkdir()
+    proc, admin, ports = start_envoy(workdir, up_port, collector_port, ready_timeout=300, wrapper=[
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg}/cg.out"])
+    out: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    try:
+        for v in VARIANTS:
+            alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", 200, clients=4)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        for rnd in range(2):
+            for v in VARIANTS:
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+                alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", n, clients=4)
+                time.sleep(2.5)  # our flush interval is 1 s; the built-in flushes every 5 spans
+                before = set(cg.iterdir())
+                subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+                ir = sum(int(m.group(1)) for f in sorted(set(cg.iterdir()) - before)
+                         for m in [re.search(r"^totals:\s+(\d+)", f.read_text(), re.M)] if m)
+                out[v].append(ir / n)
+                print(f"callgrind round {rnd + 1}/2 {v:12s} {ir / n:10.0f} instructions/request", flush=True)
+    finally:
+        alb.stop_envoy(proc, admin, 120)
+    return {v: statistics.median(x) for v, x in out.items()}
+
+
+def main():
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="obs-tracer-bench-"))
+    up, up_port, up_admin = start_upstream(workdir)
+    collector, cport = alb.start_collector()
+    try:
+        proc, admin, ports = start_envoy(workdir, up_port, cport)
+        res: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        try:
+            for v in VARIANTS:
+                alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", WARMUP, clients=alb.CLIENTS, cpu=1)
+            time.sleep(1.5)
+            bg0 = alb.thread_cpu_ns(proc.pid)
+            st0 = alb.envoy_stats(admin, "obs.tracer")
+            for rnd in range(ROUNDS):
+                k = rnd % len(VARIANTS)
+                for v in VARIANTS[k:] + VARIANTS[:k]:
+                    res[v].append(burst(proc, ports[v], REQUESTS))
+                print(f"round {rnd + 1:2d}/{ROUNDS} worker µs/request: "
+                      + "  ".join(f"{v} {res[v][-1]:6.2f}" for v in VARIANTS), flush=True)
+            time.sleep(2.5)
+            bg1 = alb.thread_cpu_ns(proc.pid)
+            st1 = alb.envoy_stats(admin, "obs.tracer")
+        finally:
+            alb.stop_envoy(proc, admin, 60)
+        ir = instruction_counts(workdir, up_port, cport)
+    finally:
+        collector.kill()
+        alb.stop_envoy(up, up_admin, 10)
+
+    d = {k: st1.get(k, 0) - st0.get(k, 0) for k in st1}
+    exported = d.get("obs.tracer.otel.spans_exported", 0)
+    sampled = d.get("obs.tracer.otel.spans_sampled", 0)
+    if exported != sampled:
+        raise RuntimeError(f"our tracer exported {exported} of {sampled} sampled spans")
+    flush_ns = bg1.get("obs-otlp-spans", 0) - bg0.get("obs-otlp-spans", 0)
+    # Our flush thread's CPU, per request of the 100 % variant (the 0 % one exports nothing).
+    bg = {"ours_100": flush_ns / (ROUNDS * REQUESTS) / 1000}
+    added = {v: statistics.median(x - n for x, n in zip(res[v], res["none"])) + bg.get(v, 0.0) for v in VARIANTS}
+    base = res["none"]
+    q = statistics.quantiles(base, n=4)
+    noise = (q[2] - q[0]) / statistics.median(base)
+    lines = [
+        f"# Tracing CPU cost — Envoy 1.40.0, 1 worker, {ROUNDS} rounds x {REQUESTS:,} requests per variant",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores ({alb.platform_cpu()}); "
+        f"open-loop at {RATE:,} requests/s, HTTP/1.1 keep-alive; every request goes to an upstream with "
+        "`start_child_span: true` (a server and a client span when sampled); both tracers export over gRPC to a "
+        "null collector. Medians over rounds of the worker CPU minus the same round's no-tracing burst; our flush "
+        "thread's CPU added per request.",
+        "",
+        "| variant | worker µs/request | added (incl. background) |",
+        "|---|---:|---:|",
+    ] + [f"| {v} | {statistics.median(res[v]):.2f} | {added[v]:+.2f} |" for v in VARIANTS] + [""]
+    for theirs, ours, what, target in PAIRS:
+        ratio = added[ours] / added[theirs] if added[theirs] > 0 else float("nan")
+        lines.append(f"- **{what}: ours / built-in added CPU per request {ratio:.2f}** (target ≤ {target}); "
+                     f"ours {added[ours]:+.2f} µs, built-in {added[theirs]:+.2f} µs")
+    lines.append(f"- our flush thread: {bg['ours_100']:.2f} µs per request at 100 % sampling; spans exported "
+                 f"{exported:,} = sampled")
+    lines.append(f"- run quality: the no-tracing worker's interquartile spread was {noise:.0%} of its median"
+                 + (" — **noisy: rerun**" if noise > 0.08 else ""))
+    if ir:
+        ia = {v: ir[v] - ir["none"] for v in VARIANTS}
+        lines += ["", "Instructions per request under valgrind (callgrind; deterministic, all Envoy threads):", "",
+                  "| variant | instructions/request | added over no tracing |", "|---|---:|---:|"]
+        lines += [f"| {v} | {ir[v]:,.0f} | {ia[v]:+,.0f} |" for v in VARIANTS] + [""]
+        lines += [f"- **{what}: ours / built-in added instructions {ia[o] / ia[t]:.2f}**" for t, o, what, _ in PAIRS
+                  if ia[t] > 0]
+    report = "\n".join(lines) + "\n"
+    print()
+    print(report)
+    out = ROOT / "bench" / "results" / "tracer.md"
+    out.write_text(report)
+    print(f"written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
