@@ -31,7 +31,8 @@ pub struct TracerConfig {
     /// `service.name` of every span (over `OTEL_SERVICE_NAME` and `resource_attributes`).
     #[serde(default)]
     pub service_name: Option<String>,
-    /// Absent: follow Envoy's decision (`random_sampling`, `x-envoy-force-trace`, …).
+    /// Absent: follow Envoy's decision (`random_sampling`, `x-envoy-force-trace`, …), and an
+    /// incoming not-sampled flag.
     #[serde(default)]
     pub sampler: Option<SamplerSpec>,
     /// Absent: `OTEL_PROPAGATORS`, else `[tracecontext, baggage]`.

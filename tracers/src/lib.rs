@@ -144,7 +144,9 @@ impl Tracer {
         let remote = extract(ctx, &sh.propagators);
         let trace_id = remote.as_ref().map_or_else(span::new_trace_id, |r| r.trace_id);
         let sampled = match &sh.sampler {
-            None => traced,
+            // Envoy's decision, and an incoming "not sampled" flag is respected (as Envoy's
+            // own OpenTelemetry tracer does).
+            None => traced && remote.as_ref().and_then(|r| r.sampled).unwrap_or(true),
             Some(s) => s.decide(&trace_id, remote.as_ref().and_then(|r| r.sampled)),
         };
         let kind = if operation == b"egress" { KIND_CLIENT } else { KIND_SERVER };

@@ -178,9 +178,18 @@ impl Span {
         TagIter { b: &self.tags }
     }
 
-    /// Envoy marks failed requests with the tag `error` = `true`.
+    /// Status ERROR as Envoy's OpenTelemetry tracer sets it: from `http.status_code`, 5xx on
+    /// server spans, 4xx and 5xx on client spans (OpenTelemetry's HTTP semantic conventions).
+    /// The `error` tag alone (e.g. upstream connection failure, status 0) leaves it unset.
     fn is_error(&self) -> bool {
-        self.tags().any(|(k, v)| k == b"error" && v == b"true")
+        let mut code = None;
+        for (k, v) in self.tags() {
+            if k == b"http.status_code" {
+                code = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u32>().ok());
+            }
+        }
+        let min = if self.kind == KIND_SERVER { 500 } else { 400 };
+        code.is_some_and(|c| (min..600).contains(&c))
     }
 
     /// Encodes the body of an OTLP `Span` message, ending now (`end_ns`).
@@ -295,6 +304,14 @@ mod tests {
         s.set_tag(b"http.status_code", b"200");
         s.set_tag(b"http.status_code", b"503");
         s.set_tag(b"error", b"true");
+        // Client spans: 4xx is an error too; `error` without a status code is not.
+        let mut c = s.child(b"router", 11);
+        c.set_tag(b"http.status_code", b"404");
+        assert!(c.is_error());
+        let mut c = s.child(b"router", 11);
+        c.set_tag(b"error", b"true");
+        c.set_tag(b"http.status_code", b"0");
+        assert!(!c.is_error());
         s.set_tag(b"bad", b"a\xffb");
         s.log(12, b"retry");
         let mut out = Vec::new();
