@@ -264,3 +264,60 @@ def count_lines(path) -> int:
         return 0
     with open(path, "rb") as f:
         return sum(1 for _ in f)
+
+
+# ----------------------------------------------------------------------------- tracing helpers
+# See tests/OTEL_TRACER_NOTES.md (facts about Envoy's built-in OpenTelemetry tracer).
+
+def router(start_child_span: bool = False) -> dict:
+    """The router filter; `start_child_span` makes it start a CLIENT child span per upstream try."""
+    r = {"name": "envoy.filters.http.router",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    if start_child_span:
+        r["typed_config"]["start_child_span"] = True
+    return r
+
+
+def builtin_tracer(cluster: str = "otlp", service_name: str = "edge", **extra) -> dict:
+    """Envoy's built-in `envoy.tracers.opentelemetry` provider (OTLP/gRPC through `cluster`)."""
+    tc = {"@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+          "grpc_service": {"envoy_grpc": {"cluster_name": cluster}}, "service_name": service_name}
+    tc.update(extra)
+    return {"name": "envoy.tracers.opentelemetry", "typed_config": tc}
+
+
+def our_tracer(config: dict, so: pathlib.Path = TRACER_SO, namespace: str = "obs",
+               tracer_name: str = "opentelemetry") -> dict:
+    """Our tracer (`libenvoy_obs_tracer.so`) as an HCM `tracing.provider`, with a Struct config."""
+    return {"name": "envoy.tracers.dynamic_modules",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.tracers.dynamic_modules.v3.DynamicModuleTracer",
+                "dynamic_module_config": {"module": {"local": {"filename": str(so)}}, "metrics_namespace": namespace},
+                "tracer_name": tracer_name,
+                "tracer_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": config}}}
+
+
+def hcm_tracing(provider: dict, sampling: float = 100, custom_tags: list | None = None, **extra) -> dict:
+    """The HCM `tracing` block: `random_sampling` percent, the provider, custom_tags."""
+    t = {"random_sampling": {"value": sampling}, "provider": provider}
+    if custom_tags:
+        t["custom_tags"] = custom_tags
+    t.update(extra)
+    return t
+
+
+def min_flush_spans_runtime(n: int = 1) -> dict:
+    """extra_bootstrap making the built-in OTel tracer export every `n` spans (default 5)."""
+    return {"layered_runtime": {"layers": [{"name": "static", "static_layer": {
+        "tracing.opentelemetry.min_flush_spans": n}}]}}
+
+
+TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def parse_traceparent(value: str) -> tuple[str, str, str]:
+    """'00-<trace id>-<parent id>-<flags>' -> (trace id, parent id, flags); fails if malformed."""
+    m = TRACEPARENT_RE.match(value or "")
+    if not m:
+        raise AssertionError(f"not a valid traceparent: {value!r}")
+    return m.group(1), m.group(2), m.group(3)
