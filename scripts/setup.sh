@@ -16,6 +16,8 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 # bindgen (make bindings / check-bindings) loads libclang at run time.
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v gcc >/dev/null || need_apt+=(gcc)
+# promtool and a Prometheus server for the stats-sink tests (the package does not start a service here).
+command -v promtool >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -1,77 +1,144 @@
-//! `libenvoy_obs_stats_sink.so`: stat sinks (`sink_name: prometheus | otlp`).
+//! `libenvoy_obs_stats_sink.so`: stat sinks for `envoy.stat_sinks.dynamic_modules`.
 //!
-//! Status: the foundation only. The module loads, validates its (so far empty) config and
-//! exports every required hook of Envoy 1.40's stat-sink kind; `flush` and
-//! `on_histogram_complete` do nothing yet. The Prometheus endpoint and OTLP push come with the
-//! stats-sink issue.
+//! - `sink_name: prometheus`: Envoy's `/stats/prometheus` text on a metrics-only listener.
+//! - `sink_name: otlp`: not yet implemented; rejected at load with a clear message.
 //!
-//! Thread model: config hooks and `flush` on the main thread; `on_histogram_complete` on
-//! whichever thread records a histogram sample (must stay lock-free; it is a no-op).
+//! Thread model: config hooks and `flush` on the main thread (flush copies the snapshot and
+//! hands it to the sink's own thread); `on_histogram_complete` on whichever thread records a
+//! histogram sample: a no-op (the snapshot's cumulative histograms are used instead).
 use std::ffi::c_void;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
 
 use envoy_obs_abi as abi;
-use envoy_obs_common::config::{parse, ConfigError};
+use envoy_obs_common::config::ConfigError;
 use envoy_obs_common::declare_program_init;
-use envoy_obs_common::hook;
-use serde::Deserialize;
+use envoy_obs_common::ffi::stat_sink::{SinkHandle, Snapshot};
+use envoy_obs_common::ffi::{self};
+use envoy_obs_common::hook::{self, guard};
+
+pub mod prometheus;
+pub mod snapshot;
+
+use prometheus::{Server, ServerStats};
+use snapshot::MetaCache;
 
 declare_program_init!();
 
-/// `sink_config`; keys arrive with the stats-sink issue. Unknown keys are rejected.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinkConfig {}
+/// Sink gauges (registered by Envoy without a namespace prefix).
+struct Health {
+    handle: SinkHandle,
+    scrapes: usize,
+    render_us: usize,
+    series: usize,
+    flush_us: usize,
+}
 
-/// The sink config object.
-pub struct Sink;
+/// The Prometheus sink's config object.
+pub struct PromSink {
+    cache: std::sync::Mutex<MetaCache>,
+    texts: bool,
+    server: Option<Server>,
+    stats: Arc<ServerStats>,
+    health: Health,
+}
 
-fn config_new_impl(name: &str, config: &[u8]) -> Result<Sink, ConfigError> {
-    if !matches!(name, "prometheus" | "otlp") {
-        return Err(ConfigError::new("sink_name", format!("unknown sink {name:?}; expected: prometheus, otlp")));
+/// What Envoy's config pointer points at.
+pub enum Sink {
+    /// `sink_name: prometheus`
+    Prometheus(PromSink),
+}
+
+fn config_new_impl(handle: SinkHandle, name: &str, config: &[u8]) -> Result<Sink, ConfigError> {
+    match name {
+        "prometheus" => {
+            let (cfg, opts) = prometheus::compile(config)?;
+            let g =
+                |n: &str| handle.define_gauge(&format!("obs_sink.prometheus.{n}")).map_err(|e| ConfigError::new("", e));
+            let health = Health {
+                handle,
+                scrapes: g("scrapes_served")?,
+                render_us: g("render_us")?,
+                series: g("series")?,
+                flush_us: g("flush_us")?,
+            };
+            let stats = Arc::new(ServerStats::default());
+            let texts = opts.text_readouts;
+            let server = if ffi::is_validation_mode() { None } else { Some(Server::start(&cfg, opts, stats.clone())?) };
+            Ok(Sink::Prometheus(PromSink { cache: Default::default(), texts, server, stats, health }))
+        }
+        "otlp" => Err(ConfigError::new("sink_name", "the otlp sink is not implemented yet; use prometheus")),
+        other => Err(ConfigError::new("sink_name", format!("unknown sink {other:?}; expected: prometheus, otlp"))),
     }
-    let _: SinkConfig = parse(config)?;
-    Ok(Sink)
+}
+
+impl PromSink {
+    fn flush(&self, snap: &Snapshot<'_>) {
+        let t0 = Instant::now();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        if let (Some(server), Ok(mut cache)) = (&self.server, self.cache.lock()) {
+            server.publish(cache.read(snap, self.texts, now));
+        }
+        let h = &self.health;
+        h.handle.set_gauge(h.flush_us, t0.elapsed().as_micros() as u64);
+        h.handle.set_gauge(h.scrapes, self.stats.scrapes.load(Relaxed));
+        h.handle.set_gauge(h.render_us, self.stats.render_us.load(Relaxed));
+        h.handle.set_gauge(h.series, self.stats.series.load(Relaxed));
+    }
 }
 
 /// # Safety
-/// Called by Envoy on the main thread with valid buffers.
+/// Called by Envoy on the main thread with valid buffers and its config handle.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_stat_sink_config_new(
-    _config_envoy_ptr: *mut c_void,
+    config_envoy_ptr: *mut c_void,
     name: abi::EB,
     config: abi::EB,
 ) -> *const c_void {
-    // SAFETY: Envoy's buffers for this call.
-    unsafe { hook::config_new("on_stat_sink_config_new", "stats sink", "sink_config", name, config, config_new_impl) }
+    // SAFETY: Envoy's buffers for this call; the handle lives until config_destroy.
+    unsafe {
+        let handle = SinkHandle::new(config_envoy_ptr);
+        hook::config_new("on_stat_sink_config_new", "stats sink", "sink_config", name, config, |n, b| {
+            config_new_impl(handle, n, b)
+        })
+    }
 }
 
 /// # Safety
 /// `config_module_ptr` comes from `config_new`.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_stat_sink_config_destroy(config_module_ptr: *const c_void) {
-    // SAFETY: Envoy destroys the pointer config_new returned, once.
+    // SAFETY: Envoy destroys the pointer config_new returned, once; dropping it stops the server.
     unsafe { hook::destroy::<Sink>("on_stat_sink_config_destroy", config_module_ptr) }
 }
 
-/// Main-thread flush: nothing to do yet.
+/// # Safety
+/// Called on the main thread with our config and a snapshot valid during the call.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_stat_sink_flush(_config: *const c_void, _snapshot: *mut c_void) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_stat_sink_flush(
+    config_module_ptr: *const c_void,
+    snapshot: *mut c_void,
+) {
+    guard("on_stat_sink_flush", (), || {
+        // SAFETY: the config lives until destroy; the snapshot during this call.
+        let (Some(sink), snap) =
+            (unsafe { (config_module_ptr as *const Sink).as_ref() }, unsafe { Snapshot::new(snapshot) })
+        else {
+            return;
+        };
+        match sink {
+            Sink::Prometheus(p) => p.flush(&snap),
+        }
+    })
+}
 
-/// Called for every histogram sample on any thread: must stay lock-free and cheap.
+/// Called for every histogram sample on any thread: must stay lock-free and cheap. Unused: the
+/// snapshot's cumulative histograms carry the same information at flush time.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_stat_sink_on_histogram_complete(
     _config: *const c_void,
     _name: abi::EB,
     _value: u64,
 ) {
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn config_is_checked() {
-        assert!(super::config_new_impl("prometheus", b"{}").is_ok());
-        assert_eq!(super::config_new_impl("otlp", br#"{"x":1}"#).err().unwrap().field, "x");
-        assert_eq!(super::config_new_impl("statsd", b"").err().unwrap().field, "sink_name");
-    }
 }

@@ -5,6 +5,7 @@ use envoy_obs_abi as abi;
 use std::ffi::c_void;
 
 pub mod access_log;
+pub mod stat_sink;
 pub mod tracer;
 
 /// Bytes owned by Envoy, borrowed for the duration of a hook (`'a`).

@@ -1,0 +1,595 @@
+//! `sink_name: prometheus` — Envoy's `/stats/prometheus` output, served on a metrics-only
+//! listener from a background thread.
+//!
+//! The main thread's `flush` only copies the snapshot (see `snapshot`) and hands it over. The
+//! server thread renders it once per flush, on the first scrape after it (plus a gzip copy when
+//! a scraper asks for one), and serves the cached bytes to every scrape until the next flush.
+//!
+//! The text follows Envoy 1.40's admin formatter: `envoy_` + the tag-extracted name with every
+//! character outside `[a-zA-Z0-9_]` replaced by `_`; tags as labels with sanitised names;
+//! metric families grouped by name, `# TYPE` first; counters, gauges, (text readouts as gauges
+//! with a `text_value` label), histograms as `_bucket{le=…}` with Envoy's bounds printed like
+//! `%.32g`, a `+Inf` bucket, `_sum` and `_count`.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use envoy_obs_common::config::{parse, ConfigError};
+
+use crate::snapshot::{Meta, Stats};
+
+fn default_address() -> String {
+    "127.0.0.1:9102".into()
+}
+fn default_path() -> String {
+    "/metrics".into()
+}
+
+/// How histograms are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HistogramMode {
+    /// `_bucket{le=…}`, `_sum`, `_count` (Envoy's default).
+    #[default]
+    Histogram,
+    /// Quantiles computed from the buckets, `_sum`, `_count`.
+    Summary,
+}
+
+/// `sink_config` of `sink_name: prometheus`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromConfig {
+    /// `host:port` of the metrics-only listener.
+    #[serde(default = "default_address")]
+    pub address: String,
+    /// The path served.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Only stats that were used (approximated: non-zero counters and gauges, histograms with
+    /// samples; the 1.40 ABI does not expose Envoy's "used" flag).
+    #[serde(default)]
+    pub used_only: bool,
+    /// Only stats whose full name matches this regex (searched, like the admin `filter`).
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Also emit text readouts, as gauges of value 1 with a `text_value` label.
+    #[serde(default)]
+    pub text_readouts: bool,
+    /// `histogram` (default) or `summary`.
+    #[serde(default)]
+    pub histogram_emit_mode: HistogramMode,
+}
+
+/// Render options derived from the config.
+pub struct Options {
+    used_only: bool,
+    filter: Option<regex_lite::Regex>,
+    /// Text readouts are read from the snapshot only when emitted.
+    pub text_readouts: bool,
+    mode: HistogramMode,
+}
+
+/// Parses and validates the config.
+pub fn compile(bytes: &[u8]) -> Result<(PromConfig, Options), ConfigError> {
+    let c: PromConfig = parse(bytes)?;
+    if c.address.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
+        return Err(ConfigError::new("address", format!("{:?} is not a host:port to listen on", c.address)));
+    }
+    if !c.path.starts_with('/') || c.path.contains(char::is_whitespace) {
+        return Err(ConfigError::new("path", "must start with / and contain no spaces"));
+    }
+    let filter = match &c.filter {
+        Some(f) => Some(regex_lite::Regex::new(f).map_err(|e| ConfigError::new("filter", format!("bad regex: {e}")))?),
+        None => None,
+    };
+    let o = Options { used_only: c.used_only, filter, text_readouts: c.text_readouts, mode: c.histogram_emit_mode };
+    Ok((c, o))
+}
+
+/// `[^a-zA-Z0-9_]` → `_`.
+pub fn sanitize(s: &[u8]) -> String {
+    s.iter().map(|&c| if c.is_ascii_alphanumeric() || c == b'_' { c as char } else { '_' }).collect()
+}
+
+fn escape_label(v: &[u8], out: &mut String) {
+    for c in String::from_utf8_lossy(v).chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn labels(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in tags.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&sanitize(k));
+        s.push_str("=\"");
+        escape_label(v, &mut s);
+        s.push('"');
+    }
+    s
+}
+
+/// The name-derived data of one stat.
+pub fn meta(name: Vec<u8>, extracted: Vec<u8>, tags: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {
+    let prom_name = Some(format!("envoy_{}", sanitize(&extracted)));
+    let labels = labels(&tags);
+    Meta { name, extracted, tags, prom_name, labels }
+}
+
+/// `%.32g`, as Envoy prints bucket bounds and sums.
+pub fn fmt_g32(v: f64, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 64];
+    // SAFETY: snprintf writes at most buf.len() bytes including the NUL; the format takes one double.
+    let n = unsafe { libc::snprintf(buf.as_mut_ptr().cast(), buf.len(), c"%.32g".as_ptr(), v) };
+    if n > 0 {
+        out.extend_from_slice(&buf[..(n as usize).min(buf.len() - 1)]);
+    }
+}
+
+fn visible(o: &Options, m: &Meta, used: bool) -> bool {
+    (!o.used_only || used)
+        && m.prom_name.is_some()
+        && o.filter.as_ref().is_none_or(|r| r.is_match(&String::from_utf8_lossy(&m.name)))
+}
+
+/// Writes one family per Prometheus name: sorted by name, then by full stat name.
+fn families<'a, T>(
+    items: &'a [T],
+    meta: impl Fn(&T) -> &Meta,
+    keep: impl Fn(&T) -> bool,
+    ty: &str,
+    out: &mut Vec<u8>,
+    mut line: impl FnMut(&'a T, &str, &mut Vec<u8>),
+) -> usize {
+    let mut idx: Vec<&T> = items.iter().filter(|t| keep(t)).collect();
+    idx.sort_unstable_by(|a, b| {
+        let (a, b) = (meta(a), meta(b));
+        a.prom_name.cmp(&b.prom_name).then_with(|| a.name.cmp(&b.name))
+    });
+    let mut series = 0;
+    let mut current: Option<&str> = None;
+    for t in idx {
+        let name = meta(t).prom_name.as_deref().unwrap_or_default();
+        if current != Some(name) {
+            if current.is_some() {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(b"# TYPE ");
+            out.extend_from_slice(name.as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(ty.as_bytes());
+            out.push(b'\n');
+            current = Some(name);
+        }
+        line(t, name, out);
+        series += 1;
+    }
+    if current.is_some() {
+        out.push(b'\n');
+    }
+    series
+}
+
+fn sample(name: &str, suffix: &str, labels: &str, extra: Option<(&str, &[u8])>, out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(suffix.as_bytes());
+    out.push(b'{');
+    out.extend_from_slice(labels.as_bytes());
+    if let Some((k, v)) = extra {
+        if !labels.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"=\"");
+        out.extend_from_slice(v);
+        out.push(b'"');
+    }
+    out.extend_from_slice(b"} ");
+}
+
+/// Quantile `q` of a cumulative bucket list, interpolated linearly inside the bucket.
+pub fn quantile(buckets: &[(f64, u64)], total: u64, q: f64) -> f64 {
+    if total == 0 {
+        return f64::NAN;
+    }
+    let rank = q * total as f64;
+    let (mut lo, mut below) = (0.0, 0u64);
+    for &(le, c) in buckets {
+        if c as f64 >= rank && c > below {
+            let frac = (rank - below as f64) / (c - below) as f64;
+            return lo + (le - lo) * frac.clamp(0.0, 1.0);
+        }
+        lo = le;
+        below = c;
+    }
+    buckets.last().map_or(f64::NAN, |b| b.0)
+}
+
+const QUANTILES: [(f64, &str); 10] = [
+    (0.0, "0"),
+    (0.25, "0.25"),
+    (0.5, "0.5"),
+    (0.75, "0.75"),
+    (0.9, "0.9"),
+    (0.95, "0.95"),
+    (0.99, "0.99"),
+    (0.995, "0.995"),
+    (0.999, "0.999"),
+    (1.0, "1"),
+];
+
+/// Counters or gauges: one `name{labels} value` line each.
+fn numeric(items: &[crate::snapshot::Value], o: &Options, ty: &str, out: &mut Vec<u8>) -> usize {
+    let mut num = itoa::Buffer::new();
+    families(
+        items,
+        |v| &v.meta,
+        |v| visible(o, &v.meta, v.value > 0),
+        ty,
+        out,
+        |v, name, out| {
+            sample(name, "", &v.meta.labels, None, out);
+            out.extend_from_slice(num.format(v.value).as_bytes());
+            out.push(b'\n');
+        },
+    )
+}
+
+/// Renders the exposition text; returns the number of series.
+pub fn render(s: &Stats, o: &Options, out: &mut Vec<u8>) -> usize {
+    let mut n = numeric(&s.counters, o, "counter", out);
+    n += numeric(&s.gauges, o, "gauge", out);
+    if o.text_readouts {
+        n += families(
+            &s.texts,
+            |t| &t.meta,
+            |t| visible(o, &t.meta, !t.value.is_empty()),
+            "gauge",
+            out,
+            |t, name, out| {
+                let mut v = String::new();
+                escape_label(&t.value, &mut v);
+                sample(name, "", &t.meta.labels, Some(("text_value", v.as_bytes())), out);
+                out.extend_from_slice(b"1\n");
+            },
+        );
+    }
+    let ty = if o.mode == HistogramMode::Summary { "summary" } else { "histogram" };
+    let mut num = itoa::Buffer::new();
+    n += families(
+        &s.histograms,
+        |h| &h.meta,
+        |h| visible(o, &h.meta, h.count > 0),
+        ty,
+        out,
+        |h, name, out| {
+            let labels = &h.meta.labels;
+            match o.mode {
+                HistogramMode::Histogram => {
+                    let mut le = Vec::with_capacity(32);
+                    for &(bound, c) in &h.buckets {
+                        le.clear();
+                        fmt_g32(bound, &mut le);
+                        sample(name, "_bucket", labels, Some(("le", &le)), out);
+                        out.extend_from_slice(num.format(c).as_bytes());
+                        out.push(b'\n');
+                    }
+                    sample(name, "_bucket", labels, Some(("le", b"+Inf")), out);
+                    out.extend_from_slice(num.format(h.count).as_bytes());
+                    out.push(b'\n');
+                }
+                HistogramMode::Summary => {
+                    for (q, qs) in QUANTILES {
+                        sample(name, "", labels, Some(("quantile", qs.as_bytes())), out);
+                        fmt_g32(quantile(&h.buckets, h.count, q), out);
+                        out.push(b'\n');
+                    }
+                }
+            }
+            sample(name, "_sum", labels, None, out);
+            fmt_g32(h.sum, out);
+            out.push(b'\n');
+            sample(name, "_count", labels, None, out);
+            out.extend_from_slice(num.format(h.count).as_bytes());
+            out.push(b'\n');
+        },
+    );
+    n
+}
+
+/// Counters the server keeps (published as sink gauges on the main thread).
+#[derive(Default)]
+pub struct ServerStats {
+    /// Scrapes answered with the metrics.
+    pub scrapes: AtomicU64,
+    /// Microseconds the last render took.
+    pub render_us: AtomicU64,
+    /// Series in the last render.
+    pub series: AtomicU64,
+}
+
+struct Rendered {
+    generation: u64,
+    body: Arc<Vec<u8>>,
+    gzip: Option<Arc<Vec<u8>>>,
+}
+
+struct Shared {
+    latest: Mutex<(u64, Option<Arc<Stats>>)>,
+    rendered: Mutex<Option<Rendered>>,
+    options: Options,
+    path: String,
+    stop: AtomicBool,
+    stats: Arc<ServerStats>,
+}
+
+/// The metrics listener and its thread; dropping it stops the thread.
+pub struct Server {
+    shared: Arc<Shared>,
+    addr: std::net::SocketAddr,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `address` (errors name the field) and starts serving.
+    pub fn start(c: &PromConfig, options: Options, stats: Arc<ServerStats>) -> Result<Server, ConfigError> {
+        let listener = TcpListener::bind(&c.address)
+            .map_err(|e| ConfigError::new("address", format!("cannot listen on {}: {e}", c.address)))?;
+        let addr = listener.local_addr().map_err(|e| ConfigError::new("address", e.to_string()))?;
+        let shared = Arc::new(Shared {
+            latest: Mutex::new((0, None)),
+            rendered: Mutex::new(None),
+            options,
+            path: c.path.clone(),
+            stop: AtomicBool::new(false),
+            stats,
+        });
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("obs-prom-http".into())
+            .spawn(move || serve(listener, &sh))
+            .map_err(|e| ConfigError::new("", format!("cannot start the metrics thread: {e}")))?;
+        Ok(Server { shared, addr, thread: Some(thread) })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Publishes a new snapshot (main thread; cheap: a pointer swap under a lock).
+    pub fn publish(&self, s: Stats) {
+        if let Ok(mut l) = self.shared.latest.lock() {
+            l.0 += 1;
+            l.1 = Some(Arc::new(s));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Relaxed);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(listener: TcpListener, sh: &Shared) {
+    for conn in listener.incoming() {
+        if sh.stop.load(Relaxed) {
+            return;
+        }
+        if let Ok(stream) = conn {
+            let _ = handle(stream, sh);
+        }
+    }
+}
+
+/// The cached rendering of the latest snapshot (rendered now if it is newer).
+fn current(sh: &Shared, gzip: bool) -> Option<Arc<Vec<u8>>> {
+    let (generation, stats) = {
+        let l = sh.latest.lock().ok()?;
+        (l.0, l.1.clone()?)
+    };
+    let mut r = sh.rendered.lock().ok()?;
+    if r.as_ref().is_none_or(|r| r.generation != generation) {
+        let t0 = Instant::now();
+        let mut body = Vec::with_capacity(r.as_ref().map_or(64 * 1024, |r| r.body.len() + 4096));
+        let series = render(&stats, &sh.options, &mut body);
+        sh.stats.render_us.store(t0.elapsed().as_micros() as u64, Relaxed);
+        sh.stats.series.store(series as u64, Relaxed);
+        *r = Some(Rendered { generation, body: Arc::new(body), gzip: None });
+    }
+    let r = r.as_mut()?;
+    if gzip {
+        if r.gzip.is_none() {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let _ = enc.write_all(&r.body);
+            r.gzip = Some(Arc::new(enc.finish().unwrap_or_default()));
+        }
+        return r.gzip.clone();
+    }
+    Some(r.body.clone())
+}
+
+fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > 16 * 1024 {
+            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", None, b"", false);
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut lines = head.split("\r\n");
+    let mut req = lines.next().unwrap_or("").split(' ');
+    let (method, target) = (req.next().unwrap_or(""), req.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let gzip = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("accept-encoding:") && l.contains("gzip")
+    });
+    if path != sh.path {
+        return respond(&mut s, "404 Not Found", "text/plain", None, b"not found\n", method == "HEAD");
+    }
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut s, "405 Method Not Allowed", "text/plain", None, b"use GET or HEAD\n", false);
+    }
+    match current(sh, gzip) {
+        Some(body) => {
+            sh.stats.scrapes.fetch_add(1, Relaxed);
+            let ct = "text/plain; version=0.0.4; charset=utf-8";
+            respond(&mut s, "200 OK", ct, gzip.then_some("gzip"), &body, method == "HEAD")
+        }
+        None => {
+            respond(&mut s, "503 Service Unavailable", "text/plain", None, b"no stats flushed yet\n", method == "HEAD")
+        }
+    }
+}
+
+fn respond(
+    s: &mut TcpStream,
+    status: &str,
+    ct: &str,
+    enc: Option<&str>,
+    body: &[u8],
+    head: bool,
+) -> std::io::Result<()> {
+    let mut h =
+        format!("HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    if status.starts_with("405") {
+        h.push_str("Allow: GET, HEAD\r\n");
+    }
+    if let Some(e) = enc {
+        h.push_str(&format!("Content-Encoding: {e}\r\nVary: Accept-Encoding\r\n"));
+    }
+    h.push_str("\r\n");
+    s.write_all(h.as_bytes())?;
+    if !head {
+        s.write_all(body)?;
+    }
+    s.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{Hist, Value};
+
+    fn m(name: &str, extracted: &str, tags: &[(&str, &str)]) -> Arc<Meta> {
+        Arc::new(meta(
+            name.into(),
+            extracted.into(),
+            tags.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect(),
+        ))
+    }
+
+    fn opts(json: &str) -> Options {
+        compile(json.as_bytes()).unwrap().1
+    }
+
+    #[test]
+    fn renders_like_envoy() {
+        let s = Stats {
+            counters: vec![
+                Value {
+                    meta: m("cluster.b.upstream_rq_total", "cluster.upstream_rq_total", &[("envoy.cluster_name", "b")]),
+                    value: 7,
+                    delta: 0,
+                },
+                Value {
+                    meta: m("cluster.a.upstream_rq_total", "cluster.upstream_rq_total", &[("envoy.cluster_name", "a")]),
+                    value: 3,
+                    delta: 0,
+                },
+                Value { meta: m("server.x-y", "server.x-y", &[]), value: 0, delta: 0 },
+            ],
+            histograms: vec![Hist {
+                meta: m(
+                    "http.ingress.downstream_rq_time",
+                    "http.downstream_rq_time",
+                    &[("envoy.http_conn_manager_prefix", "ingress")],
+                ),
+                count: 4,
+                sum: 12.5,
+                buckets: vec![(0.5, 1), (1.0, 2), (3_600_000.0, 4)],
+            }],
+            ..Stats::default()
+        };
+        let mut out = Vec::new();
+        assert_eq!(render(&s, &opts("{}"), &mut out), 4);
+        let text = String::from_utf8(out).unwrap();
+        let want = "# TYPE envoy_cluster_upstream_rq_total counter\n\
+            envoy_cluster_upstream_rq_total{envoy_cluster_name=\"a\"} 3\n\
+            envoy_cluster_upstream_rq_total{envoy_cluster_name=\"b\"} 7\n\n\
+            # TYPE envoy_server_x_y counter\n\
+            envoy_server_x_y{} 0\n\n\
+            # TYPE envoy_http_downstream_rq_time histogram\n\
+            envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"0.5\"} 1\n\
+            envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"1\"} 2\n\
+            envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"3600000\"} 4\n\
+            envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"+Inf\"} 4\n\
+            envoy_http_downstream_rq_time_sum{envoy_http_conn_manager_prefix=\"ingress\"} 12.5\n\
+            envoy_http_downstream_rq_time_count{envoy_http_conn_manager_prefix=\"ingress\"} 4\n\n";
+        assert_eq!(text, want);
+        let mut out = Vec::new();
+        assert_eq!(render(&s, &opts(r#"{"used_only":true,"filter":"cluster\\.a\\."}"#), &mut out), 1);
+    }
+
+    #[test]
+    fn summary_quantiles_interpolate() {
+        let b = [(1.0, 10), (10.0, 20)];
+        assert_eq!(quantile(&b, 20, 0.5), 1.0);
+        assert!((quantile(&b, 20, 0.75) - 5.5).abs() < 1e-9);
+        assert_eq!(quantile(&b, 20, 1.0), 10.0);
+        assert!(quantile(&b, 0, 0.5).is_nan());
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        for (json, field) in [
+            (r#"{"address":"nonsense"}"#, "address"),
+            (r#"{"path":"metrics"}"#, "path"),
+            (r#"{"filter":"(unclosed"}"#, "filter"),
+            (r#"{"histogram_emit_mode":"sketch"}"#, "histogram_emit_mode"),
+            (r#"{"bogus":1}"#, "bogus"),
+        ] {
+            let e = compile(json.as_bytes()).err().unwrap_or_else(|| panic!("{json} accepted"));
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn labels_are_escaped_and_names_sanitised() {
+        let mm = meta(b"a".to_vec(), b"a.b-c".to_vec(), vec![(b"x.y".to_vec(), b"q\"\\\n".to_vec())]);
+        assert_eq!(mm.prom_name.as_deref(), Some("envoy_a_b_c"));
+        assert_eq!(mm.labels, "x_y=\"q\\\"\\\\\\n\"");
+        let mut v = Vec::new();
+        fmt_g32(0.5, &mut v);
+        fmt_g32(3_600_000.0, &mut v);
+        assert_eq!(v, b"0.53600000");
+    }
+}

@@ -1,0 +1,217 @@
+"""The Prometheus stats sink (`sink_name: prometheus`) on a real Envoy 1.40.0: name-for-name
+and value-for-value against Envoy's own admin `/stats/prometheus`, accepted by `promtool` and
+scraped by a real Prometheus server.
+
+Stated tolerance for the admin comparison: the admin counts its own request in stats of the
+admin listener and HCM (`envoy_http_conn_manager_prefix="admin"`, `envoy_listener_admin_*`),
+and our sink's own gauges change between our flush and the admin's render; those values are
+excluded. Every other counter, gauge and histogram value must be equal: traffic has stopped and
+one more flush has happened before the comparison."""
+import gzip
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from harness import (STATS_SINK_SO, Envoy, curl, direct_response_listener, free_port, h2load, hcm_listener,
+                     our_json_logger, poll_until, route, static_cluster)
+
+
+def our_sink(config: dict, name: str = "prometheus") -> dict:
+    return {"name": "envoy.stat_sinks.dynamic_modules", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.stat_sinks.dynamic_modules.v3.DynamicModuleStatsSink",
+        "dynamic_module_config": {"module": {"local": {"filename": str(STATS_SINK_SO)}}},
+        "sink_name": name,
+        "sink_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": config}}}
+
+
+def sink_envoy(tmp_path, sink_config: dict, clusters: int = 1, flush: str = "1s"):
+    """Envoy with our sink, a front listener routing to `clusters` clusters (all to one
+    upstream) and the JSON logger (so module stats are in the output too)."""
+    front, up = free_port(), free_port()
+    routes = [route(f"/c{i}/", f"c{i}") for i in range(clusters)]
+    res = {"listeners": [hcm_listener("front", front, routes, access_log=[our_json_logger({"path": str(tmp_path / "a.log")})]),
+                         direct_response_listener("up", up)],
+           "clusters": [static_cluster(f"c{i}", up) for i in range(clusters)]}
+    boot = {"stats_sinks": [our_sink(sink_config)], "stats_flush_interval": flush}
+    return Envoy(tmp_path, res, extra_bootstrap=boot), front
+
+
+def series(text: str) -> dict[str, str]:
+    """`name{labels}` -> value, for every sample line."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            assert key not in out, f"duplicate series {key}"
+            out[key] = value
+    return out
+
+
+def scrape(port: int, path: str = "/metrics", headers: dict | None = None, method: str = "GET"):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {}, method=method)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.status, dict(r.headers), r.read()
+
+
+def flushed_twice(flush_s: float) -> None:
+    """Traffic has stopped: wait for two more sink flushes, so the snapshot is current."""
+    time.sleep(2 * flush_s + 0.3)
+
+
+SELF = re.compile(r'envoy_http_conn_manager_prefix="admin"|^envoy_listener_admin_|^envoy_obs_sink_')
+
+
+def compare_with_admin(e: Envoy, port: int, flush_s: float = 1.0) -> tuple[dict, dict]:
+    flushed_twice(flush_s)
+    ours = series(scrape(port)[2].decode())
+    admin = series(e.admin("/stats/prometheus"))
+    assert set(ours) == set(admin), (f"only admin: {sorted(set(admin) - set(ours))[:10]}; "
+                                     f"only ours: {sorted(set(ours) - set(admin))[:10]}")
+    diffs = [(k, admin[k], ours[k]) for k in admin if admin[k] != ours[k] and not SELF.search(k)]
+    assert not diffs, diffs[:20]
+    return ours, admin
+
+
+def test_same_series_and_values_as_the_admin_endpoint(tmp_path):
+    e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}"})
+    with e:
+        for path in ("/c0/a", "/c0/b", "/nope"):
+            curl(f"http://127.0.0.1:{front}{path}")
+        h2load(f"http://127.0.0.1:{front}/c0/load", 500, clients=4)
+        ours, _ = compare_with_admin(e, port)
+    assert any(k.startswith("envoy_cluster_upstream_rq_total{") for k in ours)
+    assert any("_bucket{" in k and 'le="+Inf"' in k for k in ours), "histograms"
+    assert any(k.startswith("envoy_obs_access_log_json_records_logged") for k in ours), "module stats"
+
+
+def test_500_clusters_match_the_admin_endpoint(tmp_path):
+    e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}"}, clusters=500, flush="2s")
+    with e:
+        curl(f"http://127.0.0.1:{front}/c7/x")
+        ours, _ = compare_with_admin(e, port, flush_s=2.0)
+    assert len(ours) > 75_000, len(ours)
+
+
+def test_promtool_accepts_the_output_and_prometheus_scrapes_every_series(tmp_path):
+    promtool, prom = shutil.which("promtool"), shutil.which("prometheus")
+    assert promtool and prom, "scripts/setup.sh installs Debian's prometheus package"
+    e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}"})
+    with e:
+        for _ in range(5):
+            curl(f"http://127.0.0.1:{front}/c0/x")
+        time.sleep(2.2)
+        body = scrape(port)[2]
+        check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
+        out = check.stdout.decode() + check.stderr.decode()
+        # Exit 3 = lint advice only (Envoy's names lack HELP text and `_total` suffixes, exactly
+        # as the admin endpoint's do); 1 = a parse error.
+        problems = [line for line in out.splitlines() if line.startswith("error") or "parsing error" in line]
+        assert check.returncode in (0, 3) and not problems, out[-3000:]
+        prom_port = free_port()
+        (tmp_path / "prometheus.yml").write_text(json.dumps({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+            "scrape_configs": [{"job_name": "envoy", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}))
+        p = subprocess.Popen([prom, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                              f"--web.listen-address=127.0.0.1:{prom_port}"],
+                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+        try:
+            def query(q):
+                url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={urllib.request.quote(q)}"
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        return json.loads(r.read())["data"]["result"]
+                except (OSError, ValueError, KeyError):
+                    return None
+            poll_until(lambda: (r := query('up{job="envoy"}')) and r[0]["value"][1] == "1", timeout=60,
+                       what="Prometheus target up")
+            ours = len(series(scrape(port)[2].decode()))
+            ingested = poll_until(lambda: (r := query('count({job="envoy",__name__!~"up|scrape_.*"})'))
+                                  and int(r[0]["value"][1]) or None, timeout=30, what="series ingested")
+            assert ingested == ours, (ingested, ours)
+        finally:
+            p.terminate()
+            p.wait(10)
+
+
+def test_http_behaviour(tmp_path):
+    e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}", "path": "/prom"})
+    with e:
+        curl(f"http://127.0.0.1:{front}/c0/x")
+        time.sleep(2.2)
+        status, headers, body = scrape(port, "/prom")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        status, headers, zbody = scrape(port, "/prom", {"Accept-Encoding": "gzip"})
+        assert headers.get("Content-Encoding") == "gzip" and gzip.decompress(zbody).count(b"\n") == body.count(b"\n")
+        status, headers, head = scrape(port, "/prom", method="HEAD")
+        assert status == 200 and head == b"" and int(headers["Content-Length"]) > 0
+        for method, path, code in [("POST", "/prom", 405), ("DELETE", "/prom", 405), ("GET", "/metrics", 404)]:
+            with pytest.raises(urllib.error.HTTPError) as err:
+                scrape(port, path, method=method)
+            assert err.value.code == code
+        # A client that connects and says nothing does not block the next scrape for long.
+        idle = socket.create_connection(("127.0.0.1", port))
+        t0 = time.monotonic()
+        assert scrape(port, "/prom")[0] == 200
+        idle.close()
+        assert time.monotonic() - t0 < 6
+        gauges = e.stats("obs_sink")
+        assert gauges["obs_sink.prometheus.series"] > 100 and gauges["obs_sink.prometheus.scrapes_served"] >= 3
+
+
+def test_endpoint_answers_under_load(tmp_path):
+    e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}"})
+    with e:
+        load = subprocess.Popen(["h2load", "--h1", "-n", "30000", "-c", "8", "-t", "1", f"http://127.0.0.1:{front}/c0/x"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.5)
+            codes = [scrape(port)[0] for _ in range(10)]
+        finally:
+            load.wait(120)
+        assert codes == [200] * 10
+
+
+def test_options_filter_used_only_text_readouts_summary(tmp_path):
+    e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}", "filter": "^cluster\\.",
+                                     "used_only": True, "histogram_emit_mode": "summary"})
+    with e:
+        curl(f"http://127.0.0.1:{front}/c0/x")
+        time.sleep(2.2)
+        text = scrape(port)[2].decode()
+    s = series(text)
+    assert s and all(k.startswith("envoy_cluster_") for k in s), list(s)[:5]
+    zeros = [k for k, v in s.items() if v == "0" and "quantile" not in k and "_sum{" not in k]
+    assert not zeros, f"used_only drops zero counters and gauges: {zeros[:5]}"
+    assert "# TYPE envoy_cluster_upstream_rq_time summary" in text
+    assert any('quantile="0.99"' in k for k in s)
+
+
+BAD = {
+    "port in use": ({"address": "127.0.0.1:{busy}"}, "field `address`: cannot listen"),
+    "bad address": ({"address": "not-an-address"}, "field `address`"),
+    "bad regex": ({"filter": "(unclosed"}, "field `filter`: bad regex"),
+    "unknown mode": ({"histogram_emit_mode": "sketch"}, "field `histogram_emit_mode`"),
+    "unknown key": ({"bogus": 1}, "field `bogus`"),
+    "bad path": ({"path": "metrics"}, "field `path`"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_is_rejected_naming_the_field(tmp_path, case):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    cfg, needle = BAD[case]
+    cfg = {k: (v.format(busy=busy.getsockname()[1]) if isinstance(v, str) else v) for k, v in cfg.items()}
+    e, _ = sink_envoy(tmp_path, cfg)
+    p = e.run_to_exit()
+    busy.close()
+    assert p.returncode == 1, e.log()[-2000:]
+    assert needle in e.log(), e.log()[-3000:]
