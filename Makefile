@@ -45,6 +45,7 @@ demo: setup build
 bench: setup build
 	$(PY) bench/access_log_bench.py
 	$(PY) bench/tracer_bench.py
+	$(PY) bench/stats_sink_bench.py
 
 clean:
 	$(CARGO) clean
