@@ -1,7 +1,7 @@
 //! `libenvoy_obs_stats_sink.so`: stat sinks for `envoy.stat_sinks.dynamic_modules`.
 //!
 //! - `sink_name: prometheus`: Envoy's `/stats/prometheus` text on a metrics-only listener.
-//! - `sink_name: otlp`: not yet implemented; rejected at load with a clear message.
+//! - `sink_name: otlp`: OTLP metrics with the semantics of Envoy's built-in OpenTelemetry sink.
 //!
 //! Thread model: config hooks and `flush` on the main thread (flush copies the snapshot and
 //! hands it to the sink's own thread); `on_histogram_complete` on whichever thread records a
@@ -18,6 +18,7 @@ use envoy_obs_common::ffi::stat_sink::{SinkHandle, Snapshot};
 use envoy_obs_common::ffi::{self};
 use envoy_obs_common::hook::{self, guard};
 
+pub mod otlp;
 pub mod prometheus;
 pub mod snapshot;
 
@@ -44,10 +45,26 @@ pub struct PromSink {
     health: Health,
 }
 
+/// The OTLP sink's config object.
+pub struct OtlpMetricsSink {
+    cache: std::sync::Mutex<MetaCache>,
+    sink: Option<otlp::OtlpSink>,
+    export: Arc<envoy_obs_common::otlp::ExportStats>,
+    handle: SinkHandle,
+    gauges: [usize; 5],
+}
+
 /// What Envoy's config pointer points at.
 pub enum Sink {
     /// `sink_name: prometheus`
     Prometheus(PromSink),
+    /// `sink_name: otlp`
+    Otlp(OtlpMetricsSink),
+}
+
+/// Unix time in nanoseconds.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn config_new_impl(handle: SinkHandle, name: &str, config: &[u8]) -> Result<Sink, ConfigError> {
@@ -68,15 +85,43 @@ fn config_new_impl(handle: SinkHandle, name: &str, config: &[u8]) -> Result<Sink
             let server = if ffi::is_validation_mode() { None } else { Some(Server::start(&cfg, opts, stats.clone())?) };
             Ok(Sink::Prometheus(PromSink { cache: Default::default(), texts, server, stats, health }))
         }
-        "otlp" => Err(ConfigError::new("sink_name", "the otlp sink is not implemented yet; use prometheus")),
+        "otlp" => {
+            let c = otlp::compile(config, &|k| std::env::var(k).ok())?;
+            let g = |n: &str| handle.define_gauge(&format!("obs_sink.otlp.{n}")).map_err(|e| ConfigError::new("", e));
+            let gauges = [
+                g("exports_ok")?,
+                g("exports_failed")?,
+                g("snapshots_skipped")?,
+                g("points_exported")?,
+                g("points_failed")?,
+            ];
+            let export = Arc::new(envoy_obs_common::otlp::ExportStats::default());
+            let sink = if ffi::is_validation_mode() { None } else { Some(otlp::OtlpSink::start(c, export.clone())?) };
+            Ok(Sink::Otlp(OtlpMetricsSink { cache: Default::default(), sink, export, handle, gauges }))
+        }
         other => Err(ConfigError::new("sink_name", format!("unknown sink {other:?}; expected: prometheus, otlp"))),
+    }
+}
+
+impl OtlpMetricsSink {
+    fn flush(&self, snap: &Snapshot<'_>) {
+        if let (Some(sink), Ok(mut cache)) = (&self.sink, self.cache.lock()) {
+            sink.publish(cache.read(snap, false, now_ns()));
+            let (s, e, h) = (&sink.stats, &self.export, self.handle);
+            let [ok, failed, skipped, points, points_failed] = self.gauges;
+            h.set_gauge(ok, s.exports_ok.load(Relaxed));
+            h.set_gauge(failed, s.exports_failed.load(Relaxed));
+            h.set_gauge(skipped, s.snapshots_skipped.load(Relaxed));
+            h.set_gauge(points, e.exported.load(Relaxed));
+            h.set_gauge(points_failed, e.failed.load(Relaxed));
+        }
     }
 }
 
 impl PromSink {
     fn flush(&self, snap: &Snapshot<'_>) {
         let t0 = Instant::now();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let now = now_ns();
         if let (Some(server), Ok(mut cache)) = (&self.server, self.cache.lock()) {
             server.publish(cache.read(snap, self.texts, now));
         }
@@ -129,6 +174,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_stat_sink_flush(
         };
         match sink {
             Sink::Prometheus(p) => p.flush(&snap),
+            Sink::Otlp(o) => o.flush(&snap),
         }
     })
 }
