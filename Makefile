@@ -1,6 +1,6 @@
 # envoy-obs: observability extension pack for Envoy 1.40.0 (dynamic modules).
 #
-#   make demo    build the modules, run a real Envoy with the JSON access logger, show logs + counters
+#   make demo    build the modules, run Envoy with every module + a local collector and Prometheus (DURATION=s)
 #   make test    every test: Rust unit tests, lint, ABI bindings check, real-Envoy integration tests
 #   make bench   CPU cost vs Envoy's built-ins: access loggers (file, OTel) and tracers (see bench/README.md)
 #
@@ -40,7 +40,7 @@ integration: setup build
 test: setup lint unit check-bindings integration
 
 demo: setup build
-	./scripts/demo.sh
+	$(PY) scripts/demo.py $(if $(DURATION),--duration $(DURATION))
 
 bench: setup build
 	$(PY) bench/access_log_bench.py

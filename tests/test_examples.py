@@ -6,9 +6,10 @@ import pytest
 
 from harness import ENVOY_BIN, MODULE_DIR, ROOT
 
-EXAMPLES = sorted((ROOT / "examples").glob("*/envoy.yaml"))
+# examples/compose is for Docker (image paths, service names); tests/test_dashboards.py checks it.
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*/envoy.yaml") if p.parent.name != "compose")
 FILL = {"@MODULE_DIR@": str(MODULE_DIR), "@LOG_PATH@": "/dev/null", "@COLLECTOR@": "http://127.0.0.1:4317",
-        "@LISTEN_PORT@": "10000", "@UPSTREAM_PORT@": "10001", "@ADMIN_PORT@": "10002"}
+        "@METRICS_PORT@": "10003", "@LISTEN_PORT@": "10000", "@UPSTREAM_PORT@": "10001", "@ADMIN_PORT@": "10002"}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.parent.name)
