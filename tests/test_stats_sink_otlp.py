@@ -13,6 +13,7 @@ dynamic-module ABI does not expose. Ours sends counters that ever counted, histo
 samples and every gauge. So a gauge only ours sends must be 0 (never set), and a stat only the
 built-in sends must be a counter that was "used" without counting (value 0)."""
 import time
+import urllib.request
 
 import pytest
 
@@ -97,19 +98,22 @@ def test_same_metrics_as_the_builtin_open_telemetry_sink(tmp_path, deltas):
     assert gauges["obs_sink.otlp.exports_ok"] >= 3 and gauges["obs_sink.otlp.exports_failed"] == 0
 
 
-def test_collector_down_then_back_and_the_sink_stays_cheap(tmp_path):
-    front, up = free_port(), free_port()
+def test_collector_down_then_back_while_the_prometheus_endpoint_keeps_answering(tmp_path):
+    front, up, mport = free_port(), free_port(), free_port()
     with OtlpReceiver("grpc") as rx:
         ours = our_sink({"endpoint": rx.endpoint, "timeout_ms": 500,
                          "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 200, "max_elapsed_ms": 600}}, name="otlp")
+        prom = our_sink({"address": f"127.0.0.1:{mport}"})
         res = {"listeners": [hcm_listener("front", front, [route("/", "backend")]), direct_response_listener("up", up)],
                "clusters": [static_cluster("backend", up)]}
-        with Envoy(tmp_path, res, extra_bootstrap={"stats_sinks": [ours], "stats_flush_interval": "1s"}) as e:
+        with Envoy(tmp_path, res, extra_bootstrap={"stats_sinks": [ours, prom], "stats_flush_interval": "1s"}) as e:
             rx.wait_for(1, "metrics", timeout=10)
             rx.stop()
             time.sleep(3)
             failed = e.stats("obs_sink.otlp")["obs_sink.otlp.exports_failed"]
             assert curl(f"http://127.0.0.1:{front}/x").stdout == "200", "Envoy serves while the collector is down"
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                assert r.status == 200 and b"envoy_obs_sink_otlp_exports_failed" in r.read()
             rx.start()
             before = rx.count("metrics")
             poll_until(lambda: rx.count("metrics") > before, timeout=15, what="exports resume")
