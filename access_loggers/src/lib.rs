@@ -26,6 +26,9 @@ pub mod json;
 pub mod logger;
 pub mod otlp;
 
+#[cfg(test)]
+mod fuzz;
+
 declare_program_init!();
 
 fn metrics(

@@ -379,3 +379,45 @@ pub(crate) mod tests {
         assert_eq!(out, vec![(b"a".to_vec(), b"4".to_vec()), (b"b".to_vec(), b"2".to_vec())]);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::tests::map;
+    use super::*;
+
+    /// Bounded fuzz on stable: mutated headers never panic the parsers.
+    #[test]
+    fn header_parsers_never_panic() {
+        let seeds = [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+            "a=1;p=2,b=%41%zz,=,c",
+        ];
+        let alphabet = b"0123456789abcdefABCDEF-=;,% \xff\x00";
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as usize
+        };
+        for i in 0..50_000 {
+            let mut s = seeds[i % seeds.len()].as_bytes().to_vec();
+            for _ in 0..1 + rnd() % 4 {
+                let at = rnd() % (s.len() + 1);
+                if rnd() % 2 == 0 || s.is_empty() {
+                    s.insert(at, alphabet[rnd() % alphabet.len()]);
+                } else {
+                    s.remove(at.min(s.len() - 1));
+                }
+            }
+            let _ = parse_traceparent(&s);
+            let _ = parse_b3(&s);
+            let mut out = Vec::new();
+            parse_baggage(&s, &mut out);
+            let v = String::from_utf8_lossy(&s).into_owned();
+            let c = map(&[("traceparent", &v), ("b3", &v), ("x-b3-traceid", &v), ("x-b3-spanid", &v), ("baggage", &v)]);
+            let _ = extract(&c, &[Propagator::Tracecontext, Propagator::B3, Propagator::B3multi]);
+        }
+    }
+}

@@ -69,6 +69,12 @@ fn clean_prefix(s: &[u8]) -> usize {
     i + s[i..].iter().position(|&b| ESCAPE[b as usize] != 0).unwrap_or(s.len() - i)
 }
 
+/// True when `s` is ASCII and needs no JSON escaping.
+#[inline]
+pub fn is_clean(s: &[u8]) -> bool {
+    s.is_ascii() && clean_prefix(s) == s.len()
+}
+
 /// Appends `s` (valid UTF-8) escaped, without quotes.
 #[inline]
 fn escape_str(s: &[u8], out: &mut Vec<u8>) {

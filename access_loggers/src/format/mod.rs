@@ -769,9 +769,15 @@ fn write_json_val(v: &Val<'_>, out: &mut Vec<u8>) {
         Val::S(s) => quoted(s, out),
         Val::Owned(s) => quoted(s, out),
         Val::Addr(..) | Val::Time(..) | Val::Flags(..) => {
-            // All ASCII, nothing to escape.
+            // Written in place; usually plain ASCII. Literal text of a time format, or a pipe
+            // address, can hold bytes JSON must escape: then the text is escaped after all.
             out.push(b'"');
+            let start = out.len();
             write_text_val(v, false, out);
+            if !escape::is_clean(&out[start..]) {
+                let text = out.split_off(start);
+                escape_into(&text, out);
+            }
             out.push(b'"');
         }
     }

@@ -262,3 +262,12 @@ fn render_cost() {
     let ren = t1.elapsed().as_nanos() / n;
     eprintln!("capture {cap} ns/record (fake stream), render {ren} ns/record, {} bytes", out.len());
 }
+
+/// Found by the fuzz run: literal text in a time format must be JSON-escaped.
+#[test]
+fn time_format_literals_are_escaped() {
+    let s = FakeStream::ok();
+    let v = render(serde_json::json!({"t": "%START_TIME(%s \\ \" %%)%"}), false, &s);
+    let t = v["t"].as_str().unwrap();
+    assert!(t.ends_with(" \\ \" %"), "{t}");
+}
