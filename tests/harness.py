@@ -321,3 +321,87 @@ def parse_traceparent(value: str) -> tuple[str, str, str]:
     if not m:
         raise AssertionError(f"not a valid traceparent: {value!r}")
     return m.group(1), m.group(2), m.group(3)
+
+
+# ----------------------------------------------------------------------------- Prometheus server
+
+class Prometheus:
+    """A real Prometheus server (Debian's `prometheus`, installed by scripts/setup.sh) scraping
+    `targets` (host:port strings) as job `job` every `scrape_interval`, with its TSDB under
+    `workdir`. Use as a context manager; `query()` runs an instant query through the HTTP API."""
+
+    def __init__(self, workdir: pathlib.Path, targets: list[str], job: str = "envoy",
+                 scrape_interval: str = "1s", metrics_path: str = "/metrics"):
+        import shutil
+        self.binary = shutil.which("prometheus")
+        assert self.binary, "scripts/setup.sh installs Debian's prometheus package"
+        self.workdir = pathlib.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.job = job
+        self.config_path = self.workdir / "prometheus.yml"
+        self.config_path.write_text(json.dumps({
+            "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
+            "scrape_configs": [{"job_name": job, "metrics_path": metrics_path,
+                                "static_configs": [{"targets": targets}]}]}))
+        self.log_path = self.workdir / "prometheus.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Prometheus":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([self.binary, f"--config.file={self.config_path}",
+                                      f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=subprocess.DEVNULL, stderr=self._log)
+        return self
+
+    def api(self, path: str, **params) -> dict:
+        """GET /api/v1/<path> with query parameters (lists repeat the key); returns `data`.
+        Raises on HTTP or API errors (the message is Prometheus's)."""
+        import urllib.error
+        import urllib.parse
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read() or b"{}")
+        if body.get("status") != "success":
+            raise ValueError(f"{body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """Instant query at the current time: the result vector (or [scalar] wrapped)."""
+        data = self.api("query", query=expr)
+        if data["resultType"] in ("scalar", "string"):
+            return [{"metric": {}, "value": data["result"]}]
+        return data["result"]
+
+    def wait_up(self, timeout: float = 60) -> None:
+        """Polls until every target of the job was scraped successfully."""
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"Prometheus exited:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                r = self.query(f'up{{job="{self.job}"}}')
+            except (OSError, ValueError):
+                return False
+            return bool(r) and all(s["value"][1] == "1" for s in r)
+        poll_until(up, timeout=timeout, interval=0.2, what=f"Prometheus targets up (log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
