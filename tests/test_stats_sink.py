@@ -161,8 +161,9 @@ def test_http_behaviour(tmp_path):
         assert scrape(port, "/prom")[0] == 200
         idle.close()
         assert time.monotonic() - t0 < 6
-        gauges = e.stats("obs_sink")
-        assert gauges["obs_sink.prometheus.series"] > 100 and gauges["obs_sink.prometheus.scrapes_served"] >= 3
+        # Health gauges are published at the next stats flush.
+        poll_until(lambda: (g := e.stats("obs_sink"))["obs_sink.prometheus.series"] > 100
+                   and g["obs_sink.prometheus.scrapes_served"] >= 3, timeout=5, what="health gauges")
 
 
 def test_endpoint_answers_under_load(tmp_path):
@@ -200,6 +201,7 @@ BAD = {
     "unknown mode": ({"histogram_emit_mode": "sketch"}, "field `histogram_emit_mode`"),
     "unknown key": ({"bogus": 1}, "field `bogus`"),
     "bad path": ({"path": "metrics"}, "field `path`"),
+    "two auth methods": ({"bearer_token": "t", "basic_auth": {"username": "u", "password": "p"}}, "field `basic_auth`"),
 }
 
 
@@ -215,3 +217,56 @@ def test_bad_config_is_rejected_naming_the_field(tmp_path, case):
     busy.close()
     assert p.returncode == 1, e.log()[-2000:]
     assert needle in e.log(), e.log()[-3000:]
+
+
+def raw(port: int, data: bytes, timeout: float = 5) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_endpoint_hardening(tmp_path):
+    """Slow clients cannot starve scrapes; malformed requests get 400/431; auth when configured."""
+    e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}", "bearer_token": "s3cret"})
+    with e:
+        curl(f"http://127.0.0.1:{front}/c0/x")
+        time.sleep(2.2)
+        # Slowloris: clients that trickle a request byte by byte hold at most their own thread.
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for s in slow:
+            s.sendall(b"GET /met")
+        t0 = time.monotonic()
+        assert scrape(port, headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert time.monotonic() - t0 < 1.5, "a scrape was kept waiting behind slow clients"
+        for s in slow:
+            s.close()
+        # A request that never completes is cut off after the request deadline.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            t0 = time.monotonic()
+            reply = s.recv(1024)
+            assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5
+        assert raw(port, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+        assert raw(port, b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 100 + b"\r\n").startswith(b"HTTP/1.1 431")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            scrape(port)
+        assert err.value.code == 401 and err.value.headers["WWW-Authenticate"] == "Bearer"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            scrape(port, headers={"Authorization": "Bearer wrong"})
+        assert err.value.code == 401
+
+
+def test_basic_auth(tmp_path):
+    import base64
+    e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}",
+                                     "basic_auth": {"username": "prom", "password": "p@ss"}})
+    with e:
+        time.sleep(2.2)
+        good = "Basic " + base64.b64encode(b"prom:p@ss").decode()
+        assert scrape(port, headers={"Authorization": good})[0] == 200
+        with pytest.raises(urllib.error.HTTPError) as err:
+            scrape(port, headers={"Authorization": "Basic " + base64.b64encode(b"prom:nope").decode()})
+        assert err.value.code == 401 and "Basic" in err.value.headers["WWW-Authenticate"]

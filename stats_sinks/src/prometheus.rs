@@ -64,6 +64,22 @@ pub struct PromConfig {
     /// `histogram` (default) or `summary`.
     #[serde(default)]
     pub histogram_emit_mode: HistogramMode,
+    /// Require `Authorization: Bearer <token>` (Prometheus `authorization.credentials`).
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// Require HTTP basic auth (Prometheus `basic_auth`).
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// `basic_auth` credentials.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
 }
 
 /// Render options derived from the config.
@@ -88,6 +104,12 @@ pub fn compile(bytes: &[u8]) -> Result<(PromConfig, Options), ConfigError> {
         Some(f) => Some(regex_lite::Regex::new(f).map_err(|e| ConfigError::new("filter", format!("bad regex: {e}")))?),
         None => None,
     };
+    if c.bearer_token.as_deref().is_some_and(|t| t.is_empty() || t.contains(char::is_whitespace)) {
+        return Err(ConfigError::new("bearer_token", "must be non-empty without spaces"));
+    }
+    if c.bearer_token.is_some() && c.basic_auth.is_some() {
+        return Err(ConfigError::new("basic_auth", "set bearer_token or basic_auth, not both"));
+    }
     let o = Options { used_only: c.used_only, filter, text_readouts: c.text_readouts, mode: c.histogram_emit_mode };
     Ok((c, o))
 }
@@ -366,15 +388,24 @@ struct Shared {
     rendered: Mutex<Option<Rendered>>,
     options: Options,
     path: String,
+    /// The exact `Authorization` header value required, if any.
+    auth: Option<Vec<u8>>,
     stop: AtomicBool,
     stats: Arc<ServerStats>,
 }
 
-/// The metrics listener and its thread; dropping it stops the thread.
+/// Connections served at once: a slow or idle client holds one, scrapes use the others.
+const SERVING_THREADS: usize = 4;
+/// A request must arrive whole within this time.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Header lines accepted per request.
+const MAX_HEADER_LINES: usize = 64;
+
+/// The metrics listener and its threads; dropping it stops them.
 pub struct Server {
     shared: Arc<Shared>,
     addr: std::net::SocketAddr,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -383,20 +414,33 @@ impl Server {
         let listener = TcpListener::bind(&c.address)
             .map_err(|e| ConfigError::new("address", format!("cannot listen on {}: {e}", c.address)))?;
         let addr = listener.local_addr().map_err(|e| ConfigError::new("address", e.to_string()))?;
+        let auth = match (&c.bearer_token, &c.basic_auth) {
+            (Some(t), _) => Some(format!("Bearer {t}").into_bytes()),
+            (None, Some(b)) => {
+                Some(format!("Basic {}", base64(format!("{}:{}", b.username, b.password).as_bytes())).into_bytes())
+            }
+            (None, None) => None,
+        };
         let shared = Arc::new(Shared {
             latest: Mutex::new((0, None)),
             rendered: Mutex::new(None),
             options,
             path: c.path.clone(),
+            auth,
             stop: AtomicBool::new(false),
             stats,
         });
-        let sh = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("obs-prom-http".into())
-            .spawn(move || serve(listener, &sh))
-            .map_err(|e| ConfigError::new("", format!("cannot start the metrics thread: {e}")))?;
-        Ok(Server { shared, addr, thread: Some(thread) })
+        let mut threads = Vec::with_capacity(SERVING_THREADS);
+        for i in 0..SERVING_THREADS {
+            let (sh, l) =
+                (shared.clone(), listener.try_clone().map_err(|e| ConfigError::new("address", e.to_string()))?);
+            let t = std::thread::Builder::new()
+                .name(format!("obs-prom-http{i}"))
+                .spawn(move || serve(l, &sh))
+                .map_err(|e| ConfigError::new("", format!("cannot start the metrics thread: {e}")))?;
+            threads.push(t);
+        }
+        Ok(Server { shared, addr, threads })
     }
 
     /// The bound address.
@@ -416,9 +460,11 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shared.stop.store(true, Relaxed);
-        // Wake the blocking accept.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
-        if let Some(t) = self.thread.take() {
+        // Wake every blocking accept.
+        for _ in &self.threads {
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        }
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -464,15 +510,24 @@ fn current(sh: &Shared, gzip: bool) -> Option<Arc<Vec<u8>>> {
 }
 
 fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() > 16 * 1024 {
-            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", None, b"", false);
+            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
         }
-        let n = s.read(&mut chunk)?;
+        // The whole request must arrive by the deadline: a client trickling bytes is cut off.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return respond(&mut s, "408 Request Timeout", "text/plain", &[], b"", false);
+        }
+        s.set_read_timeout(Some(left))?;
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            Err(_) => return respond(&mut s, "408 Request Timeout", "text/plain", &[], b"", false),
+        };
         if n == 0 {
             return Ok(());
         }
@@ -480,36 +535,93 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
     }
     let head = String::from_utf8_lossy(&buf);
     let mut lines = head.split("\r\n");
-    let mut req = lines.next().unwrap_or("").split(' ');
-    let (method, target) = (req.next().unwrap_or(""), req.next().unwrap_or(""));
+    let request_line = lines.next().unwrap_or("");
+    let mut req = request_line.split(' ');
+    let (method, target, version) = (req.next().unwrap_or(""), req.next().unwrap_or(""), req.next().unwrap_or(""));
+    if method.is_empty() || !target.starts_with('/') || !version.starts_with("HTTP/1.") || req.next().is_some() {
+        return respond(&mut s, "400 Bad Request", "text/plain", &[], b"bad request line\n", false);
+    }
+    let headers: Vec<&str> = lines.take_while(|l| !l.is_empty()).collect();
+    if headers.len() > MAX_HEADER_LINES {
+        return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
+    }
+    let header = |name: &str| {
+        headers.iter().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    };
     let path = target.split('?').next().unwrap_or("");
-    let gzip = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("accept-encoding:") && l.contains("gzip")
-    });
+    let gzip = header("accept-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("gzip"));
+    if let Some(want) = &sh.auth {
+        let got = header("authorization").unwrap_or("").as_bytes();
+        if !constant_time_eq(got, want) {
+            let www = if want.starts_with(b"Basic") { "Basic realm=\"envoy-obs\"" } else { "Bearer" };
+            return respond_with(
+                &mut s,
+                "401 Unauthorized",
+                &[("WWW-Authenticate", www)],
+                b"unauthorized\n",
+                method == "HEAD",
+            );
+        }
+    }
     if path != sh.path {
-        return respond(&mut s, "404 Not Found", "text/plain", None, b"not found\n", method == "HEAD");
+        return respond(&mut s, "404 Not Found", "text/plain", &[], b"not found\n", method == "HEAD");
     }
     if method != "GET" && method != "HEAD" {
-        return respond(&mut s, "405 Method Not Allowed", "text/plain", None, b"use GET or HEAD\n", false);
+        return respond(&mut s, "405 Method Not Allowed", "text/plain", &[], b"use GET or HEAD\n", false);
     }
     match current(sh, gzip) {
         Some(body) => {
             sh.stats.scrapes.fetch_add(1, Relaxed);
             let ct = "text/plain; version=0.0.4; charset=utf-8";
-            respond(&mut s, "200 OK", ct, gzip.then_some("gzip"), &body, method == "HEAD")
+            let enc: &[(&str, &str)] =
+                if gzip { &[("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")] } else { &[] };
+            respond(&mut s, "200 OK", ct, enc, &body, method == "HEAD")
         }
         None => {
-            respond(&mut s, "503 Service Unavailable", "text/plain", None, b"no stats flushed yet\n", method == "HEAD")
+            respond(&mut s, "503 Service Unavailable", "text/plain", &[], b"no stats flushed yet\n", method == "HEAD")
         }
     }
+}
+
+fn respond_with(
+    s: &mut TcpStream,
+    status: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+    head: bool,
+) -> std::io::Result<()> {
+    respond(s, status, "text/plain", extra, body, head)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in input.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn respond(
     s: &mut TcpStream,
     status: &str,
     ct: &str,
-    enc: Option<&str>,
+    extra: &[(&str, &str)],
     body: &[u8],
     head: bool,
 ) -> std::io::Result<()> {
@@ -518,8 +630,8 @@ fn respond(
     if status.starts_with("405") {
         h.push_str("Allow: GET, HEAD\r\n");
     }
-    if let Some(e) = enc {
-        h.push_str(&format!("Content-Encoding: {e}\r\nVary: Accept-Encoding\r\n"));
+    for (k, v) in extra {
+        h.push_str(&format!("{k}: {v}\r\n"));
     }
     h.push_str("\r\n");
     s.write_all(h.as_bytes())?;
@@ -594,6 +706,23 @@ mod tests {
         assert_eq!(
             render(&s, &opts(r#"{"used_only":true,"filter":"cluster\\.a\\."}"#), &mut Orders::default(), &mut out),
             1
+        );
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+            ("user:pass", "dXNlcjpwYXNz"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+        assert!(
+            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc")
         );
     }
 
