@@ -32,6 +32,7 @@ import gzip
 import http.server
 import select
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -571,11 +572,12 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 class OtlpReceiver:
     """See the module docstring. Thread-safe; all times are time.monotonic()."""
 
-    def __init__(self, protocol: str = "grpc", port: int | None = None):
+    def __init__(self, protocol: str = "grpc", port: int | None = None, tls: "ssl.SSLContext | None" = None):
         if protocol not in ("grpc", "http"):
             raise ValueError("protocol must be 'grpc' or 'http'")
         self.protocol = protocol
         self.port = port
+        self.tls = tls  # HTTP mode only: a server-side SSLContext (HTTPS, optionally mTLS)
         self._cv = threading.Condition()
         self._received: dict[str, list[Received]] = {s: [] for s in SIGNALS}
         self._attempts: list[Attempt] = []
@@ -590,7 +592,7 @@ class OtlpReceiver:
     # -- lifecycle
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def url(self, signal: str = "logs") -> str:
         """OTLP/HTTP URL of a signal, e.g. http://127.0.0.1:PORT/v1/logs."""
@@ -617,6 +619,8 @@ class OtlpReceiver:
             self.port = self._relay.port
         else:
             srv = _HttpServer(("127.0.0.1", self.port or 0), _HttpHandler)
+            if self.tls is not None:
+                srv.socket = self.tls.wrap_socket(srv.socket, server_side=True)
             srv.receiver = self
             srv.conns = set()
             srv.conns_lock = threading.Lock()

@@ -3,19 +3,21 @@
 //!
 //! Everything runs on a private current-thread tokio runtime owned by the flush thread that
 //! created the client: no Envoy thread ever waits on the network.
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use super::proto;
-use super::settings::{Compression, Protocol, Settings};
+use super::settings::{Compression, Protocol, Settings, TlsSettings};
 
 /// How one export request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +44,46 @@ enum Attempt {
     },
 }
 
+type Https = HttpClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 enum Transport {
     Grpc(Channel),
-    Http(Box<HttpClient<HttpConnector, Full<Bytes>>>),
+    Http(Box<Https>),
+}
+
+/// rustls client config for the HTTP transport: the CA bundle (or the system's roots) and an
+/// optional client identity.
+fn rustls_config(t: &TlsSettings) -> std::io::Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut roots = rustls::RootCertStore::empty();
+    match &t.ca_pem {
+        Some(pem) => {
+            for c in CertificateDer::pem_slice_iter(pem) {
+                roots.add(c.map_err(|e| bad(format!("ca_file: {e}")))?).map_err(|e| bad(format!("ca_file: {e}")))?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots);
+    match &t.identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("cert_file: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(format!("key_file: {e}")))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| bad(e.to_string()))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
 }
 
 /// What a send cost, for the caller's counters.
@@ -72,12 +111,26 @@ impl Client {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (transport, http_uri) = match settings.protocol {
             Protocol::Grpc => {
-                let ep = Endpoint::from_shared(settings.endpoint.clone())
+                let mut ep = Endpoint::from_shared(settings.endpoint.clone())
                     .map_err(std::io::Error::other)?
                     .connect_timeout(settings.timeout)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(30))
                     .keep_alive_while_idle(false);
+                if let Some(t) = &settings.tls {
+                    let mut tls = ClientTlsConfig::new();
+                    tls = match &t.ca_pem {
+                        Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+                        None => tls.with_native_roots(),
+                    };
+                    if let Some((cert, key)) = &t.identity {
+                        tls = tls.identity(Identity::from_pem(cert, key));
+                    }
+                    if let Some(name) = &t.server_name {
+                        tls = tls.domain_name(name.clone());
+                    }
+                    ep = ep.tls_config(tls).map_err(std::io::Error::other)?;
+                }
                 let _guard = rt.enter();
                 (Transport::Grpc(ep.connect_lazy()), None)
             }
@@ -85,8 +138,22 @@ impl Client {
                 let mut conn = HttpConnector::new();
                 conn.set_nodelay(true);
                 conn.set_connect_timeout(Some(settings.timeout));
-                let client =
-                    HttpClient::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(conn);
+                conn.enforce_http(false);
+                let tls = match &settings.tls {
+                    Some(t) => rustls_config(t)?,
+                    None => rustls_config(&TlsSettings { ca_pem: None, identity: None, server_name: None })?,
+                };
+                let b = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+                let b = match settings.tls.as_ref().and_then(|t| t.server_name.clone()) {
+                    Some(name) => {
+                        let name = rustls::pki_types::ServerName::try_from(name).map_err(std::io::Error::other)?;
+                        b.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+                    }
+                    None => b,
+                };
+                let client = HttpClient::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .build(b.enable_http1().wrap_connector(conn));
                 let uri = settings.endpoint.parse().map_err(std::io::Error::other)?;
                 (Transport::Http(Box::new(client)), Some(uri))
             }
@@ -189,7 +256,7 @@ impl Client {
         }
     }
 
-    async fn http(&self, c: &HttpClient<HttpConnector, Full<Bytes>>, body: Bytes) -> Attempt {
+    async fn http(&self, c: &Https, body: Bytes) -> Attempt {
         let Some(uri) = self.http_uri.clone() else {
             return Attempt::Done(Delivery::Failed("no HTTP endpoint".into()));
         };

@@ -144,7 +144,7 @@ impl OtlpExporter {
             match Client::new(self.settings.clone()) {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {
-                    self.warn(Warning::Failed, &format!("cannot start the exporter: {e}"));
+                    self.warn(Warning::Failed, &format!("cannot start the exporter: {e:?}"));
                     self.stats.failed.fetch_add(n, Relaxed);
                     return Outcome { written: 0, failed: n };
                 }

@@ -118,6 +118,39 @@ pub struct OtlpConfig {
     /// Resource attributes (over `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`).
     #[serde(default)]
     pub resource_attributes: BTreeMap<String, String>,
+    /// TLS to the collector (with an `https://` endpoint).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `tls` block. Files are read at config load; PEM format.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA bundle to verify the collector with (default: the system's roots;
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE`).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Client certificate chain for mTLS (`OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`).
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// Client private key for mTLS (`OTEL_EXPORTER_OTLP_CLIENT_KEY`).
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// Name to verify the collector's certificate against (default: the endpoint's host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// Resolved TLS material.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    /// CA bundle (PEM); None = the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate chain and key (PEM) for mTLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name to verify, if not the endpoint's host.
+    pub server_name: Option<String>,
 }
 
 /// The top-level keys that belong to [`OtlpConfig`].
@@ -131,6 +164,7 @@ pub const OTLP_KEYS: &[&str] = &[
     "max_request_bytes",
     "retry",
     "resource_attributes",
+    "tls",
 ];
 
 /// Default per-attempt timeout.
@@ -180,6 +214,8 @@ pub struct Settings {
     pub retry: RetryConfig,
     /// Resource attributes, sorted by key.
     pub resource: Vec<(String, String)>,
+    /// TLS, for `https://` endpoints.
+    pub tls: Option<TlsSettings>,
 }
 
 /// Resolves `cfg` for `signal` against the environment read through `env`
@@ -241,6 +277,7 @@ pub fn resolve(
         }
     };
     check_endpoint(&endpoint, protocol)?;
+    let tls = resolve_tls(cfg.tls.as_ref(), &endpoint, &sig_env, &gen_env)?;
 
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for var in ["OTEL_EXPORTER_OTLP_HEADERS".to_string(), format!("OTEL_EXPORTER_OTLP_{s}_HEADERS")] {
@@ -331,7 +368,44 @@ pub fn resolve(
         max_request_bytes: max_request_bytes as usize,
         retry,
         resource: resource.into_iter().collect(),
+        tls,
     })
+}
+
+fn resolve_tls(
+    cfg: Option<&TlsConfig>,
+    endpoint: &str,
+    sig_env: &dyn Fn(&str) -> Option<String>,
+    gen_env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    let https = endpoint.starts_with("https://");
+    if !https {
+        if cfg.is_some() {
+            return Err(ConfigError::new("tls", "needs an https:// endpoint"));
+        }
+        return Ok(None);
+    }
+    let env = |s: &str| sig_env(s).or_else(|| gen_env(s));
+    let c = cfg.cloned().unwrap_or_default();
+    let read = |field: &str, path: &str| -> Result<Vec<u8>, ConfigError> {
+        let b = std::fs::read(path)
+            .map_err(|e| ConfigError::new(format!("tls.{field}"), format!("cannot read {path}: {e}")))?;
+        if !b.windows(11).any(|w| w == b"-----BEGIN ") {
+            return Err(ConfigError::new(format!("tls.{field}"), format!("{path} is not PEM")));
+        }
+        Ok(b)
+    };
+    let ca_pem = match c.ca_file.or_else(|| env("CERTIFICATE")) {
+        Some(p) => Some(read("ca_file", &p)?),
+        None => None,
+    };
+    let identity = match (c.cert_file.or_else(|| env("CLIENT_CERTIFICATE")), c.key_file.or_else(|| env("CLIENT_KEY"))) {
+        (Some(cert), Some(key)) => Some((read("cert_file", &cert)?, read("key_file", &key)?)),
+        (None, None) => None,
+        (Some(_), None) => return Err(ConfigError::new("tls.key_file", "required with cert_file")),
+        (None, Some(_)) => return Err(ConfigError::new("tls.cert_file", "required with key_file")),
+    };
+    Ok(Some(TlsSettings { ca_pem, identity, server_name: c.server_name }))
 }
 
 fn has_path(url: &str) -> bool {
@@ -346,12 +420,8 @@ fn check_endpoint(e: &str, protocol: Protocol) -> Result<(), ConfigError> {
     };
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => {
-            return bad(format!(
-                "{e:?}: https is not supported yet; send to a collector on loopback or a sidecar over http"
-            ))
-        }
-        _ => return bad(format!("{e:?} must start with http://")),
+        Some("https") => {}
+        _ => return bad(format!("{e:?} must start with http:// or https://")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return bad(format!("{e:?} has no host"));
@@ -478,7 +548,10 @@ mod tests {
         let cases = [
             (r#"{"endpoint":"not a url"}"#, "endpoint"),
             (r#"{"endpoint":"ftp://x:1"}"#, "endpoint"),
-            (r#"{"endpoint":"https://x:4317"}"#, "endpoint"),
+            (r#"{"endpoint":"http://x:4317","tls":{}}"#, "tls"),
+            (r#"{"endpoint":"https://x:4317","tls":{"ca_file":"/nonexistent"}}"#, "tls.ca_file"),
+            (r#"{"endpoint":"https://x:4317","tls":{"ca_file":"/etc/hostname"}}"#, "tls.ca_file"),
+            (r#"{"endpoint":"https://x:4317","tls":{"cert_file":"/etc/hostname"}}"#, "tls.key_file"),
             (r#"{"endpoint":"http://x:4317/v1/logs"}"#, "endpoint"),
             (r#"{"headers":{"bad header":"v"}}"#, "headers.bad header"),
             (r#"{"headers":{"x":"line\nbreak"}}"#, "headers.x"),
