@@ -201,7 +201,7 @@ def test_graceful_shutdown_delivers_every_queued_record(tmp_path):
 BAD = {
     "unknown protocol": ({"protocol": "carrier-pigeon"}, "field `protocol`"),
     "malformed endpoint": ({"endpoint": "localhost:4317"}, "field `endpoint`"),
-    "https endpoint": ({"endpoint": "https://collector:4317"}, "https is not supported"),
+    "tls without https": ({"endpoint": "http://collector:4317", "tls": {}}, "field `tls`: needs an https:// endpoint"),
     "grpc endpoint with a path": ({"endpoint": "http://collector:4317/v1/logs"}, "without a path"),
     "negative batch size": ({"max_batch_size": -1}, "field `max_batch_size`"),
     "tiny request limit": ({"max_request_bytes": 10}, "field `max_request_bytes`"),
