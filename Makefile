@@ -10,7 +10,7 @@ CARGO ?= cargo
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all build setup test unit lint check-bindings bindings integration demo bench clean
+.PHONY: all build setup test unit lint check-bindings bindings integration demo bench faults clean
 
 all: build
 
@@ -41,6 +41,11 @@ test: setup lint unit check-bindings integration
 
 demo: setup build
 	$(PY) scripts/demo.py $(if $(DURATION),--duration $(DURATION))
+
+faults: setup build
+	rm -f .work/faults.json
+	$(PY) -m pytest -q tests/test_faults.py
+	$(PY) scripts/faults_table.py
 
 bench: setup build
 	$(PY) bench/access_log_bench.py

@@ -1,9 +1,12 @@
 //! Append-only log file (`/dev/stdout`, `/dev/stderr` or a regular file) that survives
 //! rotation. Used by exporters on the flush thread; never touched by Envoy's threads.
 //!
-//! Rotation: before writing, at most every [`ROTATION_CHECK`], the path is `stat`ed; if it no
-//! longer names the file we hold open (renamed or removed by logrotate), we reopen it. Lines
-//! written before the check land in the renamed file, lines after it in the new one: none lost.
+//! Rotation: before every write (one per drain of the queues, not per record) and every
+//! [`ROTATION_CHECK`] while idle, the path is `stat`ed; if it no longer names the file we hold
+//! open (renamed or removed by logrotate), we reopen it. Lines written before the check land in
+//! the renamed file, lines after it in the new one: none lost. If the path cannot be reopened,
+//! a renamed file keeps receiving lines; a removed one is dropped and writes fail, counted as
+//! write errors, until the path can be opened again.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -65,16 +68,28 @@ impl LogFile {
         if self.file.is_some() && current.is_some() && current == self.identity {
             return;
         }
-        if let Ok(f) = open_append(&self.path) {
-            self.identity = f.metadata().ok().map(|m| (m.dev(), m.ino()));
-            self.file = Some(f);
+        match open_append(&self.path) {
+            Ok(f) => {
+                self.identity = f.metadata().ok().map(|m| (m.dev(), m.ino()));
+                self.file = Some(f);
+            }
+            // The path cannot be reopened. A renamed file still holds what we write (keep
+            // it); a removed one does not: drop it, so writes fail and are counted until the
+            // path can be opened again.
+            Err(_) => {
+                if self.file.as_ref().and_then(|f| f.metadata().ok()).is_none_or(|m| m.nlink() == 0) {
+                    self.file = None;
+                }
+            }
         }
     }
 
     /// Appends `data` to the file (reopening it first if it was rotated). On error the handle
     /// is dropped so the next write retries the open; returns whether the write succeeded.
     pub fn write(&mut self, data: &[u8]) -> bool {
-        self.maybe_reopen(false);
+        // One stat per write (a write carries a whole drain, not a record): lines never go into
+        // a file that was removed since the last write.
+        self.maybe_reopen(true);
         let ok = match self.file.as_mut() {
             Some(f) => f.write_all(data).is_ok(),
             None => false,
@@ -132,6 +147,21 @@ mod tests {
         e.maybe_reopen(true);
         e.write(b"2\n");
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "2\n");
+    }
+
+    #[test]
+    fn a_removed_file_that_cannot_be_recreated_fails_writes_until_it_can() {
+        let d = tmpdir("unwritable");
+        let p = d.join("a.log");
+        let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
+        assert!(e.write(b"one\n"));
+        std::fs::remove_file(&p).unwrap();
+        std::fs::remove_dir(&d).unwrap();
+        e.maybe_reopen(true);
+        assert!(!e.write(b"lost\n"), "writing into a deleted file would lose the line uncounted");
+        std::fs::create_dir_all(&d).unwrap();
+        assert!(e.write(b"two\n"));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "two\n");
     }
 
     #[test]

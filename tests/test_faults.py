@@ -1,0 +1,212 @@
+"""Fault suite (`make faults`, also part of `make test`): misbehaving collectors, file faults and
+shutdown under steady load, against a real Envoy 1.40.0. For every fault: Envoy keeps serving,
+`exported + dropped + failed == produced` exactly (checked against what the receiver or file
+actually got), memory stays within the queue bound, and the module recovers.
+
+Each test appends its figures to .work/faults.json; `make faults` prints them as the table the
+README quotes (scripts/faults_table.py)."""
+import json
+import pathlib
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from harness import ROOT, Envoy, curl, free_port, hcm_listener, our_json_logger, our_otlp_logger, poll_until
+from otlp_receiver import OtlpReceiver
+
+OK = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
+FIGURES = ROOT / ".work" / "faults.json"
+
+
+def record(fault: str, **figures) -> None:
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    rows[fault] = figures
+    FIGURES.write_text(json.dumps(rows, indent=1))
+
+
+def rss_kb(pid: int) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def load(url: str, seconds: float, rps: int = 400) -> subprocess.Popen:
+    return subprocess.Popen(["h2load", "--h1", "-c", "4", "-t", "1", f"--rps={rps // 4}", "-D", str(int(seconds)), url],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def served(p: subprocess.Popen) -> int:
+    import re
+    out = p.communicate(timeout=120)[0]
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    assert m and m.group(1) == m.group(2), out
+    return int(m.group(2))
+
+
+def otlp_stats(e: Envoy) -> dict:
+    return {k.removeprefix("obs.access_log.otlp."): v for k, v in e.stats("obs.access_log.otlp").items()}
+
+
+def settled(e: Envoy, n: int) -> dict:
+    def ok():
+        s = otlp_stats(e)
+        return s if s["records_logged"] == n and s["records_exported"] + s["records_dropped"] + s["records_failed"] == n else None
+    return poll_until(ok, timeout=40, what="every record accounted for")
+
+
+class BadCollector:
+    """A TCP server that misbehaves: `hang` (accept, read, never answer), `close` (accept and
+    close at once), `garbage` (answer HTTP 200 with a non-protobuf body)."""
+
+    def __init__(self, mode: str):
+        self.mode, self.sock = mode, socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port, self.conns, self.stop = self.sock.getsockname()[1], [], False
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        while not self.stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.mode == "close":
+                c.close()
+            elif self.mode == "hang":
+                self.conns.append(c)
+            else:
+                threading.Thread(target=self.garbage, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def garbage(c):
+        try:
+            c.settimeout(5)
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    return
+                if b"\r\n\r\n" in data:
+                    body = b"\xff\x00 this is not protobuf"
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: "
+                              + str(len(body)).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.stop = True
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def otlp_envoy(tmp_path, endpoint: str, protocol: str = "grpc", **extra):
+    port = free_port()
+    cfg = {"endpoint": endpoint, "protocol": protocol, "body": "%REQ(X-REQUEST-ID)%", "queue_capacity": 2048,
+           "timeout_ms": 500, "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 400, "max_elapsed_ms": 1500}}
+    cfg.update(extra)
+    return Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=[our_otlp_logger(cfg)])]}), port
+
+
+@pytest.mark.parametrize("mode,protocol", [("hang", "grpc"), ("close", "grpc"), ("close", "http/protobuf"),
+                                           ("garbage", "http/protobuf")])
+def test_misbehaving_collector(tmp_path, mode, protocol):
+    bad = BadCollector(mode)
+    try:
+        e, port = otlp_envoy(tmp_path, f"http://127.0.0.1:{bad.port}", protocol)
+        with e:
+            rss0 = rss_kb(e.proc.pid)
+            n = served(load(f"http://127.0.0.1:{port}/", 6))
+            rss1 = rss_kb(e.proc.pid)
+            s = settled(e, n)
+            assert curl(f"http://127.0.0.1:{port}/").stdout == "200"
+    finally:
+        bad.close()
+    if mode == "garbage":
+        # A 200 with an undecodable body is a delivery (OTLP: success = 2xx); nothing lost.
+        assert s["records_exported"] == n, s
+    else:
+        assert s["records_exported"] == 0 and s["records_failed"] + s["records_dropped"] == n, s
+    bound_kb = 2048 * 2 * 1 + 8 * 1024  # queue_capacity records x ~1 KiB per worker slot (2 slots), + slack
+    assert rss1 - rss0 < bound_kb, (rss0, rss1)
+    record(f"OTLP log collector {mode} ({protocol})", produced=n, exported=s["records_exported"],
+           dropped=s["records_dropped"], failed=s["records_failed"], rss_growth_kb=rss1 - rss0)
+
+
+def test_collector_dead_then_back_recovers_within_backoff(tmp_path):
+    with OtlpReceiver("grpc") as rx:
+        e, port = otlp_envoy(tmp_path, rx.endpoint, flush_interval_ms=200)
+        with e:
+            rx.stop()
+            n1 = served(load(f"http://127.0.0.1:{port}/", 4))
+            rx.start()
+            t0 = time.monotonic()
+            curl(f"http://127.0.0.1:{port}/", "-H", "x-request-id: after-recovery")
+            poll_until(lambda: any(r["body"] == "after-recovery" for r in rx.log_records()), timeout=10,
+                       what="first record after recovery")
+            recovery = time.monotonic() - t0
+            s = settled(e, n1 + 1)
+        got = len({r["body"] for r in rx.log_records()})
+    assert got == s["records_exported"]
+    assert recovery < 0.2 + 0.4 + 1.0, recovery  # flush interval + max backoff + slack
+    record("OTLP log collector dead, then back", produced=n1 + 1, exported=s["records_exported"],
+           dropped=s["records_dropped"], failed=s["records_failed"], recovery_s=round(recovery, 2))
+
+
+def test_log_file_unwritable_then_fixed(tmp_path):
+    d = tmp_path / "logs"
+    d.mkdir()
+    path = d / "a.log"
+    port = free_port()
+    lg = our_json_logger({"path": str(path), "flush_interval_ms": 100})
+    e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=[lg])]})
+    with e:
+        curl(f"http://127.0.0.1:{port}/before")
+        poll_until(lambda: path.exists() and path.read_text().count("\n") == 1, what="first line")
+        # The file is removed and its path becomes a directory: reopening fails (even as root).
+        path.unlink()
+        path.mkdir()
+        try:
+            for _ in range(5):
+                curl(f"http://127.0.0.1:{port}/during")
+            poll_until(lambda: e.stats("obs.access_log")["obs.access_log.json.write_errors"] >= 1, timeout=10,
+                       what="write errors counted")
+        finally:
+            path.rmdir()
+        t0 = time.monotonic()
+        curl(f"http://127.0.0.1:{port}/after")
+        poll_until(lambda: path.exists() and "/after" in path.read_text(), timeout=10, what="recovered")
+        recovery = time.monotonic() - t0
+        st = e.stats("obs.access_log")
+    produced = st["obs.access_log.json.records_logged"]
+    written = st["obs.access_log.json.records_written"]
+    errors = st["obs.access_log.json.write_errors"]
+    assert produced == 7 and written + errors + st["obs.access_log.json.records_dropped"] == produced, st
+    record("JSON log file removed and its path unusable, then fixed", produced=produced, exported=written,
+           dropped=st["obs.access_log.json.records_dropped"], failed=errors, recovery_s=round(recovery, 2))
+
+
+def test_sigterm_under_load_loses_nothing(tmp_path):
+    port = free_port()
+    path = tmp_path / "a.log"
+    lg = our_json_logger({"path": str(path), "flush_interval_ms": 30000})
+    e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=[lg])]})
+    e.start()
+    try:
+        n = served(load(f"http://127.0.0.1:{port}/", 3, rps=2000))
+        e.proc.send_signal(signal.SIGTERM)
+        e.proc.wait(30)
+    finally:
+        e.__exit__(None, None, None)
+    lines = path.read_text().count("\n")
+    assert lines == n, (lines, n)
+    record("SIGTERM under load (JSON log, 30 s flush interval)", produced=n, exported=lines, dropped=0, failed=0)
