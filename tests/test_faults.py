@@ -210,3 +210,75 @@ def test_sigterm_under_load_loses_nothing(tmp_path):
     lines = path.read_text().count("\n")
     assert lines == n, (lines, n)
     record("SIGTERM under load (JSON log, 30 s flush interval)", produced=n, exported=lines, dropped=0, failed=0)
+
+
+def test_disk_full(tmp_path):
+    """The log's filesystem fills up: writes fail and are counted, no line is split, Envoy serves."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        port = free_port()
+        path = mnt / "a.log"
+        lg = our_json_logger({"path": str(path), "flush_interval_ms": 100})
+        e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=[lg])]})
+        with e:
+            n = served(load(f"http://127.0.0.1:{port}/" + "p" * 200, 4, rps=1000))
+            assert curl(f"http://127.0.0.1:{port}/").stdout == "200"
+            n += 1
+
+            def st():
+                s = e.stats("obs.access_log")
+                return s if s["obs.access_log.json.records_logged"] == n and s["obs.access_log.json.records_written"] \
+                    + s["obs.access_log.json.write_errors"] + s["obs.access_log.json.records_dropped"] == n else None
+            s = poll_until(st, timeout=20, what="accounted")
+        lines = [json.loads(line) for line in path.read_bytes().splitlines()]
+        assert len(lines) == s["obs.access_log.json.records_written"], (len(lines), s)
+        assert s["obs.access_log.json.write_errors"] > 0, "the disk did fill up"
+        record("JSON log disk full (256 KiB tmpfs)", produced=n, exported=len(lines),
+               dropped=s["obs.access_log.json.records_dropped"], failed=s["obs.access_log.json.write_errors"])
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_listener_removed_through_lds_while_requests_are_in_flight(tmp_path):
+    """A file-based LDS update removes the listener under load: its per-worker loggers and the
+    logger config are torn down while records are in flight; every served request is logged."""
+    port = free_port()
+    path = tmp_path / "a.log"
+    listener = hcm_listener("dyn", port, [OK], access_log=[our_json_logger({"path": str(path), "flush_interval_ms": 5000})])
+    listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+    lds = tmp_path / "lds.json"
+
+    def publish(resources):
+        tmp = tmp_path / "lds.tmp"
+        tmp.write_text(json.dumps({"resources": resources}))
+        tmp.rename(lds)
+    publish([listener])
+    boot = {"node": {"id": "faults", "cluster": "faults"},
+            "dynamic_resources": {"lds_config": {"path_config_source": {"path": str(lds)},
+                                                 "resource_api_version": "V3"}}}
+    e = Envoy(tmp_path, {}, extra_bootstrap=boot, concurrency=2)
+    base = e.command
+    e.command = lambda mode=None: base(mode) + ["--drain-time-s", "1", "--drain-strategy", "immediate"]
+    with e:
+        poll_until(lambda: "dyn" in e.admin("/listeners"), what="listener from LDS")
+        p = load(f"http://127.0.0.1:{port}/", 4, rps=800)
+        time.sleep(2)
+        rss0 = rss_kb(e.proc.pid)
+        publish([])
+        out = p.communicate(timeout=60)[0]
+        poll_until(lambda: "dyn" not in e.admin("/listeners"), timeout=15, what="listener removed")
+        import re
+        m = re.search(r"requests: \d+ total, (\d+) started, (\d+) done, (\d+) succeeded", out)
+        started, succeeded = int(m.group(1)), int(m.group(3))
+        # The logger config is destroyed after the drain: its flush thread wrote everything.
+        lines = poll_until(lambda: (n := path.read_bytes().count(b"\n")) >= succeeded and n, timeout=20,
+                           what="every served request logged after teardown")
+        assert e.admin("/ready").strip() == "LIVE"
+        rss1 = rss_kb(e.proc.pid)
+    records = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert succeeded <= len(records) <= started, (succeeded, len(records), started)
+    record("Listener removed by LDS under load (JSON log)", produced=len(records), exported=len(records), dropped=0,
+           failed=0, rss_growth_kb=rss1 - rss0)

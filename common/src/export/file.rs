@@ -91,7 +91,18 @@ impl LogFile {
         // a file that was removed since the last write.
         self.maybe_reopen(true);
         let ok = match self.file.as_mut() {
-            Some(f) => f.write_all(data).is_ok(),
+            Some(f) => {
+                // A failed write (disk full) may have appended part of the buffer: cut the file
+                // back, so no line is ever split and the failed lines are only counted, once.
+                let before = if self.rotatable { f.metadata().ok().map(|m| m.len()) } else { None };
+                let ok = f.write_all(data).is_ok();
+                if !ok {
+                    if let Some(len) = before {
+                        let _ = f.set_len(len);
+                    }
+                }
+                ok
+            }
             None => false,
         };
         if !ok {
