@@ -282,3 +282,96 @@ def test_listener_removed_through_lds_while_requests_are_in_flight(tmp_path):
     assert succeeded <= len(records) <= started, (succeeded, len(records), started)
     record("Listener removed by LDS under load (JSON log)", produced=len(records), exported=len(records), dropped=0,
            failed=0, rss_growth_kb=rss1 - rss0)
+
+
+@pytest.mark.parametrize("mode", ["hang", "close"])
+def test_tracer_with_a_misbehaving_collector(tmp_path, mode):
+    from harness import hcm_tracing, our_tracer
+    bad = BadCollector(mode)
+    try:
+        port = free_port()
+        cfg = {"endpoint": f"http://127.0.0.1:{bad.port}", "queue_capacity": 2048, "timeout_ms": 500,
+               "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 400, "max_elapsed_ms": 1500}}
+        lst = hcm_listener("front", port, [OK], tracing=hcm_tracing(our_tracer(cfg)))
+        e = Envoy(tmp_path, {"listeners": [lst]})
+        with e:
+            rss0 = rss_kb(e.proc.pid)
+            n = served(load(f"http://127.0.0.1:{port}/", 6))
+            rss1 = rss_kb(e.proc.pid)
+
+            def st():
+                s = {k.removeprefix("obs.tracer.otel."): v for k, v in e.stats("obs.tracer.otel").items()}
+                return s if s["spans_sampled"] == n and s["spans_exported"] + s["spans_dropped"] + s["spans_failed"] == n \
+                    else None
+            s = poll_until(st, timeout=40, what="every span accounted for")
+            assert curl(f"http://127.0.0.1:{port}/").stdout == "200"
+    finally:
+        bad.close()
+    assert s["spans_exported"] == 0 and rss1 - rss0 < 2048 * 4 + 8 * 1024
+    record(f"Tracer collector {mode} (grpc)", produced=n, exported=s["spans_exported"], dropped=s["spans_dropped"],
+           failed=s["spans_failed"], rss_growth_kb=rss1 - rss0)
+
+
+def test_metrics_sinks_with_a_hanging_collector(tmp_path):
+    """The OTLP metrics sink stalls on a collector that never answers; the Prometheus endpoint of
+    the same Envoy keeps answering and the main thread is not held up."""
+    from test_stats_sink import our_sink, scrape
+    bad = BadCollector("hang")
+    try:
+        port, mport = free_port(), free_port()
+        sinks = [our_sink({"endpoint": f"http://127.0.0.1:{bad.port}", "timeout_ms": 500,
+                           "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 200, "max_elapsed_ms": 600}}, name="otlp"),
+                 our_sink({"address": f"127.0.0.1:{mport}"})]
+        e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK])]},
+                  extra_bootstrap={"stats_sinks": sinks, "stats_flush_interval": "1s"})
+        with e:
+            rss0 = rss_kb(e.proc.pid)
+            n = served(load(f"http://127.0.0.1:{port}/", 5))
+            codes = [scrape(mport)[0] for _ in range(5)]
+            failed = poll_until(lambda: e.stats("obs_sink.otlp")["obs_sink.otlp.exports_failed"] or None, timeout=10,
+                                what="failed exports counted")
+            t0 = time.monotonic()
+            e.admin("/ready")
+            admin_ms = (time.monotonic() - t0) * 1000
+            rss1 = rss_kb(e.proc.pid)
+    finally:
+        bad.close()
+    assert codes == [200] * 5 and admin_ms < 500, (codes, admin_ms)
+    del n
+    record("OTLP metrics collector hang, counted in snapshots (Prometheus endpoint answered 5/5)", produced=failed,
+           exported=0, dropped=0, failed=failed, rss_growth_kb=rss1 - rss0)
+
+
+def test_hostile_traffic_http2_many_streams_and_distinct_values(tmp_path):
+    """HTTP/2 with 100 concurrent streams per connection and 10,000 distinct header values,
+    some invalid UTF-8: every line valid JSON, none lost."""
+    port = free_port()
+    path = tmp_path / "a.log"
+    lg = our_json_logger({"path": str(path), "flush_interval_ms": 100,
+                          "json_format": {"id": "%REQ(X-ID)%", "ua": "%REQ(USER-AGENT)%", "p": "%REQ(:PATH)%"}})
+    e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=[lg])]})
+    with e:
+        out = subprocess.run(["h2load", "-n", "20000", "-c", "4", "-m", "100", "-t", "1",
+                              f"http://127.0.0.1:{port}/h2"], capture_output=True, text=True, timeout=120).stdout
+        import re
+        h2 = int(re.search(r"(\d+) succeeded", out).group(1))
+        # 10,000 distinct values (with bytes that are not UTF-8) over raw HTTP/1.1 keep-alive.
+        got = b""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            for i in range(10_000):
+                s.sendall(b"GET /v HTTP/1.1\r\nHost: x\r\nX-Id: v" + str(i).encode() + b"\xff\xfe\"\\\r\n\r\n")
+                reply = b""
+                while not reply.endswith(b"ok\n"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+                got += reply[:15]
+        ok = got.count(b"HTTP/1.1 200")
+        n = h2 + ok
+        poll_until(lambda: path.read_bytes().count(b"\n") >= n, timeout=30, what="all lines")
+    recs = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert len(recs) == n and h2 == 20000 and ok == 10_000, (len(recs), h2, ok)
+    assert len({r["id"] for r in recs if r["p"] == "/v"}) == 10_000
+    record("Hostile traffic: HTTP/2 x100 streams + 10k distinct invalid-UTF-8 values (JSON log)", produced=n,
+           exported=len(recs), dropped=0, failed=0)
