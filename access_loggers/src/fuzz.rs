@@ -7,6 +7,7 @@
 use crate::format::tests::FakeStream;
 use crate::format::{Ctx, JsonPlan};
 use crate::logger::Plan;
+use envoy_obs_common::fuzz::Mutator;
 
 /// Seed inputs: the shapes users write, and the edges of the grammar.
 const SEEDS: &[&str] = &[
@@ -25,44 +26,8 @@ const SEEDS: &[&str] = &[
 
 const ALPHABET: &[u8] = b"%():?{}[]\",.-_/\\ 0123456789abcdefghijklmnopqrstuvwxyzREQRESPSTARTIMEDURATION\x00\xff\xc3";
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// One mutation: insert, delete, replace or duplicate bytes of `s`.
-fn mutate(rng: &mut Rng, s: &mut Vec<u8>) {
-    for _ in 0..1 + rng.below(4) {
-        let at = rng.below(s.len() + 1);
-        match rng.below(4) {
-            0 => s.insert(at, ALPHABET[rng.below(ALPHABET.len())]),
-            1 if !s.is_empty() => {
-                s.remove(at.min(s.len() - 1));
-            }
-            2 if !s.is_empty() => {
-                let i = at.min(s.len() - 1);
-                s[i] = ALPHABET[rng.below(ALPHABET.len())];
-            }
-            _ => {
-                let end = (at + rng.below(12)).min(s.len());
-                let chunk = s[at..end].to_vec();
-                s.splice(at..at, chunk);
-            }
-        }
-    }
-}
-
 fn iters() -> usize {
-    std::env::var("FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
+    Mutator::iterations(20_000)
 }
 
 fn hostile_stream() -> FakeStream {
@@ -74,12 +39,12 @@ fn hostile_stream() -> FakeStream {
 
 #[test]
 fn format_strings_never_panic_and_render_valid_json() {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Mutator::new(0x9e37_79b9_7f4a_7c15, ALPHABET);
     let stream = hostile_stream();
     let (mut rec, mut scratch, mut out) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..iters() {
         let mut s = SEEDS[i % SEEDS.len()].as_bytes().to_vec();
-        mutate(&mut rng, &mut s);
+        rng.mutate(&mut s);
         let text = String::from_utf8_lossy(&s).into_owned();
         let map = serde_json::json!({ "k": text, "n": { "m": text } });
         if let Ok(plan) = JsonPlan::compile(map.as_object().expect("object"), i % 2 == 0) {
@@ -102,10 +67,10 @@ fn format_strings_never_panic_and_render_valid_json() {
 
 #[test]
 fn logger_configs_never_panic() {
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = Mutator::new(0x2545_f491_4f6c_dd1d, ALPHABET);
     for i in 0..iters() {
         let mut s = SEEDS[i % SEEDS.len()].as_bytes().to_vec();
-        mutate(&mut rng, &mut s);
+        rng.mutate(&mut s);
         let _ = crate::json::compile(&s);
         let _ = crate::otlp::compile(&s, &|_| None);
     }

@@ -18,6 +18,7 @@
 pub mod config;
 pub mod export;
 pub mod ffi;
+pub mod fuzz;
 pub mod hook;
 pub mod metrics;
 pub mod otlp;

@@ -736,6 +736,21 @@ mod tests {
     }
 
     #[test]
+    fn fuzzed_configs_never_panic() {
+        let seeds: [&[u8]; 2] = [
+            br#"{"address":"127.0.0.1:0","filter":"^cluster\\.(a|b)+$","histogram_emit_mode":"summary"}"#,
+            br#"{"path":"/m","used_only":true,"text_readouts":true,"basic_auth":{"username":"u","password":"p"}}"#,
+        ];
+        let mut m = envoy_obs_common::fuzz::Mutator::new(11, b"{}[]\":,.0123456789()|*+?^$\\ abtrueflsn_/\xff");
+        for i in 0..envoy_obs_common::fuzz::Mutator::iterations(4_000) {
+            let mut s = seeds[i % seeds.len()].to_vec();
+            m.mutate(&mut s);
+            let _ = compile(&s);
+            let _ = crate::otlp::compile(&s, &|_| None);
+        }
+    }
+
+    #[test]
     fn bad_config_names_the_field() {
         for (json, field) in [
             (r#"{"address":"nonsense"}"#, "address"),

@@ -267,6 +267,21 @@ mod tests {
     }
 
     #[test]
+    fn fuzzed_configs_never_panic() {
+        let seeds: [&[u8]; 3] = [
+            br#"{"sampler":{"type":"parent_based","root":{"type":"trace_id_ratio","ratio":0.25}},"propagators":["b3"]}"#,
+            br#"{"service_name":"x","endpoint":"https://h:1","tls":{"ca_file":"/x"},"retry":{"max_elapsed_ms":1}}"#,
+            br#"{"headers":{"a":"b"},"max_batch_size":1,"queue_capacity":1,"stat_prefix":"a_1"}"#,
+        ];
+        let mut m = envoy_obs_common::fuzz::Mutator::new(7, b"{}[]\":,.0123456789-eE abtrueflsn_/\\\xff");
+        for i in 0..envoy_obs_common::fuzz::Mutator::iterations(20_000) {
+            let mut s = seeds[i % seeds.len()].to_vec();
+            m.mutate(&mut s);
+            let _ = compile(&s, &no_env);
+        }
+    }
+
+    #[test]
     fn bad_config_names_the_field() {
         let cases = [
             (r#"{"sampler":{"type":"sometimes"}}"#, "sampler.type"),
