@@ -375,3 +375,35 @@ def test_hostile_traffic_http2_many_streams_and_distinct_values(tmp_path):
     assert len({r["id"] for r in recs if r["p"] == "/v"}) == 10_000
     record("Hostile traffic: HTTP/2 x100 streams + 10k distinct invalid-UTF-8 values (JSON log)", produced=n,
            exported=len(recs), dropped=0, failed=0)
+
+
+def test_hostile_values_never_cost_a_batch_at_a_strict_collector(tmp_path):
+    """Invalid UTF-8 in headers that become OTLP log attributes and span tags (control bytes
+    Envoy itself rejects with a 400): the official protobuf decoder, strict about UTF-8 in
+    strings, accepts every batch."""
+    from harness import hcm_tracing, our_tracer
+    with OtlpReceiver("grpc") as rx:
+        port = free_port()
+        logger = our_otlp_logger({"endpoint": rx.endpoint, "flush_interval_ms": 200, "body": "%REQ(X-EVIL)%",
+                                  "attributes": {"evil": "%REQ(X-EVIL)%", "n": "%REQ(X-N)%"}})
+        tracing = hcm_tracing(our_tracer({"endpoint": rx.endpoint, "flush_interval_ms": 200}),
+                              custom_tags=[{"tag": "evil", "request_header": {"name": "x-evil"}}])
+        e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=[logger], tracing=tracing)]})
+        with e:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                for i in range(500):
+                    s.sendall(b"GET /e HTTP/1.1\r\nHost: x\r\nX-N: " + str(i).encode()
+                              + b"\r\nX-Evil: \xff\xfe\xc3(\"\\" + bytes([0x80 + i % 64]) + b"\r\n\r\n")
+                    reply = b""
+                    while not reply.endswith(b"ok\n"):
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        reply += chunk
+            logs = rx.wait_for(500, "logs", timeout=20)
+            spans = rx.wait_for(500, "traces", timeout=20)
+            assert not [a for a in rx.attempts() if a.outcome != "ok"], "every batch accepted"
+    assert len({r["attributes"]["n"] for r in logs}) == 500
+    assert all("\ufffd" in r["attributes"]["evil"] for r in logs) and all("\ufffd" in s["attributes"]["evil"] for s in spans)
+    record("Hostile values to a strict OTLP collector (logs + spans)", produced=1000, exported=len(logs) + len(spans),
+           dropped=0, failed=0)
