@@ -16,9 +16,7 @@ use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
 
 use crate::filter::{Filter, FilterSpec};
 use crate::format::{BulkHeaders, Ctx, JsonPlan};
-use crate::logger::{
-    check_common, compile_filter, split_error, Common, Logger, Plan, DEFAULT_FLUSH_INTERVAL_MS, DEFAULT_QUEUE_CAPACITY,
-};
+use crate::logger::{check_common, compile_filter, split_error, Common, Logger, Plan};
 
 /// Default `stat_prefix`: counters are `<metrics_namespace>.access_log.json.*`.
 pub const DEFAULT_STAT_PREFIX: &str = "json";
@@ -51,12 +49,6 @@ pub fn default_format() -> serde_json::Map<String, serde_json::Value> {
     }
 }
 
-fn default_flush() -> u64 {
-    DEFAULT_FLUSH_INTERVAL_MS
-}
-fn default_capacity() -> usize {
-    DEFAULT_QUEUE_CAPACITY
-}
 fn default_prefix() -> String {
     DEFAULT_STAT_PREFIX.to_string()
 }
@@ -77,10 +69,10 @@ pub struct JsonLoggerConfig {
     #[serde(default)]
     pub filter: Option<FilterSpec>,
     /// Longest a record waits before it is written.
-    #[serde(default = "default_flush")]
+    #[serde(default = "crate::logger::default_flush_interval_ms")]
     pub flush_interval_ms: u64,
     /// Per-worker queue size in records; when full, new records are dropped and counted.
-    #[serde(default = "default_capacity")]
+    #[serde(default = "crate::logger::default_queue_capacity")]
     pub queue_capacity: usize,
     /// Middle part of the self-metric names.
     #[serde(default = "default_prefix")]

@@ -21,6 +21,16 @@ pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
 /// Default per-worker `queue_capacity` in records.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
 
+/// Serde default of `flush_interval_ms`.
+pub fn default_flush_interval_ms() -> u64 {
+    DEFAULT_FLUSH_INTERVAL_MS
+}
+
+/// Serde default of `queue_capacity`.
+pub fn default_queue_capacity() -> usize {
+    DEFAULT_QUEUE_CAPACITY
+}
+
 /// The worker-side capture of one logger kind.
 pub trait Plan: Send + Sync + 'static {
     /// Appends one record's captured values.

@@ -24,9 +24,7 @@ use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
 
 use crate::filter::FilterSpec;
 use crate::format::{BulkHeaders, Command, Ctx, Decoder, Template, Val};
-use crate::logger::{
-    check_common, compile_filter, split_error, Common, Logger, Plan, DEFAULT_FLUSH_INTERVAL_MS, DEFAULT_QUEUE_CAPACITY,
-};
+use crate::logger::{check_common, compile_filter, split_error, Common, Logger, Plan};
 
 /// Default `stat_prefix`: counters are `<metrics_namespace>.access_log.otlp.*`.
 pub const DEFAULT_STAT_PREFIX: &str = "otlp";
@@ -38,12 +36,6 @@ pub const DEFAULT_BODY: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORI
      %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \
      \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"";
 
-fn default_flush() -> u64 {
-    DEFAULT_FLUSH_INTERVAL_MS
-}
-fn default_capacity() -> usize {
-    DEFAULT_QUEUE_CAPACITY
-}
 fn default_prefix() -> String {
     DEFAULT_STAT_PREFIX.to_string()
 }
@@ -63,10 +55,10 @@ pub struct OtlpLoggerConfig {
     #[serde(default)]
     pub filter: Option<FilterSpec>,
     /// Longest a record waits in the queues before it is exported.
-    #[serde(default = "default_flush")]
+    #[serde(default = "crate::logger::default_flush_interval_ms")]
     pub flush_interval_ms: u64,
     /// Per-worker queue size in records; when full, new records are dropped and counted.
-    #[serde(default = "default_capacity")]
+    #[serde(default = "crate::logger::default_queue_capacity")]
     pub queue_capacity: usize,
     /// Middle part of the self-metric names.
     #[serde(default = "default_prefix")]

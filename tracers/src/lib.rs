@@ -410,6 +410,26 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_set_baggage(
     })
 }
 
+/// Writes one of the span's hex ids (kept in the span until its destroy) to `out`.
+///
+/// # Safety
+/// `span` is a live module span; `out` is writable.
+unsafe fn hex_id(hook: &'static str, span: *const c_void, out: *mut abi::MB, trace: bool) -> bool {
+    guard(hook, false, || {
+        // SAFETY: live span; out writable; the hex lives in the span until destroy.
+        unsafe {
+            match (span_mut(span), out.as_mut()) {
+                (Some(s), Some(o)) => {
+                    let (t, id) = s.span.hex_ids();
+                    *o = module_buffer(if trace { t } else { id });
+                    true
+                }
+                _ => false,
+            }
+        }
+    })
+}
+
 /// Hex trace id, valid until the span's destroy.
 ///
 /// # Safety
@@ -419,18 +439,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_get_trace_id(
     span: *const c_void,
     out: *mut abi::MB,
 ) -> bool {
-    guard("on_tracer_span_get_trace_id", false, || {
-        // SAFETY: live span; out writable; the hex lives in the span until destroy.
-        unsafe {
-            match (span_mut(span), out.as_mut()) {
-                (Some(s), Some(o)) => {
-                    *o = module_buffer(s.span.hex_ids().0);
-                    true
-                }
-                _ => false,
-            }
-        }
-    })
+    // SAFETY: forwarded contract.
+    unsafe { hex_id("on_tracer_span_get_trace_id", span, out, true) }
 }
 
 /// Hex span id, valid until the span's destroy.
@@ -442,18 +452,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_get_span_id(
     span: *const c_void,
     out: *mut abi::MB,
 ) -> bool {
-    guard("on_tracer_span_get_span_id", false, || {
-        // SAFETY: as for get_trace_id.
-        unsafe {
-            match (span_mut(span), out.as_mut()) {
-                (Some(s), Some(o)) => {
-                    *o = module_buffer(s.span.hex_ids().1);
-                    true
-                }
-                _ => false,
-            }
-        }
-    })
+    // SAFETY: forwarded contract.
+    unsafe { hex_id("on_tracer_span_get_span_id", span, out, false) }
 }
 
 /// # Safety
