@@ -16,6 +16,7 @@ import http.server
 import json
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -62,7 +63,15 @@ def prom_query(port: int, q: str) -> list:
         return []
 
 
+def interrupt(_sig, _frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Ctrl-C and SIGTERM stop the demo cleanly, also when started in the background (where a
+    # shell leaves SIGINT ignored).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=20, help="seconds of traffic (default 20)")
     args = ap.parse_args()

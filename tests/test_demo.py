@@ -20,3 +20,16 @@ def test_demo_runs_end_to_end_and_reports_every_signal():
     assert number("JSON log lines") > 0 and number("OTLP log records") > 0
     assert number("spans") > 0 and number("Prometheus series") > 0
     assert "ABI version v0.2.0 matched" in out or "v0.2.0" in out
+
+
+def test_demo_stops_cleanly_on_interrupt():
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo.py"), "--duration", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(5)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and "interrupted; stopping" in out, out[-2000:]
+    left = subprocess.run(["pgrep", "-f", str(ROOT / ".work" / "demo")], capture_output=True, text=True).stdout
+    assert not left.strip(), f"processes left running: {left}"
