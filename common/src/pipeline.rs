@@ -339,11 +339,6 @@ impl Pipeline {
         Producer { shared: self.shared.clone(), slot: worker % self.shared.slots.len() }
     }
 
-    /// Number of producer slots.
-    pub fn slots(&self) -> usize {
-        self.shared.slots.len()
-    }
-
     /// A producer side for callers that pick a slot per call rather than holding a
     /// [`Producer`] per thread. It does not keep the flush thread alive: records pushed after
     /// the pipeline is dropped are never exported.

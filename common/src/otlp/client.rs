@@ -163,11 +163,6 @@ impl Client {
         Ok(Client { settings, rt, transport, http_uri, rng: seed | 1 })
     }
 
-    /// The settings this client was built with.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// Sends one encoded `Export*ServiceRequest`, retrying retryable failures until
     /// `retry.max_elapsed_ms` has passed or `deadline` (shutdown) is reached.
     pub fn send(&mut self, body: Bytes, deadline: Option<Instant>) -> (Delivery, SendStats) {

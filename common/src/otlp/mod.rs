@@ -92,11 +92,6 @@ impl OtlpExporter {
         }
     }
 
-    /// Settings in use.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// From now on, retries stop at `deadline` (shutdown drain).
     pub fn set_deadline(&mut self, deadline: Instant) {
         self.deadline = Some(deadline);
