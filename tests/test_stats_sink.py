@@ -60,16 +60,20 @@ def scrape(port: int, path: str = "/metrics", headers: dict | None = None, metho
         return r.status, dict(r.headers), r.read()
 
 
-def flushed_twice(flush_s: float) -> None:
-    """Traffic has stopped: wait for two more sink flushes, so the snapshot is current."""
-    time.sleep(2 * flush_s + 0.3)
+def flushed_twice(e: Envoy, flush_s: float = 1.0) -> None:
+    """Traffic has stopped: wait for two more sink flushes (our `flushes` gauge), so the
+    snapshot the endpoint serves is current."""
+    def count():
+        return e.stats("obs_sink.prometheus.flushes").get("obs_sink.prometheus.flushes", 0)
+    start = count()
+    poll_until(lambda: count() >= start + 2, timeout=10 * flush_s, what="two more stats flushes")
 
 
 SELF = re.compile(r'envoy_http_conn_manager_prefix="admin"|^envoy_listener_admin_|^envoy_obs_sink_')
 
 
 def compare_with_admin(e: Envoy, port: int, flush_s: float = 1.0) -> tuple[dict, dict]:
-    flushed_twice(flush_s)
+    flushed_twice(e, flush_s)
     ours = series(scrape(port)[2].decode())
     admin = series(e.admin("/stats/prometheus"))
     assert set(ours) == set(admin), (f"only admin: {sorted(set(admin) - set(ours))[:10]}; "
@@ -106,7 +110,7 @@ def test_promtool_accepts_the_output_and_prometheus_scrapes_every_series(tmp_pat
     with e:
         for _ in range(5):
             curl(f"http://127.0.0.1:{front}/c0/x")
-        time.sleep(2.2)
+        flushed_twice(e)
         body = scrape(port)[2]
         check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
         out = check.stdout.decode() + check.stderr.decode()
@@ -144,7 +148,7 @@ def test_http_behaviour(tmp_path):
     e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}", "path": "/prom"})
     with e:
         curl(f"http://127.0.0.1:{front}/c0/x")
-        time.sleep(2.2)
+        flushed_twice(e)
         status, headers, body = scrape(port, "/prom")
         assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
         status, headers, zbody = scrape(port, "/prom", {"Accept-Encoding": "gzip"})
@@ -169,10 +173,11 @@ def test_http_behaviour(tmp_path):
 def test_endpoint_answers_under_load(tmp_path):
     e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}"})
     with e:
-        load = subprocess.Popen(["h2load", "--h1", "-n", "30000", "-c", "8", "-t", "1", f"http://127.0.0.1:{front}/c0/x"],
+        load = subprocess.Popen(["h2load", "--h1", "-D", "6", "-c", "8", "-t", "1", f"http://127.0.0.1:{front}/c0/x"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            time.sleep(1.5)
+            flushed_twice(e)
+            assert load.poll() is None, "the load is still running while we scrape"
             codes = [scrape(port)[0] for _ in range(10)]
         finally:
             load.wait(120)
@@ -184,7 +189,7 @@ def test_options_filter_used_only_text_readouts_summary(tmp_path):
                                      "used_only": True, "histogram_emit_mode": "summary"})
     with e:
         curl(f"http://127.0.0.1:{front}/c0/x")
-        time.sleep(2.2)
+        flushed_twice(e)
         text = scrape(port)[2].decode()
     s = series(text)
     assert s and all(k.startswith("envoy_cluster_") for k in s), list(s)[:5]
@@ -233,7 +238,7 @@ def test_endpoint_hardening(tmp_path):
     e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}", "bearer_token": "s3cret"})
     with e:
         curl(f"http://127.0.0.1:{front}/c0/x")
-        time.sleep(2.2)
+        flushed_twice(e)
         # Slowloris: clients that trickle a request byte by byte hold at most their own thread.
         slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         for s in slow:
@@ -264,7 +269,7 @@ def test_basic_auth(tmp_path):
     e, front = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}",
                                      "basic_auth": {"username": "prom", "password": "p@ss"}})
     with e:
-        time.sleep(2.2)
+        flushed_twice(e)
         good = "Basic " + base64.b64encode(b"prom:p@ss").decode()
         assert scrape(port, headers={"Authorization": good})[0] == 200
         with pytest.raises(urllib.error.HTTPError) as err:

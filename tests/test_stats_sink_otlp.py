@@ -109,8 +109,8 @@ def test_collector_down_then_back_while_the_prometheus_endpoint_keeps_answering(
         with Envoy(tmp_path, res, extra_bootstrap={"stats_sinks": [ours, prom], "stats_flush_interval": "1s"}) as e:
             rx.wait_for(1, "metrics", timeout=10)
             rx.stop()
-            time.sleep(3)
-            failed = e.stats("obs_sink.otlp")["obs_sink.otlp.exports_failed"]
+            failed = poll_until(lambda: e.stats("obs_sink.otlp")["obs_sink.otlp.exports_failed"] or None, timeout=15,
+                                what="failed exports counted while the collector is down")
             assert curl(f"http://127.0.0.1:{front}/x").stdout == "200", "Envoy serves while the collector is down"
             with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
                 assert r.status == 200 and b"envoy_obs_sink_otlp_exports_failed" in r.read()

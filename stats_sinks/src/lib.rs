@@ -34,6 +34,8 @@ struct Health {
     render_us: usize,
     series: usize,
     flush_us: usize,
+    flushes: usize,
+    flush_count: std::sync::atomic::AtomicU64,
 }
 
 /// The Prometheus sink's config object.
@@ -79,6 +81,8 @@ fn config_new_impl(handle: SinkHandle, name: &str, config: &[u8]) -> Result<Sink
                 render_us: g("render_us")?,
                 series: g("series")?,
                 flush_us: g("flush_us")?,
+                flushes: g("flushes")?,
+                flush_count: Default::default(),
             };
             let stats = Arc::new(ServerStats::default());
             let texts = opts.text_readouts;
@@ -130,6 +134,8 @@ impl PromSink {
         h.handle.set_gauge(h.scrapes, self.stats.scrapes.load(Relaxed));
         h.handle.set_gauge(h.render_us, self.stats.render_us.load(Relaxed));
         h.handle.set_gauge(h.series, self.stats.series.load(Relaxed));
+        // Last: a reader that sees N flushes sees the snapshot of flush N served.
+        h.handle.set_gauge(h.flushes, h.flush_count.fetch_add(1, Relaxed) + 1);
     }
 }
 

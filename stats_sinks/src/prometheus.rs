@@ -443,11 +443,6 @@ impl Server {
         Ok(Server { shared, addr, threads })
     }
 
-    /// The bound address.
-    pub fn addr(&self) -> std::net::SocketAddr {
-        self.addr
-    }
-
     /// Publishes a new snapshot (main thread; cheap: a pointer swap under a lock).
     pub fn publish(&self, s: Stats) {
         if let Ok(mut l) = self.shared.latest.lock() {
