@@ -23,7 +23,7 @@ use envoy_obs_common::otlp::{self, proto, ExportStats, OtlpConfig, OtlpExporter,
 use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
 
 use crate::filter::FilterSpec;
-use crate::format::{BulkHeaders, Command, Ctx, Decoder, Template, Val};
+use crate::format::{BulkHeaders, Command, Ctx, Decoder, Program, Template, Val};
 use crate::logger::{check_common, compile_filter, split_error, Common, Logger, Plan};
 
 /// Default `stat_prefix`: counters are `<metrics_namespace>.access_log.otlp.*`.
@@ -110,23 +110,11 @@ impl Node {
         })
     }
 
-    fn header_lookups(&self) -> (usize, usize) {
+    fn flatten(&self, program: &mut Program) {
         match self {
-            Node::Text(t) => t.header_lookups(),
-            Node::Typed(c) => c.header_lookups(),
-            Node::Map(m) => m.iter().fold((0, 0), |a, (_, n)| {
-                let (q, r) = n.header_lookups();
-                (a.0 + q, a.1 + r)
-            }),
-            _ => (0, 0),
-        }
-    }
-
-    fn capture<S: Stream>(&self, cx: &Ctx<'_, S>, out: &mut Vec<u8>) {
-        match self {
-            Node::Text(t) => t.capture(cx, out),
-            Node::Typed(c) => c.capture(cx, out),
-            Node::Map(m) => m.iter().for_each(|(_, n)| n.capture(cx, out)),
+            Node::Text(t) => program.push_template(t),
+            Node::Typed(c) => program.push(c),
+            Node::Map(m) => m.iter().for_each(|(_, n)| n.flatten(program)),
             _ => {}
         }
     }
@@ -206,6 +194,8 @@ pub struct OtlpPlan {
     traceparent: Command,
     body: Node,
     attributes: Vec<(String, Node)>,
+    /// Every operator above, in the order `encode` reads them back.
+    program: Program,
     bulk: BulkHeaders,
 }
 
@@ -230,22 +220,16 @@ impl OtlpPlan {
             None => Node::compile(&serde_json::Value::String(DEFAULT_BODY.into()), "body", false)?,
         };
         let attributes = compile_map(&c.attributes, "attributes", c.typed_values)?;
-        let mut plan = OtlpPlan {
-            start: command("%START_TIME%"),
-            code: command("%RESPONSE_CODE%"),
-            traceparent: command("%REQ(TRACEPARENT)%"),
-            body,
-            attributes,
-            bulk: BulkHeaders::default(),
-        };
-        let (mut q, mut r) = plan.body.header_lookups();
-        for (_, n) in &plan.attributes {
-            let (a, b) = n.header_lookups();
-            q += a;
-            r += b;
+        let (start, code, traceparent) =
+            (command("%START_TIME%"), command("%RESPONSE_CODE%"), command("%REQ(TRACEPARENT)%"));
+        let mut program = Program::default();
+        for c in [&start, &code, &traceparent] {
+            program.push(c);
         }
-        plan.bulk = BulkHeaders::for_lookups((q + 1, r));
-        Ok(plan)
+        body.flatten(&mut program);
+        attributes.iter().for_each(|(_, n)| n.flatten(&mut program));
+        let bulk = BulkHeaders::for_lookups(program.header_lookups());
+        Ok(OtlpPlan { start, code, traceparent, body, attributes, program, bulk })
     }
 
     /// Encodes one captured record as the body of a `LogRecord`.
@@ -280,13 +264,7 @@ impl OtlpPlan {
 impl Plan for OtlpPlan {
     #[inline]
     fn capture<S: Stream>(&self, cx: &Ctx<'_, S>, out: &mut Vec<u8>) {
-        self.start.capture(cx, out);
-        self.code.capture(cx, out);
-        self.traceparent.capture(cx, out);
-        self.body.capture(cx, out);
-        for (_, n) in &self.attributes {
-            n.capture(cx, out);
-        }
+        self.program.capture(cx, out);
     }
     fn bulk_headers(&self) -> BulkHeaders {
         self.bulk
