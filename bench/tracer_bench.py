@@ -34,6 +34,9 @@ from otlp_receiver import h2_cluster  # noqa: E402
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "4000"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "8000"))
+# Open loop by default: a closed loop does not keep this worker saturated here (h2load shares
+# core 1 with the upstream Envoy and the Python null collector), and an unsaturated closed loop
+# is noisier still (36 % baseline spread seen vs 15 % open-loop). BENCH_RATE=0: closed loop.
 RATE = int(os.environ.get("BENCH_RATE", "5000"))
 VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0"]
 PAIRS = [("builtin_100", "ours_100", "100 % sampling", 0.2), ("builtin_0", "ours_0", "0 % sampling", 0.5)]
@@ -107,11 +110,13 @@ def start_envoy(workdir: pathlib.Path, up_port: int, collector_port: int, wrappe
     return proc, admin, ports
 
 
-def burst(proc, port: int, n: int) -> float:
-    before = alb.thread_cpu_ns(proc.pid)
+def burst(proc, port: int, n: int) -> tuple[float, float]:
+    """The worker's CPU per request (µs) and its busy share of the burst's wall time."""
+    before, t0 = alb.thread_cpu_ns(proc.pid), time.monotonic()
     alb.harness_h2load(f"http://127.0.0.1:{port}/bench", n, clients=alb.CLIENTS, cpu=1, rate=RATE)
-    after = alb.thread_cpu_ns(proc.pid)
-    return sum(after[k] - before.get(k, 0) for k in after if k.startswith("wrk:")) / n / 1000
+    after, wall = alb.thread_cpu_ns(proc.pid), time.monotonic() - t0
+    ns = sum(after[k] - before.get(k, 0) for k in after if k.startswith("wrk:"))
+    return ns / n / 1000, ns / 1e9 / wall
 
 
 def instruction_counts(workdir: pathlib.Path, up_port: int, collector_port: int) -> dict[str, float] | None:
@@ -150,6 +155,7 @@ def main():
     try:
         proc, admin, ports = start_envoy(workdir, up_port, cport)
         res: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        busy: dict[str, list[float]] = {v: [] for v in VARIANTS}
         try:
             for v in VARIANTS:
                 alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", WARMUP, clients=alb.CLIENTS, cpu=1)
@@ -159,7 +165,9 @@ def main():
             for rnd in range(ROUNDS):
                 k = rnd % len(VARIANTS)
                 for v in VARIANTS[k:] + VARIANTS[:k]:
-                    res[v].append(burst(proc, ports[v], REQUESTS))
+                    us, share = burst(proc, ports[v], REQUESTS)
+                    res[v].append(us)
+                    busy[v].append(share)
                 print(f"round {rnd + 1:2d}/{ROUNDS} worker µs/request: "
                       + "  ".join(f"{v} {res[v][-1]:6.2f}" for v in VARIANTS), flush=True)
             time.sleep(2.5)
@@ -188,14 +196,16 @@ def main():
         f"# Tracing CPU cost — Envoy 1.40.0, 1 worker, {ROUNDS} rounds x {REQUESTS:,} requests per variant",
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores ({alb.platform_cpu()}); "
-        f"open-loop at {RATE:,} requests/s, HTTP/1.1 keep-alive; every request goes to an upstream with "
+        f"{'open-loop at %s requests/s' % format(RATE, ',') if RATE else 'closed loop'}, HTTP/1.1 keep-alive, "
+        f"{alb.CLIENTS} connections; every request goes to an upstream with "
         "`start_child_span: true` (a server and a client span when sampled); both tracers export over gRPC to a "
         "null collector. Medians over rounds of the worker CPU minus the same round's no-tracing burst; our flush "
         "thread's CPU added per request.",
         "",
-        "| variant | worker µs/request | added (incl. background) |",
-        "|---|---:|---:|",
-    ] + [f"| {v} | {statistics.median(res[v]):.2f} | {added[v]:+.2f} |" for v in VARIANTS] + [""]
+        "| variant | worker µs/request | added (incl. background) | worker busy |",
+        "|---|---:|---:|---:|",
+    ] + [f"| {v} | {statistics.median(res[v]):.2f} | {added[v]:+.2f} | {statistics.median(busy[v]):.0%} |"
+         for v in VARIANTS] + [""]
     for theirs, ours, what, target in PAIRS:
         ratio = added[ours] / added[theirs] if added[theirs] > 0 else float("nan")
         lines.append(f"- **{what}: ours / built-in added CPU per request {ratio:.2f}** (target ≤ {target}); "
@@ -204,6 +214,9 @@ def main():
                  f"{exported:,} = sampled")
     lines.append(f"- run quality: the no-tracing worker's interquartile spread was {noise:.0%} of its median"
                  + (" — **noisy: rerun**" if noise > 0.08 else ""))
+    idle = [v for v in VARIANTS if statistics.median(busy[v]) < 0.9]
+    if not RATE and idle:
+        lines.append(f"- the worker was not saturated for {', '.join(idle)} (client-bound) — **rerun**")
     if ir:
         ia = {v: ir[v] - ir["none"] for v in VARIANTS}
         lines += ["", "Instructions per request under valgrind (callgrind; deterministic, all Envoy threads):", "",
