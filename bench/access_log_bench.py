@@ -260,6 +260,21 @@ def instruction_counts(workdir: pathlib.Path) -> dict[str, float] | None:
     return {v: statistics.median(x) for v, x in out.items()}
 
 
+def spread(xs: list[float]) -> float:
+    """Interquartile range over the median: how much a baseline moved across rounds."""
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return (q[2] - q[0]) / statistics.median(xs)
+
+
+def saturation_warning(busy: dict[str, list[float]], rate: int) -> list[str]:
+    """A closed loop measures the worker's CPU per request only while the worker is saturated."""
+    idle = [v for v, b in busy.items() if statistics.median(b) < 0.9]
+    if rate or not idle:
+        return []
+    return [f"- the worker was not saturated for {', '.join(idle)} (client-bound): CPU per request there "
+            "includes idle wake-ups — **rerun**"]
+
+
 def shutil_which(cmd: str) -> str | None:
     import shutil
     return shutil.which(cmd)
@@ -310,9 +325,8 @@ def main():
     added = {v: statistics.median(added_rounds[v]) for v in VARIANTS}
     worker_added = {v: statistics.median(r["worker_us"] - n["worker_us"] for r, n in zip(results[v], results["none"]))
                     for v in VARIANTS}
-    base = [r["worker_us"] for r in results["none"]]
-    q = statistics.quantiles(base, n=4) if len(base) >= 2 else [base[0]] * 3
-    noise = (q[2] - q[0]) / statistics.median(base)
+    noise = spread([r["worker_us"] for r in results["none"]])
+    busy = {v: [r["worker_us"] * r["rps"] / 1e6 for r in results[v]] for v in VARIANTS}
     lines = [
         f"# Access-log CPU cost — Envoy 1.40.0, 1 worker, {ROUNDS} rounds x {REQUESTS:,} requests per variant",
         "",
@@ -330,9 +344,8 @@ def main():
     for v in VARIANTS:
         wk = statistics.median(r["worker_us"] for r in results[v])
         rps = statistics.median(r["rps"] for r in results[v])
-        busy = statistics.median(r["worker_us"] * r["rps"] / 1e6 for r in results[v])
         lines.append(f"| {v} | {wk:.3f} | {worker_added[v]:+.3f} | {bg[v]:.3f} | {added[v]:+.3f} | {rps:,.0f} "
-                     f"| {busy:.0%} |")
+                     f"| {statistics.median(busy[v]):.0%} |")
     lines.append("")
     for theirs, ours, what, target in PAIRS:
         per_round = [o / b for o, b in zip(added_rounds[ours], added_rounds[theirs]) if b > 0]
@@ -352,10 +365,7 @@ def main():
         ]
     lines.append(f"- run quality: the no-log worker's interquartile spread was {noise:.0%} of its median"
                  + (" — **too noisy to judge: rerun**" if noise > 0.08 else ""))
-    idle = [v for v in VARIANTS if statistics.median(r["worker_us"] * r["rps"] / 1e6 for r in results[v]) < 0.9]
-    if not RATE and idle:
-        lines.append(f"- the worker was not saturated for {', '.join(idle)} (client-bound): CPU per request "
-                     "there includes idle wake-ups — **rerun**")
+    lines += saturation_warning(busy, RATE)
     ir = instruction_counts(workdir)
     if ir:
         ir_added = {v: ir[v] - ir["none"] for v in VARIANTS}

@@ -189,9 +189,7 @@ def main():
     # Our flush thread's CPU, per request of the 100 % variant (the 0 % one exports nothing).
     bg = {"ours_100": flush_ns / (ROUNDS * REQUESTS) / 1000}
     added = {v: statistics.median(x - n for x, n in zip(res[v], res["none"])) + bg.get(v, 0.0) for v in VARIANTS}
-    base = res["none"]
-    q = statistics.quantiles(base, n=4)
-    noise = (q[2] - q[0]) / statistics.median(base)
+    noise = alb.spread(res["none"])
     lines = [
         f"# Tracing CPU cost — Envoy 1.40.0, 1 worker, {ROUNDS} rounds x {REQUESTS:,} requests per variant",
         "",
@@ -214,9 +212,7 @@ def main():
                  f"{exported:,} = sampled")
     lines.append(f"- run quality: the no-tracing worker's interquartile spread was {noise:.0%} of its median"
                  + (" — **noisy: rerun**" if noise > 0.08 else ""))
-    idle = [v for v in VARIANTS if statistics.median(busy[v]) < 0.9]
-    if not RATE and idle:
-        lines.append(f"- the worker was not saturated for {', '.join(idle)} (client-bound) — **rerun**")
+    lines += alb.saturation_warning(busy, RATE)
     if ir:
         ia = {v: ir[v] - ir["none"] for v in VARIANTS}
         lines += ["", "Instructions per request under valgrind (callgrind; deterministic, all Envoy threads):", "",

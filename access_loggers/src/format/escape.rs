@@ -33,31 +33,44 @@ fn needs_escape(w: u64) -> bool {
     (ctrl | zero(w ^ (ONES * b'"' as u64)) | zero(w ^ (ONES * b'\\' as u64))) != 0
 }
 
+/// Bit `k` set when byte `k` of the 16 at `p` is a control character, `"` or `\\` — or, with
+/// `NON_ASCII`, also >= 0x80.
+///
+/// # Safety
+/// `p` points at 16 readable bytes (any alignment).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sse_hits<const NON_ASCII: bool>(p: *const u8) -> u32 {
+    use core::arch::x86_64::*;
+    // SAFETY: per the contract; SSE2 is part of the x86-64 baseline.
+    unsafe {
+        let v = _mm_loadu_si128(p.cast());
+        let ctl = _mm_set1_epi8(0x1f);
+        let is_ctl = _mm_cmpeq_epi8(_mm_max_epu8(v, ctl), ctl);
+        let q = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let b = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        let m = _mm_movemask_epi8(_mm_or_si128(is_ctl, _mm_or_si128(q, b))) as u32;
+        if NON_ASCII {
+            m | _mm_movemask_epi8(v) as u32
+        } else {
+            m
+        }
+    }
+}
+
 /// Length of the prefix of `s` that needs no escaping: 16 bytes per step with SSE2 (part of
 /// the x86-64 baseline), 8 with SWAR elsewhere, then byte by byte.
 #[inline(always)]
 fn clean_prefix(s: &[u8]) -> usize {
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
-    {
-        use core::arch::x86_64::*;
-        // SAFETY: SSE2 is always available on x86-64; every load reads 16 bytes that lie
-        // within `s` (i + 16 <= len) and tolerates any alignment.
-        unsafe {
-            let quote = _mm_set1_epi8(b'"' as i8);
-            let bslash = _mm_set1_epi8(b'\\' as i8);
-            let ctl = _mm_set1_epi8(0x1f);
-            while i + 16 <= s.len() {
-                let v = _mm_loadu_si128(s.as_ptr().add(i).cast());
-                let is_ctl = _mm_cmpeq_epi8(_mm_max_epu8(v, ctl), ctl);
-                let hit = _mm_or_si128(is_ctl, _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash)));
-                let mask = _mm_movemask_epi8(hit);
-                if mask != 0 {
-                    return i + mask.trailing_zeros() as usize;
-                }
-                i += 16;
-            }
+    while i + 16 <= s.len() {
+        // SAFETY: i + 16 <= len.
+        let m = unsafe { sse_hits::<false>(s.as_ptr().add(i)) };
+        if m != 0 {
+            return i + m.trailing_zeros() as usize;
         }
+        i += 16;
     }
     while i + 8 <= s.len() {
         let w = u64::from_le_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
@@ -76,31 +89,18 @@ fn clean_prefix(s: &[u8]) -> usize {
 fn plain_prefix(s: &[u8]) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        use core::arch::x86_64::*;
-        // The bytes of one 16-byte load that are non-ASCII, control, `"` or `\`.
-        #[inline(always)]
-        fn hits(p: *const u8) -> u32 {
-            // SAFETY: callers pass a pointer to 16 readable bytes; SSE2 is x86-64 baseline.
-            unsafe {
-                let v = _mm_loadu_si128(p.cast());
-                let ctl = _mm_set1_epi8(0x1f);
-                let is_ctl = _mm_cmpeq_epi8(_mm_max_epu8(v, ctl), ctl);
-                let q = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
-                let b = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
-                (_mm_movemask_epi8(_mm_or_si128(is_ctl, _mm_or_si128(q, b))) | _mm_movemask_epi8(v)) as u32
-            }
-        }
         let n = s.len();
         if n < 16 {
             let mut pad = [b' '; 16];
             pad[..n].copy_from_slice(s);
-            let m = hits(pad.as_ptr());
+            // SAFETY: `pad` is 16 bytes.
+            let m = unsafe { sse_hits::<true>(pad.as_ptr()) };
             return if m == 0 { n } else { m.trailing_zeros() as usize };
         }
         let mut i = 0;
         while i + 16 <= n {
             // SAFETY: i + 16 <= n.
-            let m = hits(unsafe { s.as_ptr().add(i) });
+            let m = unsafe { sse_hits::<true>(s.as_ptr().add(i)) };
             if m != 0 {
                 return i + m.trailing_zeros() as usize;
             }
@@ -111,7 +111,7 @@ fn plain_prefix(s: &[u8]) -> usize {
         }
         // The last 16 bytes (overlapping checked ones, which are clean): n >= 16.
         // SAFETY: n - 16 + 16 == n.
-        let m = hits(unsafe { s.as_ptr().add(n - 16) });
+        let m = unsafe { sse_hits::<true>(s.as_ptr().add(n - 16)) };
         if m == 0 {
             n
         } else {
