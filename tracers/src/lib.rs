@@ -58,7 +58,6 @@ pub struct Tracer {
 pub struct ModuleSpan {
     span: Span,
     shared: Arc<Shared>,
-    scratch: Vec<u8>,
 }
 
 /// Sends encoded spans.
@@ -161,7 +160,7 @@ impl Tracer {
                 parse_baggage(b, &mut span.baggage);
             }
         }
-        ModuleSpan { span, shared: sh.clone(), scratch: Vec::new() }
+        ModuleSpan { span, shared: sh.clone() }
     }
 }
 
@@ -180,7 +179,7 @@ impl ModuleSpan {
         }
     }
 
-    fn inject(&mut self, ctx: &mut TraceContext<'_>) {
+    fn inject(&self, ctx: &mut TraceContext<'_>) {
         let s = &self.span;
         let o = Outgoing {
             trace_id: &s.trace_id,
@@ -189,7 +188,7 @@ impl ModuleSpan {
             tracestate: &s.tracestate,
             baggage: &s.baggage,
         };
-        inject(ctx, &self.shared.propagators, &o, &mut self.scratch);
+        inject(ctx, &self.shared.propagators, &o);
     }
 }
 
@@ -263,8 +262,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_spawn_child(
             return ptr::null();
         };
         let start = u64::try_from(start_time_ns).ok().filter(|&t| t > 0).unwrap_or_else(now_ns);
-        let child =
-            ModuleSpan { span: s.span.child(name.bytes(), start), shared: s.shared.clone(), scratch: Vec::new() };
+        let child = ModuleSpan { span: s.span.child(name.bytes(), start), shared: s.shared.clone() };
         Box::into_raw(Box::new(child)) as *const c_void
     })
 }
@@ -276,7 +274,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_set_operation(span:
     guard("on_tracer_span_set_operation", (), || {
         // SAFETY: live span; buffer valid during the call.
         if let (Some(s), op) = unsafe { (span_mut(span), View::from_envoy(operation)) } {
-            s.span.name = op.bytes().to_vec();
+            s.span.name = span::Name::new(op.bytes());
         }
     })
 }

@@ -45,12 +45,25 @@ pub struct Remote {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Lower-case hex of `b` into `out`.
-pub fn hex_into(b: &[u8], out: &mut Vec<u8>) {
-    for &x in b {
-        out.push(HEX[(x >> 4) as usize]);
-        out.push(HEX[(x & 15) as usize]);
+/// Lower-case hex of `b` into the first `2 * b.len()` bytes of `out`.
+pub fn hex_to(b: &[u8], out: &mut [u8]) {
+    for (&x, o) in b.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = HEX[(x >> 4) as usize];
+        o[1] = HEX[(x & 15) as usize];
     }
+}
+
+/// `hex(trace_id)-hex(span_id)` followed by `tail` and padding: the common core of
+/// `traceparent` and `b3`, built on the stack.
+fn ids_header(prefix: &[u8], o: &Outgoing<'_>, tail: &[u8]) -> ([u8; 64], usize) {
+    let mut b = [0u8; 64];
+    let p = prefix.len();
+    b[..p].copy_from_slice(prefix);
+    hex_to(o.trace_id, &mut b[p..p + 32]);
+    b[p + 32] = b'-';
+    hex_to(o.span_id, &mut b[p + 33..p + 49]);
+    b[p + 49..p + 49 + tail.len()].copy_from_slice(tail);
+    (b, p + 49 + tail.len())
 }
 
 fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
@@ -239,40 +252,33 @@ pub struct Outgoing<'a> {
 }
 
 /// Writes the headers of every configured propagator.
-pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>, scratch: &mut Vec<u8>) {
+pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>) {
     for p in props {
-        scratch.clear();
         match p {
             Propagator::Tracecontext => {
-                scratch.extend_from_slice(b"00-");
-                hex_into(o.trace_id, scratch);
-                scratch.push(b'-');
-                hex_into(o.span_id, scratch);
-                scratch.extend_from_slice(if o.sampled { b"-01" } else { b"-00" });
-                c.set(b"traceparent", scratch);
+                let (b, n) = ids_header(b"00-", o, if o.sampled { b"-01" } else { b"-00" });
+                c.set(b"traceparent", &b[..n]);
                 if !o.tracestate.is_empty() {
                     c.set(b"tracestate", o.tracestate);
                 }
             }
             Propagator::B3 => {
-                hex_into(o.trace_id, scratch);
-                scratch.push(b'-');
-                hex_into(o.span_id, scratch);
-                scratch.extend_from_slice(if o.sampled { b"-1" } else { b"-0" });
-                c.set(b"b3", scratch);
+                let (b, n) = ids_header(b"", o, if o.sampled { b"-1" } else { b"-0" });
+                c.set(b"b3", &b[..n]);
             }
             Propagator::B3multi => {
-                hex_into(o.trace_id, scratch);
-                c.set(b"x-b3-traceid", scratch);
-                scratch.clear();
-                hex_into(o.span_id, scratch);
-                c.set(b"x-b3-spanid", scratch);
+                let (mut t, mut s) = ([0u8; 32], [0u8; 16]);
+                hex_to(o.trace_id, &mut t);
+                hex_to(o.span_id, &mut s);
+                c.set(b"x-b3-traceid", &t);
+                c.set(b"x-b3-spanid", &s);
                 c.set(b"x-b3-sampled", if o.sampled { b"1" } else { b"0" });
             }
             Propagator::Baggage => {
                 if !o.baggage.is_empty() {
-                    format_baggage(o.baggage, scratch);
-                    c.set(b"baggage", scratch);
+                    let mut v = Vec::new();
+                    format_baggage(o.baggage, &mut v);
+                    c.set(b"baggage", &v);
                 }
             }
         }
@@ -359,7 +365,6 @@ pub(crate) mod tests {
             &mut c,
             &[Propagator::Tracecontext, Propagator::Baggage, Propagator::B3, Propagator::B3multi],
             &o,
-            &mut Vec::new(),
         );
         let g = |k: &str| String::from_utf8(c.0[k.as_bytes()].clone()).unwrap();
         assert_eq!(g("traceparent"), format!("00-{}-{}-00", "11".repeat(16), "22".repeat(8)));
@@ -367,9 +372,17 @@ pub(crate) mod tests {
         assert_eq!(g("b3"), format!("{}-{}-0", "11".repeat(16), "22".repeat(8)));
         assert_eq!((g("x-b3-spanid"), g("x-b3-sampled")), ("22".repeat(8), "0".to_string()));
         assert_eq!(g("baggage"), "user=a%20b%2Cc");
+        assert_eq!(g("x-b3-traceid"), "11".repeat(16));
         let mut back = Vec::new();
         parse_baggage(g("baggage").as_bytes(), &mut back);
         assert_eq!(back, bag);
+        let o = Outgoing { sampled: true, tracestate: b"", baggage: &[], ..o };
+        let mut c = Map::default();
+        inject(&mut c, &[Propagator::Tracecontext, Propagator::Baggage, Propagator::B3], &o);
+        let g = |k: &str| String::from_utf8(c.0[k.as_bytes()].clone()).unwrap();
+        assert_eq!(g("traceparent"), format!("00-{}-{}-01", "11".repeat(16), "22".repeat(8)));
+        assert_eq!(g("b3"), format!("{}-{}-1", "11".repeat(16), "22".repeat(8)));
+        assert_eq!(c.0.len(), 2, "no tracestate or baggage when there is none");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_obs_common::otlp::proto;
 
-use crate::propagation::{hex_into, set_entry};
+use crate::propagation::{hex_to, set_entry};
 
 /// `Span.SpanKind` values.
 pub const KIND_SERVER: u64 = 2;
@@ -66,6 +66,40 @@ pub fn new_trace_id() -> [u8; 16] {
     t
 }
 
+/// A span name, inline up to [`Name::INLINE`] bytes (Envoy's "ingress", "router <cluster>
+/// egress"), so starting a span — sampled or not — allocates nothing for it.
+#[derive(Clone)]
+pub enum Name {
+    /// Short names: length and bytes.
+    Inline(u8, [u8; Name::INLINE]),
+    /// Longer names.
+    Heap(Box<[u8]>),
+}
+
+impl Name {
+    /// Longest name kept inline.
+    pub const INLINE: usize = 62;
+
+    /// A copy of `b`.
+    pub fn new(b: &[u8]) -> Name {
+        if b.len() <= Self::INLINE {
+            let mut a = [0; Self::INLINE];
+            a[..b.len()].copy_from_slice(b);
+            Name::Inline(b.len() as u8, a)
+        } else {
+            Name::Heap(b.into())
+        }
+    }
+
+    /// The name's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Name::Inline(n, a) => &a[..*n as usize],
+            Name::Heap(b) => b,
+        }
+    }
+}
+
 /// One span.
 pub struct Span {
     /// Trace id.
@@ -83,7 +117,7 @@ pub struct Span {
     /// Start, Unix ns.
     pub start_ns: u64,
     /// Operation name.
-    pub name: Vec<u8>,
+    pub name: Name,
     /// `tracestate` to pass on.
     pub tracestate: Vec<u8>,
     /// Baggage entries.
@@ -106,7 +140,7 @@ impl Span {
             sampled,
             kind,
             start_ns,
-            name: name.to_vec(),
+            name: Name::new(name),
             tracestate: Vec::new(),
             baggage: Vec::new(),
             tags: Vec::new(),
@@ -159,10 +193,9 @@ impl Span {
     /// Hex trace id (32 bytes) and span id (16 bytes), kept for the span's lifetime.
     pub fn hex_ids(&mut self) -> (&[u8], &[u8]) {
         if !self.hex_ready {
-            let mut v = Vec::with_capacity(48);
-            hex_into(&self.trace_id, &mut v);
-            hex_into(&self.span_id, &mut v);
-            self.hex.copy_from_slice(&v);
+            let (t, s) = self.hex.split_at_mut(32);
+            hex_to(&self.trace_id, t);
+            hex_to(&self.span_id, s);
             self.hex_ready = true;
         }
         let (t, s) = self.hex.split_at(32);
@@ -202,7 +235,7 @@ impl Span {
         if self.parent != [0; 8] {
             proto::bytes(out, 4, &self.parent);
         }
-        proto::bytes(out, 5, &utf8(&self.name));
+        proto::bytes(out, 5, &utf8(self.name.as_bytes()));
         proto::uint(out, 6, self.kind);
         proto::fixed64(out, 7, self.start_ns);
         proto::fixed64(out, 8, end_ns.max(self.start_ns));
@@ -287,6 +320,16 @@ fn utf8(b: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_of_any_length_round_trip() {
+        for n in [0, 1, 7, Name::INLINE - 1, Name::INLINE, Name::INLINE + 1, 4096] {
+            let b: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let name = Name::new(&b);
+            assert_eq!(name.as_bytes(), &b[..]);
+            assert_eq!(matches!(name, Name::Inline(..)), n <= Name::INLINE);
+        }
+    }
 
     #[test]
     fn ids_are_random_and_non_zero() {
