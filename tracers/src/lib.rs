@@ -5,8 +5,9 @@
 //! - `config_new` / `config_destroy` run on the main thread; the config owns the flush thread.
 //! - A span lives on the worker handling its request, from `start_span` (or `spawn_child`) to
 //!   `destroy`; every span hook for it runs on that thread, so spans need no locks.
-//! - `finish` of a sampled span encodes the OTLP `Span` into the worker's queue slot (one
-//!   lock-free push); the flush thread only concatenates encoded spans into export requests.
+//! - `finish` of a sampled span copies it into the worker's queue slot (ids, times and its
+//!   tag and event arenas as they are: one lock-free push, a few memcpys); the flush thread
+//!   encodes the OTLP `Span` messages into export requests.
 //! - Unsampled spans keep ids only, so context still propagates at almost no cost.
 use std::ffi::c_void;
 use std::ptr;
@@ -30,7 +31,7 @@ pub mod span;
 
 use config::{Compiled, Sampler};
 use propagation::{extract, inject, parse_baggage, Outgoing, Propagator};
-use span::{now_ns, Span, KIND_CLIENT, KIND_SERVER};
+use span::{now_ns, Finished, Span, KIND_CLIENT, KIND_SERVER};
 
 declare_program_init!();
 
@@ -60,7 +61,7 @@ pub struct ModuleSpan {
     shared: Arc<Shared>,
 }
 
-/// Sends encoded spans.
+/// Encodes finished spans and sends them.
 struct SpanExporter {
     otlp: OtlpExporter,
 }
@@ -69,7 +70,12 @@ impl Exporter for SpanExporter {
     fn export(&mut self, batch: &Batch) -> Outcome {
         let mut o = Outcome::default();
         for rec in batch.iter() {
-            let r = self.otlp.add(|out| out.extend_from_slice(rec));
+            // Records come from `ModuleSpan::finish`; one that does not read back is counted.
+            let Some(span) = Finished::read(rec) else {
+                o.failed += 1;
+                continue;
+            };
+            let r = self.otlp.add(|out| span.encode(out));
             o.written += r.written;
             o.failed += r.failed;
         }
@@ -173,7 +179,7 @@ impl ModuleSpan {
         if self.span.sampled {
             let end = now_ns();
             let span = &self.span;
-            p.push_with(slot(), |out| span.encode(end, out));
+            p.push_with(slot(), |out| span.finished(end).write(out));
         } else {
             p.skip(slot());
         }

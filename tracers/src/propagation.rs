@@ -361,11 +361,7 @@ pub(crate) mod tests {
         let bag = vec![(b"user".to_vec(), b"a b,c".to_vec())];
         let o =
             Outgoing { trace_id: &[0x11; 16], span_id: &[0x22; 8], sampled: false, tracestate: b"k=v", baggage: &bag };
-        inject(
-            &mut c,
-            &[Propagator::Tracecontext, Propagator::Baggage, Propagator::B3, Propagator::B3multi],
-            &o,
-        );
+        inject(&mut c, &[Propagator::Tracecontext, Propagator::Baggage, Propagator::B3, Propagator::B3multi], &o);
         let g = |k: &str| String::from_utf8(c.0[k.as_bytes()].clone()).unwrap();
         assert_eq!(g("traceparent"), format!("00-{}-{}-00", "11".repeat(16), "22".repeat(8)));
         assert_eq!(g("tracestate"), "k=v");

@@ -2,8 +2,9 @@
 //! `start_span` / `spawn_child` to `destroy`.
 //!
 //! A sampled span collects its tags and events in two flat byte arenas (one allocation each,
-//! no per-tag `String`s) and, at `finish`, is encoded straight into an OTLP `Span` message in
-//! its worker's queue. An unsampled span keeps only its ids, for propagation.
+//! no per-tag `String`s); at `finish` its fields and arenas are copied as they are into its
+//! worker's queue ([`Finished`]) and the flush thread encodes the OTLP `Span` message. An
+//! unsampled span keeps only its ids, for propagation.
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -207,8 +208,102 @@ impl Span {
         !std::mem::replace(&mut self.finished, true)
     }
 
-    fn tags(&self) -> TagIter<'_> {
-        TagIter { b: &self.tags }
+    /// This span as finished now (`end_ns`): what crosses to the flush thread.
+    pub fn finished(&self, end_ns: u64) -> Finished<'_> {
+        Finished {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent: self.parent,
+            remote_parent: self.remote_parent,
+            sampled: self.sampled,
+            kind: self.kind,
+            start_ns: self.start_ns,
+            end_ns: end_ns.max(self.start_ns),
+            name: self.name.as_bytes(),
+            tracestate: &self.tracestate,
+            tags: &self.tags,
+            events: &self.events,
+        }
+    }
+
+    /// Encodes the body of an OTLP `Span` message, ending at `end_ns`.
+    pub fn encode(&self, end_ns: u64, out: &mut Vec<u8>) {
+        self.finished(end_ns).encode(out);
+    }
+}
+
+/// A finished span, borrowed: either from the live [`Span`] or from its queue record.
+///
+/// `finish` on the worker only copies it into the queue ([`Finished::write`]: fixed fields and
+/// the tag and event arenas as they are, a few memcpys); the flush thread reads it back
+/// ([`Finished::read`]) and encodes the OTLP message there ([`Finished::encode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished<'a> {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    parent: [u8; 8],
+    remote_parent: bool,
+    sampled: bool,
+    kind: u64,
+    start_ns: u64,
+    end_ns: u64,
+    name: &'a [u8],
+    tracestate: &'a [u8],
+    tags: &'a [u8],
+    events: &'a [u8],
+}
+
+/// Bytes of a record's fixed part: ids, flags, kind, start and end.
+const FIXED: usize = 16 + 8 + 8 + 1 + 1 + 8 + 8;
+
+impl<'a> Finished<'a> {
+    /// Appends the queue record: the fixed part, then name, tracestate, tags and events, each
+    /// length-prefixed.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let parts = [self.name, self.tracestate, self.tags, self.events];
+        out.reserve(FIXED + parts.iter().map(|p| 4 + p.len()).sum::<usize>());
+        out.extend_from_slice(&self.trace_id);
+        out.extend_from_slice(&self.span_id);
+        out.extend_from_slice(&self.parent);
+        out.push(u8::from(self.sampled) | u8::from(self.remote_parent) << 1);
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.start_ns.to_le_bytes());
+        out.extend_from_slice(&self.end_ns.to_le_bytes());
+        for p in parts {
+            put(out, p);
+        }
+    }
+
+    /// Reads a record [`Finished::write`] made; `None` if it is malformed.
+    pub fn read(rec: &'a [u8]) -> Option<Finished<'a>> {
+        let (fixed, mut rest) = rec.split_first_chunk::<FIXED>()?;
+        let mut part = || {
+            let (len, r) = rest.split_first_chunk::<4>()?;
+            let n = u32::from_le_bytes(*len) as usize;
+            let (v, r) = (r.get(..n)?, &r[n..]);
+            rest = r;
+            Some(v)
+        };
+        let (name, tracestate, tags, events) = (part()?, part()?, part()?, part()?);
+        let u64_at = |i: usize| u64::from_le_bytes(fixed[i..i + 8].try_into().unwrap_or([0; 8]));
+        Some(Finished {
+            trace_id: fixed[..16].try_into().ok()?,
+            span_id: fixed[16..24].try_into().ok()?,
+            parent: fixed[24..32].try_into().ok()?,
+            sampled: fixed[32] & 1 != 0,
+            remote_parent: fixed[32] & 2 != 0,
+            kind: u64::from(fixed[33]),
+            start_ns: u64_at(34),
+            end_ns: u64_at(42),
+            name,
+            tracestate,
+            tags,
+            events,
+        })
+    }
+
+    fn tags(&self) -> TagIter<'a> {
+        TagIter { b: self.tags }
     }
 
     /// Status ERROR as Envoy's OpenTelemetry tracer sets it: from `http.status_code`, 5xx on
@@ -225,20 +320,20 @@ impl Span {
         code.is_some_and(|c| (min..600).contains(&c))
     }
 
-    /// Encodes the body of an OTLP `Span` message, ending now (`end_ns`).
-    pub fn encode(&self, end_ns: u64, out: &mut Vec<u8>) {
+    /// Encodes the body of an OTLP `Span` message.
+    pub fn encode(&self, out: &mut Vec<u8>) {
         proto::bytes(out, 1, &self.trace_id);
         proto::bytes(out, 2, &self.span_id);
         if !self.tracestate.is_empty() {
-            proto::bytes(out, 3, &self.tracestate);
+            proto::bytes(out, 3, self.tracestate);
         }
         if self.parent != [0; 8] {
             proto::bytes(out, 4, &self.parent);
         }
-        proto::bytes(out, 5, &utf8(self.name.as_bytes()));
+        proto::bytes(out, 5, &utf8(self.name));
         proto::uint(out, 6, self.kind);
         proto::fixed64(out, 7, self.start_ns);
-        proto::fixed64(out, 8, end_ns.max(self.start_ns));
+        proto::fixed64(out, 8, self.end_ns);
         // Envoy sends ~10–20 tags per span: index them on the stack (a Vec past 32).
         let mut stack: [(&[u8], &[u8]); 32] = [(&[], &[]); 32];
         let mut heap = Vec::new();
@@ -257,14 +352,30 @@ impl Span {
             heap.splice(0..0, stack);
             &heap
         };
-        for (i, (k, v)) in tags.iter().enumerate() {
-            // The last value of a repeated key wins, as with an OpenTelemetry SDK's SetAttribute.
-            if tags[i + 1..].iter().any(|(k2, _)| k2.len() == k.len() && k2 == k) {
-                continue;
-            }
-            proto::kv_str(out, 9, &utf8(k), &utf8(v));
+        // The last value of a repeated key wins, as with an OpenTelemetry SDK's SetAttribute.
+        // Walking backwards, a key is compared with the later ones only when its signature
+        // bit was already seen (rare: Envoy's tag keys are distinct).
+        let mut later = 0u64;
+        let mut stack_dup = [false; 32];
+        let mut heap_dup = Vec::new();
+        let dup: &mut [bool] = if n <= stack_dup.len() {
+            &mut stack_dup[..n]
+        } else {
+            heap_dup.resize(n, false);
+            &mut heap_dup
+        };
+        for i in (0..n).rev() {
+            let k = tags[i].0;
+            let bit = 1u64 << (signature(k) & 63);
+            dup[i] = later & bit != 0 && tags[i + 1..].iter().any(|(k2, _)| *k2 == k);
+            later |= bit;
         }
-        let mut ev = &self.events[..];
+        for (i, (k, v)) in tags.iter().enumerate() {
+            if !dup[i] {
+                proto::kv_str(out, 9, &utf8(k), &utf8(v));
+            }
+        }
+        let mut ev = self.events;
         while ev.len() >= 12 {
             let ts = i64::from_le_bytes(ev[..8].try_into().unwrap_or([0; 8]));
             let n = u32::from_le_bytes(ev[8..12].try_into().unwrap_or([0; 4])) as usize;
@@ -282,6 +393,13 @@ impl Span {
             proto::message(out, 15, |o| proto::uint(o, 3, 2));
         }
     }
+}
+
+/// A cheap hash of a tag key (its length and three of its bytes).
+fn signature(k: &[u8]) -> u32 {
+    let (first, last) = (k.first().copied().unwrap_or(0), k.last().copied().unwrap_or(0));
+    let mid = k.get(k.len() / 2).copied().unwrap_or(0);
+    (k.len() as u32).wrapping_mul(31) ^ u32::from(first) ^ u32::from(last).wrapping_mul(7) ^ u32::from(mid) << 2
 }
 
 fn put(buf: &mut Vec<u8>, b: &[u8]) {
@@ -350,11 +468,11 @@ mod tests {
         // Client spans: 4xx is an error too; `error` without a status code is not.
         let mut c = s.child(b"router", 11);
         c.set_tag(b"http.status_code", b"404");
-        assert!(c.is_error());
+        assert!(c.finished(12).is_error());
         let mut c = s.child(b"router", 11);
         c.set_tag(b"error", b"true");
         c.set_tag(b"http.status_code", b"0");
-        assert!(!c.is_error());
+        assert!(!c.finished(12).is_error());
         s.set_tag(b"bad", b"a\xffb");
         s.log(12, b"retry");
         let mut out = Vec::new();
@@ -397,6 +515,79 @@ mod tests {
         assert_eq!(kvs.len(), 41);
         let dup = kvs.iter().find(|kv| proto::get_bytes(kv, 1) == Some(b"dup")).unwrap();
         assert_eq!(proto::get_bytes(proto::get_bytes(dup, 2).unwrap(), 1), Some(&b"last"[..]));
+    }
+
+    fn attributes(encoded: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        proto::Reader::new(encoded)
+            .filter_map(|(n, v)| match v {
+                proto::Field::Bytes(kv) if n == 9 => {
+                    Some((proto::get_bytes(kv, 1)?.to_vec(), proto::get_bytes(proto::get_bytes(kv, 2)?, 1)?.to_vec()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn last_value_wins_for_every_key_mix() {
+        // Keys from a tiny alphabet repeat often and collide in `signature`; the result must
+        // equal "last value per key, in first-seen order of the surviving entries".
+        let mut rng = 0x1234_5678_u64;
+        let mut next = |m: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (rng >> 33) % m
+        };
+        for round in 0..500 {
+            let mut s = Span::new([1; 16], [0; 8], true, KIND_SERVER, 1, b"x");
+            let n = next(45);
+            let mut set: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            for i in 0..n {
+                let len = 1 + next(4) as usize;
+                let k: Vec<u8> = (0..len).map(|_| b"ab"[next(2) as usize]).collect();
+                let v = format!("{round}-{i}").into_bytes();
+                s.set_tag(&k, &v);
+                set.push((k, v));
+            }
+            let want: Vec<_> = set
+                .iter()
+                .enumerate()
+                .filter(|(i, (k, _))| !set[i + 1..].iter().any(|(k2, _)| k2 == k))
+                .map(|(_, t)| t.clone())
+                .collect();
+            let mut out = Vec::new();
+            s.encode(2, &mut out);
+            assert_eq!(attributes(&out), want, "round {round}");
+        }
+        // Different keys with one signature are both kept.
+        assert_eq!(signature(b"aXcb"), signature(b"aYcb"));
+        let mut s = Span::new([1; 16], [0; 8], true, KIND_SERVER, 1, b"x");
+        s.set_tag(b"aXcb", b"1");
+        s.set_tag(b"aYcb", b"2");
+        let mut out = Vec::new();
+        s.encode(2, &mut out);
+        assert_eq!(attributes(&out).len(), 2);
+    }
+
+    #[test]
+    fn queue_records_read_back_exactly_and_never_panic_when_cut() {
+        let mut s = Span::new([3; 16], [4; 8], true, KIND_CLIENT, 100, b"router backend egress");
+        s.remote_parent = true;
+        s.tracestate = b"k=v".to_vec();
+        s.set_tag(b"http.status_code", b"503");
+        s.log(150, b"retry");
+        let f = s.finished(90); // an end before the start is clamped to the start
+        let mut rec = Vec::new();
+        f.write(&mut rec);
+        let back = Finished::read(&rec).expect("reads back");
+        assert_eq!(back, f);
+        assert_eq!(back.end_ns, 100);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        back.encode(&mut a);
+        s.encode(90, &mut b);
+        assert_eq!(a, b);
+        for cut in 0..rec.len() {
+            assert!(Finished::read(&rec[..cut]).is_none(), "cut at {cut}");
+        }
     }
 
     #[test]
