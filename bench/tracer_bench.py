@@ -6,10 +6,12 @@ Method (see bench/README.md): one Envoy with one worker pinned to core 0 and a l
 variant; every listener routes to an upstream (a second Envoy on core 1) with the router's
 `start_child_span: true`, so a sampled request makes a server and a client span. Both tracers
 export over gRPC to the null collector (bench/null_collector.py) on core 1; h2load on core 1
-drives open-loop bursts at BENCH_RATE, alternating variants round after round. Per burst the
-worker thread's CPU; ours also does work on its flush thread ("obs-otlp-spans"), measured over
-the whole run and divided by the spans it exported. Envoy's tracer encodes and sends on the
-worker itself. Then, with valgrind, instructions per request under callgrind.
+drives open-loop bursts at BENCH_RATE over HTTP/2 (BENCH_CLIENTS connections, up to
+BENCH_STREAMS streams each; the upstream hop is HTTP/2 too; BENCH_STREAMS=0: HTTP/1.1),
+alternating variants round after round. Per burst the worker thread's CPU; ours also does
+work on its flush thread ("obs-otlp-spans"), measured over the whole run and divided by the
+spans it exported. Envoy's tracer encodes and sends on the worker itself. Then, with
+valgrind, instructions per request under callgrind.
 
 Results go to bench/results/tracer.md."""
 from __future__ import annotations
@@ -31,13 +33,18 @@ import access_log_bench as alb  # noqa: E402
 from harness import ENVOY_BIN, TRACER_SO, free_port, hcm_listener, route, socket_address, static_cluster  # noqa: E402
 from otlp_receiver import h2_cluster  # noqa: E402
 
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "30"))
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "4000"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "8000"))
 # Open loop by default: a closed loop does not keep this worker saturated here (h2load shares
 # core 1 with the upstream Envoy and the Python null collector), and an unsaturated closed loop
 # is noisier still (36 % baseline spread seen vs 15 % open-loop). BENCH_RATE=0: closed loop.
 RATE = int(os.environ.get("BENCH_RATE", "5000"))
+# HTTP/2 by default: a proxied HTTP/1.1 request costs the worker ~80 µs here, mostly syscalls,
+# and its round-to-round swing (10-17 µs) buried the 0 %-sampling difference; over HTTP/2 a
+# request costs ~30-35 µs and the swing is 3-5 µs (bench/README.md).
+STREAMS = int(os.environ.get("BENCH_STREAMS", "16"))
+CLIENTS = int(os.environ.get("BENCH_CLIENTS", "4" if STREAMS else str(alb.CLIENTS)))
 VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0"]
 PAIRS = [("builtin_100", "ours_100", "100 % sampling", 0.2), ("builtin_0", "ours_0", "0 % sampling", 0.5)]
 
@@ -98,7 +105,8 @@ def start_envoy(workdir: pathlib.Path, up_port: int, collector_port: int, wrappe
     cfg.write_text(json.dumps({
         "admin": {"address": socket_address(admin)},
         "static_resources": {"listeners": [listener(v, ports[v], collector_port) for v in VARIANTS],
-                             "clusters": [static_cluster("upstream", up_port), h2_cluster("otlp", collector_port)]}}))
+                             "clusters": [h2_cluster("upstream", up_port) if STREAMS else static_cluster("upstream", up_port),
+                                          h2_cluster("otlp", collector_port)]}}))
     proc = subprocess.Popen(["taskset", "-c", "0-1"] + (wrapper or []) + [
         str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1", "--use-dynamic-base-id", "--disable-hot-restart",
         "-l", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,7 +121,7 @@ def start_envoy(workdir: pathlib.Path, up_port: int, collector_port: int, wrappe
 def burst(proc, port: int, n: int) -> tuple[float, float]:
     """The worker's CPU per request (µs) and its busy share of the burst's wall time."""
     before, t0 = alb.thread_cpu_ns(proc.pid), time.monotonic()
-    alb.harness_h2load(f"http://127.0.0.1:{port}/bench", n, clients=alb.CLIENTS, cpu=1, rate=RATE)
+    alb.harness_h2load(f"http://127.0.0.1:{port}/bench", n, clients=CLIENTS, cpu=1, rate=RATE, streams=STREAMS)
     after, wall = alb.thread_cpu_ns(proc.pid), time.monotonic() - t0
     ns = sum(after[k] - before.get(k, 0) for k in after if k.startswith("wrk:"))
     return ns / n / 1000, ns / 1e9 / wall
@@ -130,12 +138,12 @@ def instruction_counts(workdir: pathlib.Path, up_port: int, collector_port: int)
     out: dict[str, list[float]] = {v: [] for v in VARIANTS}
     try:
         for v in VARIANTS:
-            alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", 200, clients=4)
+            alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", 200, clients=4, streams=STREAMS)
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
         for rnd in range(2):
             for v in VARIANTS:
                 subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-                alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", n, clients=4)
+                alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", n, clients=4, streams=STREAMS)
                 time.sleep(2.5)  # our flush interval is 1 s; the built-in flushes every 5 spans
                 before = set(cg.iterdir())
                 subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
@@ -158,7 +166,7 @@ def main():
         busy: dict[str, list[float]] = {v: [] for v in VARIANTS}
         try:
             for v in VARIANTS:
-                alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", WARMUP, clients=alb.CLIENTS, cpu=1)
+                alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", WARMUP, clients=CLIENTS, cpu=1, streams=STREAMS)
             time.sleep(1.5)
             bg0 = alb.thread_cpu_ns(proc.pid)
             st0 = alb.envoy_stats(admin, "obs.tracer")
@@ -194,8 +202,9 @@ def main():
         f"# Tracing CPU cost — Envoy 1.40.0, 1 worker, {ROUNDS} rounds x {REQUESTS:,} requests per variant",
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores ({alb.platform_cpu()}); "
-        f"{'open-loop at %s requests/s' % format(RATE, ',') if RATE else 'closed loop'}, HTTP/1.1 keep-alive, "
-        f"{alb.CLIENTS} connections; every request goes to an upstream with "
+        f"{'open-loop at %s requests/s' % format(RATE, ',') if RATE else 'closed loop'}, "
+        f"{'HTTP/2, %d connections x %d streams' % (CLIENTS, STREAMS) if STREAMS else 'HTTP/1.1 keep-alive, %d connections' % CLIENTS}"
+        f"; every request goes to an upstream (over {'HTTP/2' if STREAMS else 'HTTP/1.1'}) with "
         "`start_child_span: true` (a server and a client span when sampled); both tracers export over gRPC to a "
         "null collector. Medians over rounds of the worker CPU minus the same round's no-tracing burst; our flush "
         "thread's CPU added per request.",

@@ -232,12 +232,14 @@ def curl(url: str, *args: str, http2: bool = False) -> subprocess.CompletedProce
 
 
 def h2load(url: str, n: int, clients: int = 8, cpu: int | None = None, timeout: float = 600,
-           rate: int | None = None) -> str:
-    """Sends exactly `n` HTTP/1.1 keep-alive requests with h2load (optionally pinned to `cpu`,
-    optionally paced at `rate` requests/s in total); returns h2load's report and fails unless
-    every request succeeded."""
+           rate: int | None = None, streams: int = 0) -> str:
+    """Sends exactly `n` requests with h2load — HTTP/1.1 keep-alive, or with `streams` > 0
+    HTTP/2 (prior knowledge) with up to that many concurrent streams per connection —
+    optionally pinned to `cpu`, optionally paced at `rate` requests/s in total; returns h2load's
+    report and fails unless every request succeeded."""
+    proto = ["-m", str(streams)] if streams else ["--h1", "-m", "1"]
     cmd = (["taskset", "-c", str(cpu)] if cpu is not None else []) + [
-        "h2load", "--h1", "-n", str(n), "-c", str(clients), "-m", "1", "-t", "1", url]
+        "h2load", *proto, "-n", str(n), "-c", str(clients), "-t", "1", url]
     if rate:
         cmd.insert(-1, f"--rps={max(1, rate // clients)}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
