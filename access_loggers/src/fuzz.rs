@@ -50,7 +50,7 @@ fn format_strings_never_panic_and_render_valid_json() {
         if let Ok(plan) = JsonPlan::compile(map.as_object().expect("object"), i % 2 == 0) {
             rec.clear();
             out.clear();
-            let cx = Ctx::new(&stream, 6).with_bulk_headers(Plan::bulk_headers(&plan));
+            let cx = Ctx::with_bulk(&stream, 6, Plan::bulk_headers(&plan));
             Plan::capture(&plan, &cx, &mut rec);
             plan.render(&rec, &mut scratch, &mut out);
             assert!(

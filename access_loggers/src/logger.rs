@@ -159,7 +159,7 @@ impl<P: Plan> ThreadLogger<P> {
 
     #[inline(always)]
     fn log_record<S: Stream>(&self, producer: &Producer, stream: &S, log_type: u32) {
-        let cx = Ctx::new(stream, log_type).with_bulk_headers(self.inner.bulk_headers);
+        let cx = Ctx::with_bulk(stream, log_type, self.inner.bulk_headers);
         if let Some(f) = &self.inner.filter {
             if !f.keep(&cx) {
                 producer.skip();

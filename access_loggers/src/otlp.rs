@@ -415,7 +415,7 @@ mod tests {
     fn encode(cfg: serde_json::Value, s: &FakeStream) -> Vec<(u32, proto::Field<'static>)> {
         let c = compile(cfg.to_string().as_bytes(), &no_env).unwrap();
         let mut rec = Vec::new();
-        c.plan.capture(&Ctx::new(s, 6).with_bulk_headers(c.plan.bulk_headers()), &mut rec);
+        c.plan.capture(&Ctx::with_bulk(s, 6, c.plan.bulk_headers()), &mut rec);
         let mut out = Vec::new();
         c.plan.encode(&rec, 42, &mut Vec::new(), &mut out);
         let out: &'static [u8] = Box::leak(out.into_boxed_slice());

@@ -313,27 +313,28 @@ pub struct Ctx<'s, S: Stream> {
 }
 
 impl<'s, S: Stream> Ctx<'s, S> {
-    /// A context for one record.
+    /// A context for one record that looks headers up one by one.
     pub fn new(stream: &'s S, log_type: u32) -> Self {
+        Self::with_bulk(stream, log_type, BulkHeaders::default())
+    }
+
+    /// A context for one record reading the header maps `bulk` names through one bulk call
+    /// each instead of one lookup per operator (see [`JsonPlan::bulk_headers`]). Built in place:
+    /// the context holds two inline header tables, too large to move around per record.
+    #[inline(always)]
+    pub fn with_bulk(stream: &'s S, log_type: u32, bulk: BulkHeaders) -> Self {
         Ctx {
             stream,
             log_type,
             timing: Cell::new(None),
             bytes: Cell::new(None),
             wire: Cell::new(None),
-            bulk: BulkHeaders::default(),
+            bulk,
             request_headers: std::cell::RefCell::new(HeaderTable::default()),
             request_headers_fetched: Cell::new(false),
             response_headers: std::cell::RefCell::new(HeaderTable::default()),
             response_headers_fetched: Cell::new(false),
         }
-    }
-
-    /// Which header maps to read through one bulk call instead of one lookup per operator
-    /// (see [`JsonPlan::bulk_headers`]).
-    pub fn with_bulk_headers(mut self, bulk: BulkHeaders) -> Self {
-        self.bulk = bulk;
-        self
     }
 
     fn header(&self, kind: HeaderKind, name: &[u8]) -> Option<&'s [u8]> {

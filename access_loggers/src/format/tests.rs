@@ -113,7 +113,7 @@ pub(crate) fn render(fmt: serde_json::Value, omit: bool, s: &FakeStream) -> serd
     let plan = JsonPlan::compile(fmt.as_object().unwrap(), omit).unwrap();
     let (mut rec, mut scratch, mut out) = (Vec::new(), Vec::new(), Vec::new());
     let bulk = plan.bulk_headers();
-    plan.capture(&Ctx::new(s, 6).with_bulk_headers(bulk), &mut rec);
+    plan.capture(&Ctx::with_bulk(s, 6, bulk), &mut rec);
     plan.render(&rec, &mut scratch, &mut out);
     // Every prefix of a record (a torn or corrupt buffer) still renders valid JSON.
     for cut in (0..rec.len()).step_by((rec.len() / 300).max(1)) {
@@ -251,7 +251,7 @@ fn render_cost() {
     let t0 = std::time::Instant::now();
     for _ in 0..n {
         rec.clear();
-        plan.capture(&Ctx::new(&s, 6).with_bulk_headers(plan.bulk_headers()), &mut rec);
+        plan.capture(&Ctx::with_bulk(&s, 6, plan.bulk_headers()), &mut rec);
     }
     let cap = t0.elapsed().as_nanos() / n;
     let t1 = std::time::Instant::now();

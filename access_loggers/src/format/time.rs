@@ -19,7 +19,6 @@ enum Tok {
     Hour12,
     Min,
     Sec,
-    SecFrac(u8),
     Frac(u8),
     Epoch,
     DayOfYear,
@@ -39,6 +38,9 @@ pub struct TimeFormat {
     /// Tokens before this index depend only on the whole second, so their rendering is cached
     /// per second (a log's records mostly share their second).
     split: usize,
+    /// The tokens from `split` on are fractions and literals only (Envoy's default format
+    /// ends in `%E3SZ`): rendered without any calendar arithmetic.
+    frac_tail: bool,
     /// Identity for the prefix cache (clones share it: same tokens, same output).
     id: u64,
 }
@@ -133,7 +135,8 @@ impl TimeFormat {
                 }
                 b'E' if matches!(b.get(i + 2), Some(b'1'..=b'9')) && b.get(i + 3) == Some(&b'S') => {
                     adv = 4;
-                    vec![Tok::SecFrac(b[i + 2] - b'0')]
+                    // Seconds, a point, the fraction: the first two are cached per second.
+                    vec![Tok::Sec, Tok::Lit(b".".to_vec()), Tok::Frac(b[i + 2] - b'0')]
                 }
                 _ => {
                     let end = (i + 4).min(b.len());
@@ -148,10 +151,10 @@ impl TimeFormat {
             i += adv;
         }
         flush(&mut lit, &mut toks);
-        let split =
-            toks.iter().position(|t| matches!(t, Tok::SecFrac(_) | Tok::Frac(_) | Tok::Epoch)).unwrap_or(toks.len());
+        let split = toks.iter().position(|t| matches!(t, Tok::Frac(_) | Tok::Epoch)).unwrap_or(toks.len());
+        let frac_tail = toks[split..].iter().all(|t| matches!(t, Tok::Frac(_) | Tok::Lit(_)));
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(TimeFormat { toks, split, id })
+        Ok(TimeFormat { toks, split, frac_tail, id })
     }
 
     /// Appends the UTC rendering of `unix_ns` to `out`.
@@ -182,7 +185,16 @@ impl TimeFormat {
             out.extend_from_slice(&e.2);
             true
         });
-        if hit {
+        if hit && self.frac_tail {
+            let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
+            for t in &self.toks[self.split..] {
+                match t {
+                    Tok::Frac(n) => frac(out, nanos, *n),
+                    Tok::Lit(l) => out.extend_from_slice(l),
+                    _ => {}
+                }
+            }
+        } else if hit {
             self.write_toks(&self.toks[self.split..], unix_ns, out);
         } else {
             self.write_toks(&self.toks, unix_ns, out);
@@ -229,11 +241,6 @@ impl TimeFormat {
                 Tok::Hour12 => pad(out, (if hh % 12 == 0 { 12 } else { hh % 12 }) as u64, 2),
                 Tok::Min => pad(out, mm as u64, 2),
                 Tok::Sec => pad(out, ss as u64, 2),
-                Tok::SecFrac(n) => {
-                    pad(out, ss as u64, 2);
-                    out.push(b'.');
-                    frac(out, nanos, *n);
-                }
                 Tok::Frac(n) => frac(out, nanos, *n),
                 Tok::Epoch => {
                     let mut b = itoa::Buffer::new();
@@ -276,15 +283,16 @@ fn pad(out: &mut Vec<u8>, v: u64, width: usize) {
 }
 
 fn frac(out: &mut Vec<u8>, nanos: u32, digits: u8) {
-    let digits = digits.clamp(1, 9) as u32;
+    const DIV: [u32; 10] = [1_000_000_000, 100_000_000, 10_000_000, 1_000_000, 100_000, 10_000, 1_000, 100, 10, 1];
+    let digits = digits.clamp(1, 9) as usize;
     // Keep the leading `digits` digits of the 9-digit fraction (truncating, like Envoy).
-    let mut n = nanos / 10u32.pow(9 - digits);
+    let mut n = nanos.min(999_999_999) / DIV[digits];
     let mut buf = [b'0'; 9];
-    for i in (0..digits as usize).rev() {
+    for i in (0..digits).rev() {
         buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
     }
-    out.extend_from_slice(&buf[..digits as usize]);
+    out.extend_from_slice(&buf[..digits]);
 }
 
 fn weekday(days: i64) -> usize {
@@ -341,14 +349,22 @@ mod tests {
 
     #[test]
     fn cached_prefix_matches_uncached_rendering() {
-        let f = TimeFormat::compile("%Y-%m-%dT%H:%M:%E3SZ|%s|%F %T.%6f").unwrap();
-        let mut ns = 1_795_463_003_304_123_456i64;
-        for _ in 0..5000 {
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            f.write(ns, &mut a);
-            f.write_toks(&f.toks, ns, &mut b);
-            assert_eq!(a, b);
-            ns += 997_000_001; // crosses seconds, minutes and days
+        // Mixed tails, and fraction-only tails (the fast path, Envoy's default among them).
+        for (spec, fast) in
+            [("%Y-%m-%dT%H:%M:%E3SZ|%s|%F %T.%6f", false), (DEFAULT, true), ("%T.%9f", true), ("%E1S", true)]
+        {
+            let f = TimeFormat::compile(spec).unwrap();
+            assert_eq!(f.frac_tail, fast, "{spec}");
+            for start in [1_795_463_003_304_123_456i64, -1_000_000_001] {
+                let mut ns = start;
+                for _ in 0..5000 {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    f.write(ns, &mut a);
+                    f.write_toks(&f.toks, ns, &mut b);
+                    assert_eq!(a, b, "{spec} at {ns}");
+                    ns += 997_000_001; // crosses seconds, minutes and days
+                }
+            }
         }
     }
 
