@@ -165,7 +165,7 @@ impl Filter {
                 if *threshold == u64::MAX {
                     return true;
                 }
-                let id = cx.stream.header(HeaderKind::Request, b"x-request-id").unwrap_or(&[]);
+                let id = cx.header(HeaderKind::Request, b"x-request-id").unwrap_or(&[]);
                 stable_hash(id) <= *threshold
             }
             Filter::And(v) => v.iter().all(|f| f.keep(cx)),

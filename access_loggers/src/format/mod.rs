@@ -337,7 +337,9 @@ impl<'s, S: Stream> Ctx<'s, S> {
         }
     }
 
-    fn header(&self, kind: HeaderKind, name: &[u8]) -> Option<&'s [u8]> {
+    /// The first value of header `name`: from the bulk-fetched map when the plan reads this
+    /// map whole, else through one lookup.
+    pub(crate) fn header(&self, kind: HeaderKind, name: &[u8]) -> Option<&'s [u8]> {
         let (table, fetched) = match kind {
             HeaderKind::Request if self.bulk.request => (&self.request_headers, &self.request_headers_fetched),
             HeaderKind::Response if self.bulk.response => (&self.response_headers, &self.response_headers_fetched),
@@ -501,7 +503,7 @@ impl Command {
             Op::AccessLogType => {
                 Val::S(ACCESS_LOG_TYPES.get(cx.log_type as usize).copied().unwrap_or("NotSet").as_bytes())
             }
-            Op::Trace(f) => s
+            Op::Trace(f) => cx
                 .header(HeaderKind::Request, b"traceparent")
                 .and_then(|v| parse_traceparent(v, *f))
                 .map_or(Val::Null, Val::S),

@@ -271,3 +271,35 @@ fn time_format_literals_are_escaped() {
     let t = v["t"].as_str().unwrap();
     assert!(t.ends_with(" \\ \" %"), "{t}");
 }
+
+/// Bulk-fetched maps and one-by-one lookups capture the same record: many names, alternatives,
+/// absent headers, response headers and the trace operators (which read `traceparent`).
+#[test]
+fn bulk_fetch_captures_what_single_lookups_capture() {
+    let mut fmt = serde_json::Map::new();
+    for i in 0..20 {
+        fmt.insert(format!("h{i}"), format!("%REQ(X-H{i})%").into());
+    }
+    fmt.insert("alt".into(), "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%".into());
+    fmt.insert("alt_hit".into(), "%REQ(X-H3?:PATH)%".into());
+    fmt.insert("absent".into(), "%REQ(X-NOPE)%".into());
+    fmt.insert("resp".into(), "%RESP(X-R)% %RESP(X-NONE)%".into());
+    fmt.insert("trace".into(), "%TRACE_ID%/%SPAN_ID%".into());
+    let plan = JsonPlan::compile(&fmt, false).unwrap();
+    let bulk = plan.bulk_headers();
+    assert!(bulk.request && bulk.response);
+    let mut s = FakeStream::ok();
+    for i in (0..20).step_by(2) {
+        s.req.insert(format!("x-h{i}").into_bytes(), format!("v{i}").into_bytes());
+    }
+    s.req.insert(b"traceparent".to_vec(), b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_vec());
+    s.resp.insert(b"x-r".to_vec(), b"r".to_vec());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    plan.capture(&Ctx::with_bulk(&s, 6, bulk), &mut a);
+    plan.capture(&Ctx::new(&s, 6), &mut b);
+    assert_eq!(a, b);
+    let v = render(serde_json::Value::Object(fmt), false, &s);
+    assert_eq!((v["h0"].as_str(), v["h1"].as_str(), v["h18"].as_str()), (Some("v0"), None, Some("v18")));
+    assert_eq!((v["alt"].as_str(), v["alt_hit"].as_str(), v["resp"].as_str()), (Some("/ok"), Some("/ok"), Some("r -")));
+    assert_eq!(v["trace"], "4bf92f3577b34da6a3ce929d0e0e4736/00f067aa0ba902b7");
+}
