@@ -342,6 +342,23 @@ def test_metrics_sinks_with_a_hanging_collector(tmp_path):
            exported=0, dropped=0, failed=failed, rss_growth_kb=rss1 - rss0)
 
 
+def keepalive(port: int, requests) -> list[bytes]:
+    """Sends raw HTTP/1.1 requests one after another on one keep-alive connection (bytes no
+    HTTP client would send); returns each reply, read up to the upstream's "ok\\n" body."""
+    replies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for req in requests:
+            s.sendall(req)
+            reply = b""
+            while not reply.endswith(b"ok\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            replies.append(reply)
+    return replies
+
+
 def test_hostile_traffic_http2_many_streams_and_distinct_values(tmp_path):
     """HTTP/2 with 100 concurrent streams per connection and 10,000 distinct header values,
     some invalid UTF-8: every line valid JSON, none lost."""
@@ -356,18 +373,9 @@ def test_hostile_traffic_http2_many_streams_and_distinct_values(tmp_path):
         import re
         h2 = int(re.search(r"(\d+) succeeded", out).group(1))
         # 10,000 distinct values (with bytes that are not UTF-8) over raw HTTP/1.1 keep-alive.
-        got = b""
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            for i in range(10_000):
-                s.sendall(b"GET /v HTTP/1.1\r\nHost: x\r\nX-Id: v" + str(i).encode() + b"\xff\xfe\"\\\r\n\r\n")
-                reply = b""
-                while not reply.endswith(b"ok\n"):
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    reply += chunk
-                got += reply[:15]
-        ok = got.count(b"HTTP/1.1 200")
+        replies = keepalive(port, (b"GET /v HTTP/1.1\r\nHost: x\r\nX-Id: v" + str(i).encode() + b"\xff\xfe\"\\\r\n\r\n"
+                                   for i in range(10_000)))
+        ok = sum(r.startswith(b"HTTP/1.1 200") for r in replies)
         n = h2 + ok
         poll_until(lambda: path.read_bytes().count(b"\n") >= n, timeout=30, what="all lines")
     recs = [json.loads(line) for line in path.read_bytes().splitlines()]
@@ -390,16 +398,8 @@ def test_hostile_values_never_cost_a_batch_at_a_strict_collector(tmp_path):
                               custom_tags=[{"tag": "evil", "request_header": {"name": "x-evil"}}])
         e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=[logger], tracing=tracing)]})
         with e:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                for i in range(500):
-                    s.sendall(b"GET /e HTTP/1.1\r\nHost: x\r\nX-N: " + str(i).encode()
-                              + b"\r\nX-Evil: \xff\xfe\xc3(\"\\" + bytes([0x80 + i % 64]) + b"\r\n\r\n")
-                    reply = b""
-                    while not reply.endswith(b"ok\n"):
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        reply += chunk
+            keepalive(port, (b"GET /e HTTP/1.1\r\nHost: x\r\nX-N: " + str(i).encode()
+                             + b"\r\nX-Evil: \xff\xfe\xc3(\"\\" + bytes([0x80 + i % 64]) + b"\r\n\r\n" for i in range(500)))
             logs = rx.wait_for(500, "logs", timeout=20)
             spans = rx.wait_for(500, "traces", timeout=20)
             assert not [a for a in rx.attempts() if a.outcome != "ok"], "every batch accepted"
