@@ -266,6 +266,33 @@ def spread(xs: list[float]) -> float:
     return (q[2] - q[0]) / statistics.median(xs)
 
 
+def ratio_interval(ours: list[float], theirs: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
+    """Bootstrap interval of median(ours) / median(theirs) over rounds: rounds are resampled with
+    replacement, pairs kept together (both figures of a round share that round's baseline)."""
+    import random
+    rng = random.Random(1)  # reproducible for a given run's data
+    n, ratios = len(ours), []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        b = statistics.median(theirs[i] for i in idx)
+        if b > 0:
+            ratios.append(statistics.median(ours[i] for i in idx) / b)
+    if len(ratios) < draws // 2:
+        return float("nan"), float("nan")
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * len(ratios))], ratios[min(len(ratios) - 1, int((1 - tail) * len(ratios)))]
+
+
+def verdict(lo: float, hi: float, target: float) -> str:
+    """What a ratio's bootstrap interval says about a target (ratio must stay at or under it)."""
+    if hi <= target:
+        return "met"
+    if lo > target:
+        return "not met"
+    return "not resolved at this run's noise"
+
+
 def saturation_warning(busy: dict[str, list[float]], rate: int) -> list[str]:
     """A closed loop measures the worker's CPU per request only while the worker is saturated."""
     idle = [v for v, b in busy.items() if statistics.median(b) < 0.9]
@@ -351,12 +378,15 @@ def main():
         per_round = [o / b for o, b in zip(added_rounds[ours], added_rounds[theirs]) if b > 0]
         rq = statistics.quantiles(per_round, n=4) if len(per_round) >= 4 else [float("nan")] * 3
         ratio = added[ours] / added[theirs] if added[theirs] > 0 else float("nan")
+        lo, hi = ratio_interval(added_rounds[ours], added_rounds[theirs])
         prefix = "obs.access_log.json." if ours == "ours" else "obs.access_log.otlp."
         logged = max(hook.get(prefix + "records_logged", 1), 1)
         lines += [
             f"- **{what}: ratio ours / built-in of the added CPU per request {ratio:.2f}** (ratio of the medians "
             f"above; per-round ratios: median {statistics.median(per_round) if per_round else float('nan'):.2f}, "
             f"interquartile range {rq[0]:.2f}–{rq[2]:.2f}; target ≤ {target})",
+            f"  - 90 % bootstrap interval of that ratio over rounds: {lo:.2f}–{hi:.2f} → target "
+            f"**{verdict(lo, hi, target)}**",
             f"  - worker-thread CPU per record: ours **{worker_added[ours]:.3f} µs**, built-in "
             f"{worker_added[theirs]:.3f} µs",
             f"  - our own measurement of worker time per record (self_timing, TSC, inside the log hook): median "

@@ -215,8 +215,11 @@ def main():
          for v in VARIANTS] + [""]
     for theirs, ours, what, target in PAIRS:
         ratio = added[ours] / added[theirs] if added[theirs] > 0 else float("nan")
+        lo, hi = alb.ratio_interval(*[[x - n + bg.get(v, 0.0) for x, n in zip(res[v], res["none"])]
+                                      for v in (ours, theirs)])
         lines.append(f"- **{what}: ours / built-in added CPU per request {ratio:.2f}** (target ≤ {target}); "
-                     f"ours {added[ours]:+.2f} µs, built-in {added[theirs]:+.2f} µs")
+                     f"ours {added[ours]:+.2f} µs, built-in {added[theirs]:+.2f} µs; 90 % bootstrap interval "
+                     f"over rounds {lo:.2f}–{hi:.2f} → target **{alb.verdict(lo, hi, target)}**")
     lines.append(f"- our flush thread: {bg['ours_100']:.2f} µs per request at 100 % sampling; spans exported "
                  f"{exported:,} = sampled")
     lines.append(f"- run quality: the no-tracing worker's interquartile spread was {noise:.0%} of its median"
