@@ -492,7 +492,12 @@ impl Command {
                     Val::Owned(v.join(&b","[..]))
                 }
             }
-            Op::Cert(c, f) => s.cert_time(*c).map_or(Val::Null, |secs| Val::Time(secs * 1_000_000_000, f)),
+            // Certificates may say "valid until 9999-12-31" (RFC 5280's no-expiry date), past
+            // what nanoseconds in an i64 reach (2262): such a time is unavailable, not wrapped.
+            Op::Cert(c, f) => s
+                .cert_time(*c)
+                .and_then(|secs| secs.checked_mul(1_000_000_000))
+                .map_or(Val::Null, |ns| Val::Time(ns, f)),
             Op::DynMeta { ns, path } => match s.dynamic_metadata(ns, path) {
                 Some(MetaValue::Str(v)) => Val::S(v),
                 Some(MetaValue::Num(n)) => Val::F(n),

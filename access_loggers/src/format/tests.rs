@@ -16,6 +16,7 @@ pub(crate) struct FakeStream {
     pub strings: Vec<(StrField, Vec<u8>)>,
     pub addrs: Vec<(AddrField, Vec<u8>, u32)>,
     pub health_check: bool,
+    pub cert_secs: Option<i64>,
 }
 
 impl FakeStream {
@@ -99,7 +100,7 @@ impl Stream for FakeStream {
     }
     fn sans<'s>(&'s self, _: SanField, _: &mut Vec<&'s [u8]>) {}
     fn cert_time(&self, _: CertTime) -> Option<i64> {
-        None
+        self.cert_secs
     }
     fn dynamic_metadata(&self, ns: &[u8], path: &[u8]) -> Option<MetaValue<'_>> {
         (ns == b"ns" && path == b"a.b").then_some(MetaValue::Num(1.5))
@@ -182,6 +183,17 @@ fn truncation_flags_and_omit_empty() {
     );
     let v = render(serde_json::json!({"e": "", "lrb": "%LOCAL_REPLY_BODY%", "two": "%REQ(X-A)%%REQ(X-B)%"}), true, &s);
     assert_eq!(v, serde_json::json!({"e": "", "lrb": "", "two": ""}));
+}
+
+#[test]
+fn certificate_times_past_2262_are_unavailable_not_wrapped() {
+    let mut s = FakeStream::ok();
+    let fmt = serde_json::json!({"end": "%DOWNSTREAM_PEER_CERT_V_END%"});
+    s.cert_secs = Some(1_795_463_003);
+    assert_eq!(render(fmt.clone(), false, &s), serde_json::json!({"end": "2026-11-23T19:43:23.000Z"}));
+    // 9999-12-31T23:59:59Z, RFC 5280's "no well-defined expiration date".
+    s.cert_secs = Some(253_402_300_799);
+    assert_eq!(render(fmt, false, &s), serde_json::json!({"end": null}));
 }
 
 #[test]
