@@ -242,12 +242,9 @@ def test_disk_full(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_listener_removed_through_lds_while_requests_are_in_flight(tmp_path):
-    """A file-based LDS update removes the listener under load: its per-worker loggers and the
-    logger config are torn down while records are in flight; every served request is logged."""
-    port = free_port()
-    path = tmp_path / "a.log"
-    listener = hcm_listener("dyn", port, [OK], access_log=[our_json_logger({"path": str(path), "flush_interval_ms": 5000})])
+def lds_envoy(tmp_path: pathlib.Path, listener: dict):
+    """An Envoy (2 workers, 1 s drain) whose one listener comes from a file-based LDS; returns it
+    and `publish(resources)`, which replaces the LDS file atomically."""
     listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
     lds = tmp_path / "lds.json"
 
@@ -262,6 +259,26 @@ def test_listener_removed_through_lds_while_requests_are_in_flight(tmp_path):
     e = Envoy(tmp_path, {}, extra_bootstrap=boot, concurrency=2)
     base = e.command
     e.command = lambda mode=None: base(mode) + ["--drain-time-s", "1", "--drain-strategy", "immediate"]
+    return e, publish
+
+
+def threads_named(pid: int, name: str) -> int:
+    n = 0
+    for t in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            n += (t / "comm").read_text().strip() == name
+        except OSError:
+            pass
+    return n
+
+
+def test_listener_removed_through_lds_while_requests_are_in_flight(tmp_path):
+    """A file-based LDS update removes the listener under load: its per-worker loggers and the
+    logger config are torn down while records are in flight; every served request is logged."""
+    port = free_port()
+    path = tmp_path / "a.log"
+    listener = hcm_listener("dyn", port, [OK], access_log=[our_json_logger({"path": str(path), "flush_interval_ms": 5000})])
+    e, publish = lds_envoy(tmp_path, listener)
     with e:
         poll_until(lambda: "dyn" in e.admin("/listeners"), what="listener from LDS")
         p = load(f"http://127.0.0.1:{port}/", 4, rps=800)
@@ -282,6 +299,38 @@ def test_listener_removed_through_lds_while_requests_are_in_flight(tmp_path):
     assert succeeded <= len(records) <= started, (succeeded, len(records), started)
     record("Listener removed by LDS under load (JSON log)", produced=len(records), exported=len(records), dropped=0,
            failed=0, rss_growth_kb=rss1 - rss0)
+
+
+def test_config_removed_while_its_exporter_waits_on_a_hung_collector(tmp_path):
+    """LDS removes a listener whose OTLP logger is in the middle of an export to a collector that
+    never answers (10 s per attempt, retries for 30 s by default). Destroying the logger config
+    cuts that export short at the 5 s shutdown deadline and joins the flush thread: no thread is
+    left behind to call into the freed config later, and Envoy carries on."""
+    bad = BadCollector("hang")
+    try:
+        port = free_port()
+        logger = our_otlp_logger({"endpoint": f"http://127.0.0.1:{bad.port}", "flush_interval_ms": 100})
+        e, publish = lds_envoy(tmp_path, hcm_listener("dyn", port, [OK], access_log=[logger]))
+        with e:
+            poll_until(lambda: "dyn" in e.admin("/listeners"), what="listener from LDS")
+            n = served(load(f"http://127.0.0.1:{port}/", 1, rps=200))
+            # The first export is under way and hangs (the collector accepted and stays silent).
+            poll_until(lambda: bad.conns or None, timeout=10, what="the exporter connected")
+            time.sleep(0.5)
+            assert threads_named(e.proc.pid, "obs-otlp-logs") == 1
+            t0 = time.monotonic()
+            publish([])
+            poll_until(lambda: threads_named(e.proc.pid, "obs-otlp-logs") == 0 or None, timeout=15,
+                       what="the flush thread joined")
+            took = time.monotonic() - t0
+            assert e.proc.poll() is None and e.admin("/ready").strip() == "LIVE"
+            log = e.log()
+    finally:
+        bad.close()
+    # 1 s drain, then at most the 5 s shutdown deadline (+ scheduling slack); without the
+    # deadline the thread stayed in its export for the whole retry window (30 s).
+    assert n > 0 and took < 8.5, (n, took)
+    assert "did not stop within" not in log
 
 
 @pytest.mark.parametrize("mode", ["hang", "close"])

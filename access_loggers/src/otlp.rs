@@ -21,6 +21,7 @@ use envoy_obs_common::config::{parse, ConfigError};
 use envoy_obs_common::ffi::access_log::Stream;
 use envoy_obs_common::otlp::{self, proto, ExportStats, OtlpConfig, OtlpExporter, Settings, Signal};
 use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
+use envoy_obs_common::stop::StopSignal;
 
 use crate::filter::FilterSpec;
 use crate::format::{BulkHeaders, Command, Ctx, Decoder, Program, Template, Val};
@@ -381,6 +382,10 @@ impl Exporter for OtlpLogExporter {
 
     fn draining(&mut self, deadline: Instant) {
         self.otlp.set_deadline(deadline);
+    }
+
+    fn stop_signal(&self) -> Option<StopSignal> {
+        Some(self.otlp.stop_signal())
     }
 }
 

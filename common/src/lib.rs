@@ -23,6 +23,7 @@ pub mod hook;
 pub mod metrics;
 pub mod otlp;
 pub mod pipeline;
+pub mod stop;
 pub mod timing;
 
 /// Exports `envoy_dynamic_module_on_program_init` returning the ABI version Envoy 1.40.0

@@ -69,6 +69,8 @@ pub struct PipelineMetrics<M: Metrics> {
     worker_ns: Option<(CounterId, GaugeId, GaugeId)>,
     export: Option<ExportIds>,
     last: Totals,
+    /// Highest (queued + dropped) and (queued + dropped + skipped) published so far.
+    seen: [u64; 2],
     label: String,
 }
 
@@ -102,6 +104,7 @@ impl<M: Metrics> PipelineMetrics<M> {
             },
             export,
             last: Totals::default(),
+            seen: [0; 2],
             label: n.label.clone(),
         })
     }
@@ -111,13 +114,19 @@ impl<M: Metrics> Reporter for PipelineMetrics<M> {
     fn report(&mut self, t: &Totals) {
         let (l, m) = (&self.last, self.m);
         let [produced, written, dropped, skipped, failed] = self.counters;
-        m.add(produced, (t.queued + t.dropped) - (l.queued + l.dropped));
+        // queued + dropped only grows, but two separate loads may catch a shared slot moving
+        // records from queued to dropped half-way: count against the highest sum seen.
+        let accepted = t.queued + t.dropped;
+        m.add(produced, accepted.saturating_sub(self.seen[0]));
+        self.seen[0] = self.seen[0].max(accepted);
         m.add(written, t.written - l.written);
         m.add(dropped, t.dropped - l.dropped);
         m.add(skipped, t.skipped - l.skipped);
         m.add(failed, t.failed - l.failed);
         if let Some(total) = self.total {
-            m.add(total, (t.queued + t.dropped + t.skipped) - (l.queued + l.dropped + l.skipped));
+            let all = accepted + t.skipped;
+            m.add(total, all.saturating_sub(self.seen[1]));
+            self.seen[1] = self.seen[1].max(all);
         }
         m.set(self.queue_depth, t.queue_depth);
         if let Some((total, p50, p99)) = self.worker_ns {

@@ -29,6 +29,7 @@ use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::atomic::AtomicCell;
 use crossbeam_utils::CachePadded;
 
+use crate::stop::StopSignal;
 use crate::timing::{Histogram, BUCKETS};
 
 /// A batch is handed to the flush thread at this many bytes even if it has fewer records.
@@ -113,6 +114,12 @@ pub trait Exporter: Send + 'static {
     fn draining(&mut self, _deadline: Instant) {}
     /// Last call before the thread exits.
     fn shutdown(&mut self) {}
+    /// The signal this exporter's waits obey (network exporters): shutdown sets its deadline
+    /// from the stopping thread at once, so an export stuck in retries ends in time for the
+    /// thread to be joined.
+    fn stop_signal(&self) -> Option<StopSignal> {
+        None
+    }
 }
 
 /// Cumulative counts, as seen by the flush thread after each cycle.
@@ -164,6 +171,8 @@ pub struct PipelineConfig {
 struct Slot {
     partial: AtomicCell<Option<Box<Batch>>>,
     full: ArrayQueue<Box<Batch>>,
+    /// Records in `full` (batches are cut by bytes too, so not `full.len() * batch_records`).
+    waiting: AtomicU64,
     produced: AtomicU64,
     dropped: AtomicU64,
     skipped: AtomicU64,
@@ -178,6 +187,9 @@ struct Shared {
     wake_at: usize,
     wake_pending: AtomicBool,
     ctl: Sender<Ctl>,
+    /// False once a shutdown gave up waiting for the flush thread: the reporter (which calls
+    /// into Envoy with the config's handle) must not run after Envoy freed that config.
+    may_report: std::sync::Mutex<bool>,
 }
 
 enum Ctl {
@@ -221,7 +233,7 @@ fn push_on(sh: &Shared, slot: usize, f: impl FnOnce(&mut Vec<u8>)) -> bool {
     let mut batch = slot.partial.swap(None).unwrap_or_else(|| sh.pool.pop().unwrap_or_default());
     if batch.records >= sh.batch_records {
         // The queue was full when this batch filled up: try again, else drop the newest.
-        match slot.full.push(batch) {
+        match enqueue(slot, batch) {
             Ok(()) => batch = sh.pool.pop().unwrap_or_default(),
             Err(b) => {
                 put_back(slot, b);
@@ -233,7 +245,7 @@ fn push_on(sh: &Shared, slot: usize, f: impl FnOnce(&mut Vec<u8>)) -> bool {
     batch.append(f);
     slot.produced.fetch_add(1, Relaxed);
     if batch.records >= sh.batch_records || batch.data.len() >= BATCH_BYTES {
-        match slot.full.push(batch) {
+        match enqueue(slot, batch) {
             Ok(()) => {
                 if slot.full.len() >= sh.wake_at && !sh.wake_pending.swap(true, Relaxed) {
                     // One message per threshold crossing; a full channel means a wake is
@@ -249,13 +261,24 @@ fn push_on(sh: &Shared, slot: usize, f: impl FnOnce(&mut Vec<u8>)) -> bool {
     true
 }
 
+/// Queues a full batch, keeping the slot's count of waiting records (counted before the push
+/// so the flush thread's pop never sees it negative).
+#[inline]
+fn enqueue(slot: &Slot, batch: Box<Batch>) -> Result<(), Box<Batch>> {
+    let n = batch.records as u64;
+    slot.waiting.fetch_add(n, Relaxed);
+    slot.full.push(batch).inspect_err(|_| {
+        slot.waiting.fetch_sub(n, Relaxed);
+    })
+}
+
 /// Parks `batch` as the slot's partial batch. When two threads share a slot, another one may
 /// have parked its own meanwhile: that one is queued whole (or, with the queue full, its
 /// records are moved from produced to dropped) — never lost uncounted.
 #[inline]
 fn put_back(slot: &Slot, batch: Box<Batch>) {
     if let Some(other) = slot.partial.swap(Some(batch)) {
-        if let Err(b) = slot.full.push(other) {
+        if let Err(b) = enqueue(slot, other) {
             let n = b.records as u64;
             slot.produced.fetch_sub(n, Relaxed);
             slot.dropped.fetch_add(n, Relaxed);
@@ -288,6 +311,7 @@ pub struct Pipeline {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     shutdown_timeout: Duration,
+    stop: Option<StopSignal>,
 }
 
 impl Pipeline {
@@ -304,6 +328,7 @@ impl Pipeline {
                     CachePadded::new(Slot {
                         partial: AtomicCell::new(None),
                         full: ArrayQueue::new(batches),
+                        waiting: AtomicU64::new(0),
                         produced: AtomicU64::new(0),
                         dropped: AtomicU64::new(0),
                         skipped: AtomicU64::new(0),
@@ -319,7 +344,9 @@ impl Pipeline {
             wake_at: (512 / batch_records).clamp(1, batches.div_ceil(2).max(1)),
             wake_pending: AtomicBool::new(false),
             ctl: tx,
+            may_report: std::sync::Mutex::new(true),
         });
+        let stop = exporter.stop_signal();
         let worker = FlushWorker {
             shared: shared.clone(),
             rx,
@@ -327,10 +354,11 @@ impl Pipeline {
             reporter,
             interval: cfg.flush_interval.max(Duration::from_millis(1)),
             drain_budget: cfg.shutdown_timeout,
+            stop: stop.clone(),
             totals: Totals::default(),
         };
         let thread = std::thread::Builder::new().name(cfg.thread_name).spawn(move || worker.run())?;
-        Ok(Pipeline { shared, thread: Some(thread), shutdown_timeout: cfg.shutdown_timeout })
+        Ok(Pipeline { shared, thread: Some(thread), shutdown_timeout: cfg.shutdown_timeout, stop })
     }
 
     /// A producer bound to `worker`'s slot. Indices past the last slot wrap around: every
@@ -355,21 +383,37 @@ impl Pipeline {
         rx.recv_timeout(timeout).is_ok()
     }
 
-    /// Drains the queues (bounded by `shutdown_timeout`) and joins the flush thread.
-    /// Returns false if the thread did not finish in time (it is then left detached).
+    /// Drains the queues (bounded by `shutdown_timeout`, which also cuts short an export in
+    /// progress) and joins the flush thread. Returns false if the thread did not finish in
+    /// time: it is then left detached and never reports again.
     pub fn shutdown(mut self) -> bool {
         self.stop()
     }
 
     fn stop(&mut self) -> bool {
         let Some(thread) = self.thread.take() else { return true };
+        let start = Instant::now();
+        if let Some(stop) = &self.stop {
+            stop.stop_by(start + self.shutdown_timeout);
+        }
         let (tx, rx) = bounded(1);
         let grace = self.shutdown_timeout + Duration::from_secs(1);
         let sent = self.shared.ctl.send_timeout(Ctl::Shutdown(tx), grace).is_ok();
-        if sent && rx.recv_timeout(grace).is_ok() {
+        let left = grace.saturating_sub(start.elapsed());
+        if sent && rx.recv_timeout(left).is_ok() {
             let _ = thread.join();
             true
         } else {
+            // Waits for a report in progress, then bars any later one.
+            if let Ok(mut may) = self.shared.may_report.lock() {
+                *may = false;
+            }
+            crate::envoy_log!(
+                crate::ffi::LogLevel::Warn,
+                "envoy-obs: flush thread {} did not stop within {} ms; left behind, it no longer reports",
+                thread.thread().name().unwrap_or("?"),
+                grace.as_millis()
+            );
             false
         }
     }
@@ -403,6 +447,7 @@ struct FlushWorker<E, P> {
     reporter: P,
     interval: Duration,
     drain_budget: Duration,
+    stop: Option<StopSignal>,
     totals: Totals,
 }
 
@@ -444,7 +489,10 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
     }
 
     fn finish(&mut self) {
-        let deadline = Instant::now() + self.drain_budget;
+        let mut deadline = Instant::now() + self.drain_budget;
+        if let Some(d) = self.stop.as_ref().and_then(StopSignal::deadline) {
+            deadline = deadline.min(d);
+        }
         self.exporter.draining(deadline);
         while self.drain(true) > 0 && Instant::now() < deadline {}
         self.exporter.shutdown();
@@ -460,6 +508,7 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
             let mut n = self.shared.slots[i].full.len();
             while n > 0 {
                 let Some(b) = self.shared.slots[i].full.pop() else { break };
+                self.shared.slots[i].waiting.fetch_sub(b.records as u64, Relaxed);
                 n -= 1;
                 taken += self.export(b);
             }
@@ -503,7 +552,7 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
             skipped += s.skipped.load(Relaxed);
             busy += s.busy_ns.load(Relaxed);
             s.busy_hist.accumulate(&mut hist);
-            depth += (s.full.len() * self.shared.batch_records) as u64;
+            depth += s.waiting.load(Relaxed);
         }
         self.totals.queued = produced;
         self.totals.dropped = dropped;
@@ -511,7 +560,11 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
         self.totals.queue_depth = depth;
         self.totals.busy_ns = busy;
         self.totals.busy_hist = hist;
-        self.reporter.report(&self.totals);
+        if let Ok(may) = self.shared.may_report.lock() {
+            if *may {
+                self.reporter.report(&self.totals);
+            }
+        }
     }
 }
 
@@ -722,5 +775,107 @@ mod tests {
         got.sort();
         got.dedup();
         assert_eq!(got.len(), 60_000);
+    }
+
+    /// An exporter whose export waits like a network exporter retrying a dead collector: up
+    /// to `block` per batch, cut short only by its stop signal when `obeys`.
+    struct Stuck {
+        stop: StopSignal,
+        obeys: bool,
+        block: Duration,
+        started: Arc<AtomicBool>,
+        exported: Arc<AtomicU64>,
+    }
+    impl Exporter for Stuck {
+        fn export(&mut self, batch: &Batch) -> Outcome {
+            self.started.store(true, Relaxed);
+            let delivered = if self.obeys {
+                self.stop.sleep(self.block)
+            } else {
+                std::thread::sleep(self.block);
+                true
+            };
+            self.exported.fetch_add(batch.len() as u64, Relaxed);
+            if delivered {
+                Outcome { written: batch.len() as u64, failed: 0 }
+            } else {
+                Outcome { written: 0, failed: batch.len() as u64 }
+            }
+        }
+        fn stop_signal(&self) -> Option<StopSignal> {
+            Some(self.stop.clone())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct CountReports(Arc<AtomicU64>);
+    impl Reporter for CountReports {
+        fn report(&mut self, _: &Totals) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn stuck_pipeline(obeys: bool, block: Duration) -> (Pipeline, Arc<AtomicU64>, CountReports) {
+        let exported = Arc::new(AtomicU64::new(0));
+        let started = Arc::new(AtomicBool::new(false));
+        let stuck =
+            Stuck { stop: StopSignal::default(), obeys, block, started: started.clone(), exported: exported.clone() };
+        let reports = CountReports::default();
+        let c = PipelineConfig { shutdown_timeout: Duration::from_millis(300), ..cfg(1000, 10) };
+        let p = Pipeline::start(c, stuck, reports.clone()).unwrap();
+        p.producer(0).push_with(rec(1));
+        // The flush thread picks the record up on its 10 ms timer and blocks in export.
+        let t = Instant::now();
+        while !started.load(Relaxed) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(started.load(Relaxed));
+        (p, exported, reports)
+    }
+
+    #[test]
+    fn shutdown_cuts_short_an_export_stuck_in_retries() {
+        // Without the stop signal this export would block for 60 s.
+        let (p, exported, _) = stuck_pipeline(true, Duration::from_secs(60));
+        let t = Instant::now();
+        assert!(p.shutdown(), "the flush thread was joined");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(exported.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_flush_thread_left_behind_never_reports_again() {
+        // An exporter that ignores the signal outlives the grace period (300 ms + 1 s).
+        let (p, _, reports) = stuck_pipeline(false, Duration::from_millis(2500));
+        let t = Instant::now();
+        assert!(!p.shutdown(), "the thread could not be joined in time");
+        assert!(t.elapsed() < Duration::from_millis(2000));
+        let after = reports.0.load(Relaxed);
+        // The thread finishes its export, drains and exits: none of that may reach Envoy.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(reports.0.load(Relaxed), after);
+    }
+
+    #[test]
+    fn queue_depth_counts_records_in_batches_cut_by_bytes() {
+        struct Sink;
+        impl Exporter for Sink {
+            fn export(&mut self, batch: &Batch) -> Outcome {
+                Outcome { written: batch.len() as u64, failed: 0 }
+            }
+        }
+        let rec_totals = Rec::default();
+        let p = Pipeline::start(cfg(1000, 600_000), Sink, rec_totals.clone()).unwrap();
+        let prod = p.producer(0);
+        // 40 KB records: every batch is cut at one record, far below 64 records per batch.
+        for _ in 0..5 {
+            assert!(prod.push_with(|b| b.resize(b.len() + 40_000, b'x')));
+        }
+        assert_eq!(p.shared.slots[0].full.len(), 5);
+        assert_eq!(p.shared.slots[0].waiting.load(Relaxed), 5);
+        assert!(p.flush(Duration::from_secs(5)));
+        assert_eq!(p.shared.slots[0].waiting.load(Relaxed), 0);
+        assert_eq!(rec_totals.0.lock().unwrap().queue_depth, 0);
+        assert_eq!(rec_totals.0.lock().unwrap().written, 5);
     }
 }

@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use envoy_obs_common::config::{parse, ConfigError};
 use envoy_obs_common::otlp::{self, proto, ExportStats, OtlpConfig, OtlpExporter, Settings, Signal};
+use envoy_obs_common::stop::StopSignal;
 
 use crate::snapshot::{Meta, Stats};
 
@@ -59,6 +60,8 @@ pub struct Compiled {
 
 /// Metric points per request when `max_batch_size` is not set.
 const DEFAULT_POINTS_PER_REQUEST: usize = 8192;
+/// Bound on Envoy's shutdown wait for this sink: the export in progress and one last export.
+const SHUTDOWN_EXPORT: Duration = Duration::from_secs(5);
 
 /// Parses and validates the config.
 pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compiled, ConfigError> {
@@ -98,6 +101,7 @@ pub struct OtlpSink {
     thread: Option<JoinHandle<()>>,
     /// Counters for the health gauges.
     pub stats: Arc<SinkStats>,
+    stop: StopSignal,
 }
 
 impl OtlpSink {
@@ -113,12 +117,13 @@ impl OtlpSink {
             last: None,
             stats: stats.clone(),
         };
+        let stop = w.exporter.stop_signal();
         let ib = inbox.clone();
         let thread = std::thread::Builder::new()
             .name("obs-otlp-metrics".into())
             .spawn(move || w.run(&ib))
             .map_err(|e| ConfigError::new("", format!("cannot start the exporter thread: {e}")))?;
-        Ok(OtlpSink { inbox, thread: Some(thread), stats })
+        Ok(OtlpSink { inbox, thread: Some(thread), stats, stop })
     }
 
     /// Hands over a snapshot (main thread): replaces one still waiting.
@@ -134,6 +139,9 @@ impl OtlpSink {
 
 impl Drop for OtlpSink {
     fn drop(&mut self) {
+        // An export in progress (a dead collector: retries for up to `retry.max_elapsed_ms`)
+        // ends by this deadline, and so does the last export below.
+        self.stop.stop_by(Instant::now() + SHUTDOWN_EXPORT);
         self.inbox.stop.store(true, Relaxed);
         self.inbox.cv.notify_one();
         if let Some(t) = self.thread.take() {
@@ -174,8 +182,8 @@ impl Worker {
             };
             let stopping = inbox.stop.load(Relaxed);
             if stopping {
-                // Envoy is shutting down: one last export, bounded.
-                self.exporter.set_deadline(Instant::now() + Duration::from_secs(5));
+                // Envoy is shutting down: one last export, bounded (by the deadline Drop set).
+                self.exporter.set_deadline(Instant::now() + SHUTDOWN_EXPORT);
             }
             if let Some(s) = next {
                 self.export(&s);

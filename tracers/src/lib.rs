@@ -24,6 +24,7 @@ use envoy_obs_common::hook::{self, guard};
 use envoy_obs_common::metrics::{Names, PipelineMetrics};
 use envoy_obs_common::otlp::{ExportStats, OtlpExporter};
 use envoy_obs_common::pipeline::{Batch, Exporter, Handle, Outcome, Pipeline, PipelineConfig, Reporter};
+use envoy_obs_common::stop::StopSignal;
 
 pub mod config;
 pub mod propagation;
@@ -86,6 +87,9 @@ impl Exporter for SpanExporter {
     }
     fn draining(&mut self, deadline: Instant) {
         self.otlp.set_deadline(deadline);
+    }
+    fn stop_signal(&self) -> Option<StopSignal> {
+        Some(self.otlp.stop_signal())
     }
 }
 

@@ -17,6 +17,26 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Status};
 
 use super::proto;
+use crate::stop::StopSignal;
+
+/// Longest server-requested retry delay honoured (Retry-After, RetryInfo); longer ones are cut.
+const MAX_SERVER_DELAY_S: u64 = 3600;
+
+/// Runs `a` unless `b` finishes first (then `None`).
+async fn first_of<T>(a: impl std::future::Future<Output = T>, b: impl std::future::Future<Output = ()>) -> Option<T> {
+    use std::task::Poll;
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = a.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if b.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
 use super::settings::{Compression, Protocol, Settings, TlsSettings};
 
 /// How one export request ended.
@@ -164,14 +184,13 @@ impl Client {
     }
 
     /// Sends one encoded `Export*ServiceRequest`, retrying retryable failures until
-    /// `retry.max_elapsed_ms` has passed or `deadline` (shutdown) is reached.
-    pub fn send(&mut self, body: Bytes, deadline: Option<Instant>) -> (Delivery, SendStats) {
+    /// `retry.max_elapsed_ms` has passed or `stop`'s deadline (shutdown) is reached — a
+    /// deadline set while a request is in flight or while backing off ends it too.
+    pub fn send(&mut self, body: Bytes, stop: &StopSignal) -> (Delivery, SendStats) {
         let start = Instant::now();
         let retry = self.settings.retry.clone();
-        let mut give_up = start + Duration::from_millis(retry.max_elapsed_ms);
-        if let Some(d) = deadline {
-            give_up = give_up.min(d);
-        }
+        let limit = start + Duration::from_millis(retry.max_elapsed_ms);
+        let give_up = || stop.deadline().map_or(limit, |d| d.min(limit));
         let body = match (self.settings.protocol, self.settings.compression) {
             (Protocol::HttpProtobuf, Compression::Gzip) => gzip(&body),
             _ => body,
@@ -181,26 +200,30 @@ impl Client {
         loop {
             let now = Instant::now();
             let timeout =
-                self.settings.timeout.min(give_up.saturating_duration_since(now).max(Duration::from_millis(1)));
-            let attempt = self.rt.block_on(self.attempt(body.clone(), timeout));
+                self.settings.timeout.min(give_up().saturating_duration_since(now).max(Duration::from_millis(1)));
+            let attempt = self.rt.block_on(first_of(self.attempt(body.clone(), timeout), stop.reached()));
             let (after, reason) = match attempt {
-                Attempt::Done(d) => {
+                Some(Attempt::Done(d)) => {
                     stats.elapsed = start.elapsed();
                     return (d, stats);
                 }
-                Attempt::Retry { after, reason } => (after, reason),
+                Some(Attempt::Retry { after, reason }) => (after, reason),
+                None => {
+                    stats.elapsed = start.elapsed();
+                    return (Delivery::Failed("shutdown deadline reached during the request".into()), stats);
+                }
             };
             // Equal jitter: half the backoff plus a random share of the other half.
             let jittered = backoff / 2 + Duration::from_nanos(self.next_rand() % (backoff.as_nanos() as u64 / 2 + 1));
-            // A server-given delay (Retry-After, RetryInfo) is honoured as is.
+            // A server-given delay (Retry-After, RetryInfo) is honoured as is (both are capped).
             let wait = after.unwrap_or(jittered);
-            if !retry.enabled || Instant::now() + wait >= give_up {
+            let in_time = Instant::now().checked_add(wait).is_some_and(|t| t < give_up());
+            if !retry.enabled || !in_time || !stop.sleep(wait) {
                 stats.elapsed = start.elapsed();
                 let why = if retry.enabled { "retries exhausted" } else { "retry disabled" };
                 return (Delivery::Failed(format!("{reason} ({why})")), stats);
             }
             stats.retries += 1;
-            std::thread::sleep(wait);
             backoff = (backoff * 2).min(Duration::from_millis(retry.max_backoff_ms));
         }
     }
@@ -273,12 +296,7 @@ impl Client {
             Err(e) => return Attempt::Retry { after: None, reason: format!("connection: {e}") },
         };
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = resp.headers().get(http::header::RETRY_AFTER).and_then(|v| retry_after(v.as_bytes()));
         let body = Limited::new(resp.into_body(), 1 << 20).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         match status {
             200..=299 => Attempt::Done(partial_success(&body)),
@@ -323,6 +341,13 @@ fn classify_grpc(s: &Status) -> Attempt {
 }
 
 /// `retry_delay` of a `google.rpc.RetryInfo` inside a `google.rpc.Status` details list.
+/// A `Retry-After` header in delay-seconds form (the HTTP-date form is not honoured: the
+/// jittered backoff applies), capped.
+fn retry_after(v: &[u8]) -> Option<Duration> {
+    let secs = std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs.min(MAX_SERVER_DELAY_S)))
+}
+
 fn retry_info(details: &[u8]) -> Option<Duration> {
     proto::Reader::new(details).find_map(|(f, v)| {
         let proto::Field::Bytes(any) = v else { return None };
@@ -332,7 +357,7 @@ fn retry_info(details: &[u8]) -> Option<Duration> {
         let delay = proto::get_bytes(proto::get_bytes(any, 2)?, 1)?;
         let secs = proto::get_varint(delay, 1).unwrap_or(0);
         let nanos = proto::get_varint(delay, 2).unwrap_or(0);
-        Some(Duration::from_secs(secs.min(3600)) + Duration::from_nanos(nanos.min(999_999_999)))
+        Some(Duration::from_secs(secs.min(MAX_SERVER_DELAY_S)) + Duration::from_nanos(nanos.min(999_999_999)))
     })
 }
 
@@ -384,6 +409,8 @@ impl Decoder for RawDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::otlp::settings::resolve;
+    use crate::otlp::Signal;
 
     #[test]
     fn partial_success_is_read() {
@@ -394,6 +421,61 @@ mod tests {
         });
         assert_eq!(partial_success(&resp), Delivery::Accepted { rejected: 7, message: "bad attr".into() });
         assert_eq!(partial_success(&[]), Delivery::Accepted { rejected: 0, message: String::new() });
+    }
+
+    /// Sends to `endpoint` with a 30 s attempt timeout and 60 s of retries, and sets the stop
+    /// deadline 300 ms in from another thread: `send` must give up by then.
+    fn cut_short_by_stop(endpoint: String, protocol: Protocol) -> Duration {
+        let mut settings = resolve(&Default::default(), Signal::Logs, &|_| None).unwrap();
+        settings.endpoint = endpoint;
+        settings.protocol = protocol;
+        settings.timeout = Duration::from_secs(30);
+        settings.retry.max_elapsed_ms = 60_000;
+        let mut c = Client::new(settings).unwrap();
+        let stop = StopSignal::default();
+        let s2 = stop.clone();
+        let t = Instant::now();
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            s2.stop_by(Instant::now() + Duration::from_millis(100));
+        });
+        let (d, _) = c.send(Bytes::from_static(b"x"), &stop);
+        setter.join().unwrap();
+        assert!(matches!(d, Delivery::Failed(_)));
+        t.elapsed()
+    }
+
+    #[test]
+    fn a_stop_deadline_ends_a_request_in_flight() {
+        // A collector that accepts connections and never answers.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _hold = std::thread::spawn(move || {
+            let conns: Vec<_> = l.incoming().take(4).collect();
+            std::thread::sleep(Duration::from_secs(5));
+            drop(conns);
+        });
+        let url = format!("http://{addr}/v1/logs");
+        let took = cut_short_by_stop(url, Protocol::HttpProtobuf);
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn a_stop_deadline_ends_the_backoff_against_a_dead_collector() {
+        // A port nobody listens on: connection refused, then backoff sleeps.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let took = cut_short_by_stop(format!("http://127.0.0.1:{port}"), Protocol::Grpc);
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn server_delays_are_capped() {
+        assert_eq!(retry_after(b" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(b"18446744073709551615"), Some(Duration::from_secs(MAX_SERVER_DELAY_S)));
+        assert_eq!(retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(retry_after(b"-1"), None);
+        // The capped delay can be added to now without overflow.
+        assert!(Instant::now().checked_add(retry_after(b"99999999999").unwrap()).is_some());
     }
 
     #[test]

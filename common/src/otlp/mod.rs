@@ -21,6 +21,7 @@ use bytes::Bytes;
 
 use crate::ffi::LogLevel;
 use crate::pipeline::Outcome;
+use crate::stop::StopSignal;
 use crate::timing::Histogram;
 
 pub mod client;
@@ -59,7 +60,7 @@ pub struct OtlpExporter {
     items: Vec<u8>,
     count: usize,
     stats: Arc<ExportStats>,
-    deadline: Option<Instant>,
+    stop: StopSignal,
     label: String,
     last_warning: [Option<Instant>; 3],
 }
@@ -86,7 +87,7 @@ impl OtlpExporter {
             items: Vec::new(),
             count: 0,
             stats,
-            deadline: None,
+            stop: StopSignal::default(),
             label: label.to_string(),
             last_warning: [None; 3],
         }
@@ -94,7 +95,13 @@ impl OtlpExporter {
 
     /// From now on, retries stop at `deadline` (shutdown drain).
     pub fn set_deadline(&mut self, deadline: Instant) {
-        self.deadline = Some(deadline);
+        self.stop.stop_by(deadline);
+    }
+
+    /// The shutdown signal this exporter obeys: another thread may set its deadline while an
+    /// export is in progress here.
+    pub fn stop_signal(&self) -> StopSignal {
+        self.stop.clone()
     }
 
     /// Appends one item, encoded by `encode` as the body of the scope's item message, and
@@ -146,7 +153,7 @@ impl OtlpExporter {
             }
         }
         let Some(client) = self.client.as_mut() else { return Outcome { written: 0, failed: n } };
-        let (delivery, st) = client.send(body, self.deadline);
+        let (delivery, st) = client.send(body, &self.stop);
         let s = &self.stats;
         s.requests.fetch_add(1, Relaxed);
         s.retries.fetch_add(st.retries, Relaxed);
