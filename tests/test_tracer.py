@@ -431,7 +431,7 @@ def test_b3_single_and_multi_are_continued_and_injected(tmp_path):
         with e:
             get(ports["b3"], "/ok?case=b3", "-H", f"b3: {B3_TRACE}-{B3_SPAN}-1", case="b3")
             get(ports["multi"], "/ok?case=multi", "-H", f"X-B3-TraceId: {B3_TRACE2}", "-H", f"X-B3-SpanId: {B3_SPAN}",
-                "-H", "X-B3-Sampled: 1", case="multi")
+                "-H", "X-B3-Sampled: 1", "-H", "X-B3-ParentSpanId: 05e3ac9a4f6e3b90", case="multi")
             get(ports["b3"], "/ok?case=b3_new", case="b3_new")
             get(ports["multi"], "/ok?case=multi_new", case="multi_new")
             get(ports["default"], "/ok?case=default_b3", "-H", f"b3: {B3_TRACE}-{B3_SPAN}-1", case="default_b3")
@@ -453,6 +453,8 @@ def test_b3_single_and_multi_are_continued_and_injected(tmp_path):
             client = next(s for s in cases[c] if s["kind"] == CLIENT)
             h = ups[c]
             assert (h["x-b3-traceid"], h["x-b3-spanid"], h["x-b3-sampled"]) == (client["trace_id"], client["span_id"], "1")
+            # The parent of the span upstream continues: ours, not the one that came in.
+            assert h["x-b3-parentspanid"] == client["parent_span_id"], h
             assert "traceparent" not in h
         # Default propagators (tracecontext, baggage) ignore b3, like the built-in.
         root = root_of(cases["default_b3"])
@@ -529,7 +531,11 @@ def test_tracestate_and_baggage_pass_through(tmp_path):
             get(p, "/ok?case=both", "-H", f"traceparent: {tp()}", "-H", "tracestate: vendor=abc,other=x",
                 "-H", "baggage: k1=v1,k2=v2;prop=1", case="both")
             get(p, "/ok?case=baggage_only", "-H", "baggage: user=alice", case="baggage_only")
-            spans = rx.wait_for(4, "traces")
+            # A traceparent that does not parse (upper-case hex): a new trace, without the old
+            # tracestate.
+            get(p, "/ok?case=stale", "-H", f"traceparent: {tp().upper()}",
+                "-H", "tracestate: congo=t61rcWkgMzE", case="stale")
+            spans = rx.wait_for(6, "traces")
         cases = by_case(spans)
         ups = upstream_by_case(up)
         assert {s["trace_state"] for s in cases["both"]} == {"vendor=abc,other=x"}
@@ -539,6 +545,10 @@ def test_tracestate_and_baggage_pass_through(tmp_path):
         def members(v):
             return {m.split(";")[0].strip() for m in v.split(",")}
         assert members(ups["both"]["baggage"]) == {"k1=v1", "k2=v2"}
+        assert ups["both"]["baggage"] == "k1=v1,k2=v2;prop=1", "unchanged baggage passes as it came"
+        assert "tracestate" not in ups["stale"], ups["stale"]
+        assert_upstream_saw_client_span(cases["stale"], ups["stale"])
+        assert root_of(cases["stale"])["parent_span_id"] == ""
         assert members(ups["baggage_only"]["baggage"]) == {"user=alice"}
         assert_upstream_saw_client_span(cases["baggage_only"], ups["baggage_only"])
 

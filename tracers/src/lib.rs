@@ -31,7 +31,7 @@ pub mod propagation;
 pub mod span;
 
 use config::{Compiled, Sampler};
-use propagation::{extract, inject, parse_baggage, Outgoing, Propagator};
+use propagation::{extract, inject, parse_baggage, Carry, Outgoing, Propagator};
 use span::{now_ns, Finished, Span, KIND_CLIENT, KIND_SERVER};
 
 declare_program_init!();
@@ -150,7 +150,8 @@ fn slot() -> usize {
 impl Tracer {
     fn start_span(&self, ctx: &TraceContext<'_>, operation: &[u8], traced: bool) -> ModuleSpan {
         let sh = &self.shared;
-        let remote = extract(ctx, &sh.propagators);
+        let mut carry = Carry::default();
+        let remote = extract(ctx, &sh.propagators, &mut carry);
         let trace_id = remote.as_ref().map_or_else(span::new_trace_id, |r| r.trace_id);
         let sampled = match &sh.sampler {
             // Envoy's decision, and an incoming "not sampled" flag is respected (as Envoy's
@@ -165,6 +166,7 @@ impl Tracer {
             span.remote_parent = true;
             span.tracestate = r.tracestate;
         }
+        span.carry = carry;
         if sh.baggage {
             if let Some(b) = ctx.get(b"baggage") {
                 parse_baggage(b, &mut span.baggage);
@@ -194,9 +196,11 @@ impl ModuleSpan {
         let o = Outgoing {
             trace_id: &s.trace_id,
             span_id: &s.span_id,
+            parent_id: &s.parent,
             sampled: s.sampled,
             tracestate: &s.tracestate,
             baggage: &s.baggage,
+            carry: s.carry,
         };
         inject(ctx, &self.shared.propagators, &o);
     }

@@ -41,6 +41,22 @@ pub struct Remote {
     pub sampled: Option<bool>,
     /// `tracestate` to pass on (W3C only).
     pub tracestate: Vec<u8>,
+    /// B3's debug flag (`x-b3-flags: 1` / `d` in `b3`) was set.
+    pub debug: bool,
+}
+
+/// What the incoming request carries that injection must correct rather than overwrite
+/// (the router's upstream headers are the downstream request's, so whatever injection does
+/// not replace goes upstream as it came in).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Carry {
+    /// A `tracestate` came with a `traceparent` that did not parse: it belongs to no trace we
+    /// continue and must not travel with ours.
+    pub stale_tracestate: bool,
+    /// B3 debug was set: `x-b3-flags: 1` stays only while the decision is sampled.
+    pub b3_debug: bool,
+    /// Baggage was changed through `set_baggage`: the `baggage` header is rewritten.
+    pub baggage_modified: bool,
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -145,31 +161,44 @@ pub fn parse_b3(v: &[u8]) -> Option<Remote> {
         Some(s) => Some(b3_sampled(s)?),
         None => None,
     };
-    Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new() })
+    // (A `d` here is rewritten with the whole header: it leaves nothing stale behind.)
+    Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new(), debug: false })
 }
 
 /// Extracts an incoming context with the first propagator (in configured order) that finds
 /// a valid one.
-pub fn extract<C: Carrier>(c: &C, props: &[Propagator]) -> Option<Remote> {
+pub fn extract<C: Carrier>(c: &C, props: &[Propagator], carry: &mut Carry) -> Option<Remote> {
     for p in props {
         let found = match p {
-            Propagator::Tracecontext => c.get(b"traceparent").and_then(parse_traceparent).map(|(t, s, f)| Remote {
-                trace_id: t,
-                span_id: s,
-                sampled: Some(f & 1 == 1),
-                tracestate: c.get(b"tracestate").map(|v| trim(v).to_vec()).unwrap_or_default(),
-            }),
+            Propagator::Tracecontext => match c.get(b"traceparent") {
+                Some(v) => match parse_traceparent(v) {
+                    Some((t, s, f)) => Some(Remote {
+                        trace_id: t,
+                        span_id: s,
+                        sampled: Some(f & 1 == 1),
+                        tracestate: c.get(b"tracestate").map(|v| trim(v).to_vec()).unwrap_or_default(),
+                        debug: false,
+                    }),
+                    None => {
+                        // Only looked up when a traceparent came and failed: no cost otherwise.
+                        carry.stale_tracestate = c.get(b"tracestate").is_some();
+                        None
+                    }
+                },
+                None => None,
+            },
             Propagator::B3 => c.get(b"b3").and_then(parse_b3),
             Propagator::B3multi => (|| {
                 let trace = b3_trace_id(trim(c.get(b"x-b3-traceid")?))?;
                 let span = unhex::<8>(trim(c.get(b"x-b3-spanid")?)).filter(|s| *s != [0; 8])?;
                 let debug = c.get(b"x-b3-flags").map(trim) == Some(b"1");
                 let sampled = if debug { Some(true) } else { c.get(b"x-b3-sampled").map(trim).and_then(b3_sampled) };
-                Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new() })
+                Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new(), debug })
             })(),
             Propagator::Baggage => None,
         };
-        if found.is_some() {
+        if let Some(r) = &found {
+            carry.b3_debug = r.debug;
             return found;
         }
     }
@@ -243,12 +272,16 @@ pub struct Outgoing<'a> {
     pub trace_id: &'a [u8; 16],
     /// The span's own id (the parent of the next hop).
     pub span_id: &'a [u8; 8],
+    /// Its parent's id (zero for a root): B3's `x-b3-parentspanid`.
+    pub parent_id: &'a [u8; 8],
     /// Sampled decision.
     pub sampled: bool,
     /// `tracestate` to pass on.
     pub tracestate: &'a [u8],
     /// Baggage to pass on.
     pub baggage: &'a [(Vec<u8>, Vec<u8>)],
+    /// What the incoming headers left that needs correcting.
+    pub carry: Carry,
 }
 
 /// Writes the headers of every configured propagator.
@@ -260,6 +293,8 @@ pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>) {
                 c.set(b"traceparent", &b[..n]);
                 if !o.tracestate.is_empty() {
                     c.set(b"tracestate", o.tracestate);
+                } else if o.carry.stale_tracestate {
+                    c.remove(b"tracestate");
                 }
             }
             Propagator::B3 => {
@@ -273,9 +308,20 @@ pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>) {
                 c.set(b"x-b3-traceid", &t);
                 c.set(b"x-b3-spanid", &s);
                 c.set(b"x-b3-sampled", if o.sampled { b"1" } else { b"0" });
+                if *o.parent_id != [0; 8] {
+                    let mut p = [0u8; 16];
+                    hex_to(o.parent_id, &mut p);
+                    c.set(b"x-b3-parentspanid", &p);
+                }
+                // Debug means sampled: an incoming flag goes on only with a sampled decision.
+                if o.carry.b3_debug && !o.sampled {
+                    c.remove(b"x-b3-flags");
+                }
             }
             Propagator::Baggage => {
-                if !o.baggage.is_empty() {
+                // Unchanged baggage is left as it came (properties and all) where the request
+                // carries it already; written from the span where it does not (a fresh map).
+                if !o.baggage.is_empty() && (o.carry.baggage_modified || c.get(b"baggage").is_none()) {
                     let mut v = Vec::new();
                     format_baggage(o.baggage, &mut v);
                     c.set(b"baggage", &v);
@@ -295,6 +341,9 @@ pub(crate) mod tests {
     impl Carrier for Map {
         fn get(&self, k: &[u8]) -> Option<&[u8]> {
             self.0.get(k).map(Vec::as_slice)
+        }
+        fn remove(&mut self, k: &[u8]) {
+            self.0.remove(k);
         }
         fn set(&mut self, k: &[u8], v: &[u8]) {
             self.0.insert(k.to_vec(), v.to_vec());
@@ -337,9 +386,9 @@ pub(crate) mod tests {
             ("x-b3-spanid", "e457b5a2e4d86bd1"),
             ("x-b3-sampled", "0"),
         ]);
-        let r = extract(&c, &[Propagator::Tracecontext, Propagator::B3multi]).unwrap();
+        let r = extract(&c, &[Propagator::Tracecontext, Propagator::B3multi], &mut Carry::default()).unwrap();
         assert_eq!(r.sampled, Some(false));
-        assert!(extract(&c, &[Propagator::Tracecontext, Propagator::B3]).is_none());
+        assert!(extract(&c, &[Propagator::Tracecontext, Propagator::B3], &mut Carry::default()).is_none());
     }
 
     #[test]
@@ -349,18 +398,28 @@ pub(crate) mod tests {
             ("tracestate", " vendor=x "),
             ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0"),
         ]);
-        let r = extract(&c, &[Propagator::Tracecontext, Propagator::B3]).unwrap();
+        let r = extract(&c, &[Propagator::Tracecontext, Propagator::B3], &mut Carry::default()).unwrap();
         assert_eq!((r.sampled, r.tracestate.as_slice()), (Some(true), &b"vendor=x"[..]));
-        let r = extract(&c, &[Propagator::B3, Propagator::Tracecontext]).unwrap();
+        let r = extract(&c, &[Propagator::B3, Propagator::Tracecontext], &mut Carry::default()).unwrap();
         assert_eq!(r.sampled, Some(false));
     }
+
+    /// A root span's outgoing context with nothing to correct.
+    const OUT: Outgoing<'static> = Outgoing {
+        trace_id: &[0x11; 16],
+        span_id: &[0x22; 8],
+        parent_id: &[0; 8],
+        sampled: false,
+        tracestate: b"",
+        baggage: &[],
+        carry: Carry { stale_tracestate: false, b3_debug: false, baggage_modified: false },
+    };
 
     #[test]
     fn inject_writes_every_format() {
         let mut c = Map::default();
         let bag = vec![(b"user".to_vec(), b"a b,c".to_vec())];
-        let o =
-            Outgoing { trace_id: &[0x11; 16], span_id: &[0x22; 8], sampled: false, tracestate: b"k=v", baggage: &bag };
+        let o = Outgoing { tracestate: b"k=v", baggage: &bag, ..OUT };
         inject(&mut c, &[Propagator::Tracecontext, Propagator::Baggage, Propagator::B3, Propagator::B3multi], &o);
         let g = |k: &str| String::from_utf8(c.0[k.as_bytes()].clone()).unwrap();
         assert_eq!(g("traceparent"), format!("00-{}-{}-00", "11".repeat(16), "22".repeat(8)));
@@ -379,6 +438,61 @@ pub(crate) mod tests {
         assert_eq!(g("traceparent"), format!("00-{}-{}-01", "11".repeat(16), "22".repeat(8)));
         assert_eq!(g("b3"), format!("{}-{}-1", "11".repeat(16), "22".repeat(8)));
         assert_eq!(c.0.len(), 2, "no tracestate or baggage when there is none");
+    }
+
+    #[test]
+    fn injection_corrects_what_the_incoming_headers_leave_behind() {
+        // A traceparent that does not parse (upper-case hex) with its tracestate: a new trace
+        // starts, and the old tracestate must not travel with it.
+        let incoming =
+            [("traceparent", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01"), ("tracestate", "congo=x")];
+        let mut c = map(&incoming);
+        let mut carry = Carry::default();
+        assert!(extract(&c, &[Propagator::Tracecontext], &mut carry).is_none());
+        assert!(carry.stale_tracestate);
+        let o = Outgoing { parent_id: &[0x33; 8], sampled: true, carry, ..OUT };
+        inject(&mut c, &[Propagator::Tracecontext], &o);
+        assert!(!c.0.contains_key(&b"tracestate"[..]));
+        // No traceparent at all: nothing is looked up beyond it, nothing removed.
+        let mut carry = Carry::default();
+        assert!(extract(&map(&[("tracestate", "a=b")]), &[Propagator::Tracecontext], &mut carry).is_none());
+        assert!(!carry.stale_tracestate);
+
+        // B3 multi: the parent id is ours, and an incoming debug flag goes with a sampled-out
+        // decision.
+        let incoming = [
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ("x-b3-parentspanid", "05e3ac9a4f6e3b90"),
+            ("x-b3-flags", "1"),
+        ];
+        let mut c = map(&incoming);
+        let mut carry = Carry::default();
+        let r = extract(&c, &[Propagator::B3multi], &mut carry).unwrap();
+        assert_eq!((r.sampled, carry.b3_debug), (Some(true), true));
+        inject(&mut c, &[Propagator::B3multi], &Outgoing { sampled: false, carry, ..o });
+        assert_eq!(c.0[&b"x-b3-parentspanid"[..]], "33".repeat(8).into_bytes());
+        assert_eq!(c.0[&b"x-b3-sampled"[..]], b"0".to_vec());
+        assert!(!c.0.contains_key(&b"x-b3-flags"[..]));
+        let mut c = map(&incoming);
+        inject(&mut c, &[Propagator::B3multi], &Outgoing { sampled: true, carry, ..o });
+        assert_eq!(c.0[&b"x-b3-flags"[..]], b"1".to_vec());
+
+        // Baggage: left as it came (properties, member count) unless set_baggage changed it;
+        // written where the request has none.
+        let raw = "a=1;prop=x,b=2";
+        let mut bag = Vec::new();
+        parse_baggage(raw.as_bytes(), &mut bag);
+        let mut c = map(&[("baggage", raw)]);
+        inject(&mut c, &[Propagator::Baggage], &Outgoing { baggage: &bag, ..o });
+        assert_eq!(c.0[&b"baggage"[..]], raw.as_bytes());
+        let mut c = Map::default();
+        inject(&mut c, &[Propagator::Baggage], &Outgoing { baggage: &bag, ..o });
+        assert_eq!(c.0[&b"baggage"[..]], b"a=1,b=2".to_vec());
+        let modified = Carry { baggage_modified: true, ..Carry::default() };
+        let mut c = map(&[("baggage", raw)]);
+        inject(&mut c, &[Propagator::Baggage], &Outgoing { baggage: &bag, carry: modified, ..o });
+        assert_eq!(c.0[&b"baggage"[..]], b"a=1,b=2".to_vec());
     }
 
     #[test]
@@ -426,7 +540,8 @@ mod fuzz {
             parse_baggage(&s, &mut out);
             let v = String::from_utf8_lossy(&s).into_owned();
             let c = map(&[("traceparent", &v), ("b3", &v), ("x-b3-traceid", &v), ("x-b3-spanid", &v), ("baggage", &v)]);
-            let _ = extract(&c, &[Propagator::Tracecontext, Propagator::B3, Propagator::B3multi]);
+            let _ =
+                extract(&c, &[Propagator::Tracecontext, Propagator::B3, Propagator::B3multi], &mut Carry::default());
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_obs_common::otlp::proto;
 
-use crate::propagation::{hex_to, set_entry};
+use crate::propagation::{hex_to, set_entry, Carry};
 
 /// `Span.SpanKind` values.
 pub const KIND_SERVER: u64 = 2;
@@ -123,6 +123,8 @@ pub struct Span {
     pub tracestate: Vec<u8>,
     /// Baggage entries.
     pub baggage: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Incoming headers injection must correct (inherited by children).
+    pub carry: Carry,
     tags: Vec<u8>,
     events: Vec<u8>,
     finished: bool,
@@ -144,6 +146,7 @@ impl Span {
             name: Name::new(name),
             tracestate: Vec::new(),
             baggage: Vec::new(),
+            carry: Carry::default(),
             tags: Vec::new(),
             events: Vec::new(),
             finished: false,
@@ -157,6 +160,7 @@ impl Span {
         let mut c = Span::new(self.trace_id, self.span_id, self.sampled, KIND_CLIENT, start_ns, name);
         c.tracestate.clone_from(&self.tracestate);
         c.baggage.clone_from(&self.baggage);
+        c.carry = self.carry;
         c
     }
 
@@ -184,6 +188,7 @@ impl Span {
     /// Sets a baggage entry (propagated to children and, with the baggage propagator, upstream).
     pub fn set_baggage(&mut self, k: &[u8], v: &[u8]) {
         set_entry(&mut self.baggage, k, v);
+        self.carry.baggage_modified = true;
     }
 
     /// A baggage value.

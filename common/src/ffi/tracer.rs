@@ -14,6 +14,8 @@ pub trait Carrier {
     fn get(&self, key: &[u8]) -> Option<&[u8]>;
     /// Sets header `key` to `value` (Envoy copies both).
     fn set(&mut self, key: &[u8], value: &[u8]);
+    /// Removes header `key` (every value).
+    fn remove(&mut self, key: &[u8]);
 }
 
 /// Envoy's trace context behind a `span_envoy_ptr`, valid only inside the hook that received
@@ -47,6 +49,11 @@ impl Carrier for TraceContext<'_> {
                 None
             }
         }
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        // SAFETY: valid context pointer during the hook; the key outlives the call.
+        unsafe { abi::envoy_dynamic_module_callback_tracer_remove_trace_context_value(self.ptr, module_buffer(key)) }
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) {
