@@ -12,7 +12,8 @@
 //!
 //! Bounds and drops: each slot holds at most `queue_capacity` records in full batches plus
 //! one partial batch. When the queue is full the partial batch stops growing at its batch
-//! size and **new records are dropped and counted** — queued records are never discarded.
+//! size (records or bytes) and **new records are dropped and counted** — queued records are
+//! never discarded.
 //!
 //! One named flush thread (nice +10: it yields to Envoy's workers) exports full batches when
 //! several are waiting (one wake message per threshold crossing, not per record), steals and
@@ -231,8 +232,9 @@ impl Producer {
 fn push_on(sh: &Shared, slot: usize, f: impl FnOnce(&mut Vec<u8>)) -> bool {
     let slot = &sh.slots[slot];
     let mut batch = slot.partial.swap(None).unwrap_or_else(|| sh.pool.pop().unwrap_or_default());
-    if batch.records >= sh.batch_records {
-        // The queue was full when this batch filled up: try again, else drop the newest.
+    if batch.records >= sh.batch_records || batch.data.len() >= BATCH_BYTES {
+        // The queue was full when this batch filled up (by records or by bytes): try again,
+        // else drop the newest — a parked batch never grows past its limits.
         match enqueue(slot, batch) {
             Ok(()) => batch = sh.pool.pop().unwrap_or_default(),
             Err(b) => {
@@ -577,8 +579,9 @@ mod tests {
         move |b: &mut Vec<u8>| b.extend_from_slice(&v.to_le_bytes())
     }
 
+    /// The u32 of each 4-byte record (`u32::MAX` for records of other sizes).
     fn values(b: &Batch) -> Vec<u32> {
-        b.iter().map(|r| u32::from_le_bytes(r.try_into().unwrap())).collect()
+        b.iter().map(|r| r.try_into().map_or(u32::MAX, u32::from_le_bytes)).collect()
     }
 
     #[derive(Clone, Default)]
@@ -714,6 +717,31 @@ mod tests {
             w.push_with(rec(i));
         }
         assert!(poll_until(Duration::from_secs(5), || mem.0.lock().unwrap().len() >= 4));
+    }
+
+    #[test]
+    fn with_the_queue_full_a_parked_batch_stops_at_its_byte_limit_too() {
+        let (started_tx, started_rx) = bounded(16);
+        let (release_tx, release_rx) = bounded(16);
+        let out = Mem::default();
+        let gated = Gated { started: started_tx, release: release_rx, out: out.clone() };
+        // capacity 64: one batch of up to 64 records / 32 KiB queued at most.
+        let p = Pipeline::start(cfg(64, 600_000), gated, ()).unwrap();
+        let w = p.producer(0);
+        let big = |b: &mut Vec<u8>| b.resize(b.len() + 40_000, b'x');
+        assert!(w.push_with(big));
+        started_rx.recv_timeout(Duration::from_secs(5)).expect("export started");
+        // Exporting one; then one queued, one parked (over 32 KiB), the rest dropped: memory
+        // stays at a few batches however large the records.
+        let accepted = (0..10).filter(|_| w.push_with(big)).count();
+        assert_eq!(accepted, 2);
+        let slot = &p.shared.slots[0];
+        assert_eq!(slot.dropped.load(Relaxed), 8);
+        for _ in 0..8 {
+            let _ = release_tx.send(());
+        }
+        assert!(p.shutdown());
+        assert_eq!(out.0.lock().unwrap().len(), 3, "the exported, the queued and the parked batch");
     }
 
     #[test]
