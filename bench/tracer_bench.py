@@ -197,7 +197,6 @@ def main():
     # Our flush thread's CPU, per request of the 100 % variant (the 0 % one exports nothing).
     bg = {"ours_100": flush_ns / (ROUNDS * REQUESTS) / 1000}
     added = {v: statistics.median(x - n for x, n in zip(res[v], res["none"])) + bg.get(v, 0.0) for v in VARIANTS}
-    noise = alb.spread(res["none"])
     lines = [
         f"# Tracing CPU cost — Envoy 1.40.0, 1 worker, {ROUNDS} rounds x {REQUESTS:,} requests per variant",
         "",
@@ -213,17 +212,18 @@ def main():
         "|---|---:|---:|---:|",
     ] + [f"| {v} | {statistics.median(res[v]):.2f} | {added[v]:+.2f} | {statistics.median(busy[v]):.0%} |"
          for v in VARIANTS] + [""]
+    noise = alb.spread(res["none"])
     for theirs, ours, what, target in PAIRS:
         ratio = added[ours] / added[theirs] if added[theirs] > 0 else float("nan")
         lo, hi = alb.ratio_interval(*[[x - n + bg.get(v, 0.0) for x, n in zip(res[v], res["none"])]
                                       for v in (ours, theirs)])
         lines.append(f"- **{what}: ours / built-in added CPU per request {ratio:.2f}** (target ≤ {target}); "
                      f"ours {added[ours]:+.2f} µs, built-in {added[theirs]:+.2f} µs; 90 % bootstrap interval "
-                     f"over rounds {lo:.2f}–{hi:.2f} → target **{alb.verdict(lo, hi, target)}**")
+                     f"over rounds {lo:.2f}–{hi:.2f} → target **{alb.verdict(lo, hi, target, noise > alb.NOISY)}**")
     lines.append(f"- our flush thread: {bg['ours_100']:.2f} µs per request at 100 % sampling; spans exported "
                  f"{exported:,} = sampled")
     lines.append(f"- run quality: the no-tracing worker's interquartile spread was {noise:.0%} of its median"
-                 + (" — **noisy: rerun**" if noise > 0.08 else ""))
+                 + (" — **noisy: rerun**" if noise > alb.NOISY else ""))
     lines += alb.saturation_warning(busy, RATE)
     if ir:
         ia = {v: ir[v] - ir["none"] for v in VARIANTS}
