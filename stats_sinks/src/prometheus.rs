@@ -398,6 +398,9 @@ struct Shared {
 const SERVING_THREADS: usize = 4;
 /// A request must arrive whole within this time.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// A response must be sent whole within this time: a client that reads a few bytes now and
+/// then is cut off rather than holding a serving thread (and Envoy's shutdown) indefinitely.
+const RESPONSE_DEADLINE: Duration = Duration::from_secs(30);
 /// Header lines accepted per request.
 const MAX_HEADER_LINES: usize = 64;
 
@@ -470,8 +473,12 @@ fn serve(listener: TcpListener, sh: &Shared) {
         if sh.stop.load(Relaxed) {
             return;
         }
-        if let Ok(stream) = conn {
-            let _ = handle(stream, sh);
+        match conn {
+            Ok(stream) => {
+                let _ = handle(stream, sh);
+            }
+            // Out of file descriptors and the like: back off instead of spinning on accept.
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }
@@ -505,23 +512,22 @@ fn current(sh: &Shared, gzip: bool) -> Option<Arc<Vec<u8>>> {
 }
 
 fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
-    s.set_write_timeout(Some(Duration::from_secs(10)))?;
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() > 16 * 1024 {
-            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
+            return respond(&mut s, &sh.stop, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
         }
         // The whole request must arrive by the deadline: a client trickling bytes is cut off.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return respond(&mut s, "408 Request Timeout", "text/plain", &[], b"", false);
+            return respond(&mut s, &sh.stop, "408 Request Timeout", "text/plain", &[], b"", false);
         }
         s.set_read_timeout(Some(left))?;
         let n = match s.read(&mut chunk) {
             Ok(n) => n,
-            Err(_) => return respond(&mut s, "408 Request Timeout", "text/plain", &[], b"", false),
+            Err(_) => return respond(&mut s, &sh.stop, "408 Request Timeout", "text/plain", &[], b"", false),
         };
         if n == 0 {
             return Ok(());
@@ -534,11 +540,11 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
     let mut req = request_line.split(' ');
     let (method, target, version) = (req.next().unwrap_or(""), req.next().unwrap_or(""), req.next().unwrap_or(""));
     if method.is_empty() || !target.starts_with('/') || !version.starts_with("HTTP/1.") || req.next().is_some() {
-        return respond(&mut s, "400 Bad Request", "text/plain", &[], b"bad request line\n", false);
+        return respond(&mut s, &sh.stop, "400 Bad Request", "text/plain", &[], b"bad request line\n", false);
     }
     let headers: Vec<&str> = lines.take_while(|l| !l.is_empty()).collect();
     if headers.len() > MAX_HEADER_LINES {
-        return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
+        return respond(&mut s, &sh.stop, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
     }
     let header = |name: &str| {
         headers.iter().find_map(|l| {
@@ -554,6 +560,7 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
             let www = if want.starts_with(b"Basic") { "Basic realm=\"envoy-obs\"" } else { "Bearer" };
             return respond_with(
                 &mut s,
+                &sh.stop,
                 "401 Unauthorized",
                 &[("WWW-Authenticate", www)],
                 b"unauthorized\n",
@@ -562,10 +569,10 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
         }
     }
     if path != sh.path {
-        return respond(&mut s, "404 Not Found", "text/plain", &[], b"not found\n", method == "HEAD");
+        return respond(&mut s, &sh.stop, "404 Not Found", "text/plain", &[], b"not found\n", method == "HEAD");
     }
     if method != "GET" && method != "HEAD" {
-        return respond(&mut s, "405 Method Not Allowed", "text/plain", &[], b"use GET or HEAD\n", false);
+        return respond(&mut s, &sh.stop, "405 Method Not Allowed", "text/plain", &[], b"use GET or HEAD\n", false);
     }
     match current(sh, gzip) {
         Some(body) => {
@@ -573,22 +580,29 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
             let ct = "text/plain; version=0.0.4; charset=utf-8";
             let enc: &[(&str, &str)] =
                 if gzip { &[("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")] } else { &[] };
-            respond(&mut s, "200 OK", ct, enc, &body, method == "HEAD")
+            respond(&mut s, &sh.stop, "200 OK", ct, enc, &body, method == "HEAD")
         }
-        None => {
-            respond(&mut s, "503 Service Unavailable", "text/plain", &[], b"no stats flushed yet\n", method == "HEAD")
-        }
+        None => respond(
+            &mut s,
+            &sh.stop,
+            "503 Service Unavailable",
+            "text/plain",
+            &[],
+            b"no stats flushed yet\n",
+            method == "HEAD",
+        ),
     }
 }
 
 fn respond_with(
     s: &mut TcpStream,
+    stop: &AtomicBool,
     status: &str,
     extra: &[(&str, &str)],
     body: &[u8],
     head: bool,
 ) -> std::io::Result<()> {
-    respond(s, status, "text/plain", extra, body, head)
+    respond(s, stop, status, "text/plain", extra, body, head)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -614,6 +628,7 @@ fn base64(input: &[u8]) -> String {
 
 fn respond(
     s: &mut TcpStream,
+    stop: &AtomicBool,
     status: &str,
     ct: &str,
     extra: &[(&str, &str)],
@@ -629,11 +644,32 @@ fn respond(
         h.push_str(&format!("{k}: {v}\r\n"));
     }
     h.push_str("\r\n");
-    s.write_all(h.as_bytes())?;
+    let deadline = Instant::now() + RESPONSE_DEADLINE;
+    write_by(s, h.as_bytes(), deadline, stop)?;
     if !head {
-        s.write_all(body)?;
+        write_by(s, body, deadline, stop)?;
     }
-    s.flush()
+    Ok(())
+}
+
+/// Writes all of `data` by `deadline`, giving up early when the server is stopping (each
+/// blocking write waits at most 1 s, so a stop is noticed within a second).
+fn write_by(s: &mut TcpStream, mut data: &[u8], deadline: Instant, stop: &AtomicBool) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    while !data.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stop.load(Relaxed) {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_write_timeout(Some(left.min(Duration::from_secs(1))))?;
+        match s.write(&data[..data.len().min(64 * 1024)]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -651,6 +687,27 @@ mod tests {
 
     fn opts(json: &str) -> Options {
         compile(json.as_bytes()).unwrap().1
+    }
+
+    #[test]
+    fn a_client_that_never_reads_does_not_hold_up_shutdown() {
+        let (c, o) = compile(br#"{"address":"127.0.0.1:0"}"#).unwrap();
+        let server = Server::start(&c, o, Arc::default()).unwrap();
+        // About 4 MB of text: far more than the socket buffers take without a reader.
+        let counters = (0..100_000)
+            .map(|i| Value { meta: m(&format!("c.n{i}"), "c.n", &[("k", &format!("{i:>20}"))]), value: 1, delta: 0 })
+            .collect();
+        server.publish(Stats { counters, ..Default::default() });
+        let mut client = TcpStream::connect(server.addr).unwrap();
+        client.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut first = [0u8; 64];
+        std::io::Read::read(&mut client, &mut first).unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first));
+        // The serving thread is now blocked writing to a client that stopped reading.
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        drop(server);
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     }
 
     #[test]
