@@ -131,7 +131,8 @@ class Envoy:
     """One Envoy process. Use as a context manager; `quit()` shuts it down gracefully."""
 
     def __init__(self, workdir: pathlib.Path, static_resources: dict, concurrency: int = 1,
-                 extra_bootstrap: dict | None = None, log_level: str = "info", env: dict | None = None):
+                 extra_bootstrap: dict | None = None, log_level: str = "info", env: dict | None = None,
+                 stdout=None):
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.admin_port = free_port()
@@ -144,6 +145,9 @@ class Envoy:
         self.concurrency = concurrency
         self.log_level = log_level
         self.env = env
+        # Envoy's stdout: its log file (with stderr), or this file/socket object (stderr stays
+        # in the log file).
+        self.stdout = stdout
         self.proc: subprocess.Popen | None = None
 
     def command(self, mode: str | None = None) -> list[str]:
@@ -158,7 +162,8 @@ class Envoy:
     def start(self, expect_ready: bool = True) -> "Envoy":
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, **(self.env or {}))
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        out, err = (self._log, subprocess.STDOUT) if self.stdout is None else (self.stdout, self._log)
+        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=err, env=env)
         if expect_ready:
             poll_until(self._ready, timeout=20, what=f"Envoy ready (log: {self.log_path})")
         return self

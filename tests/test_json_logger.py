@@ -1,5 +1,6 @@
 """The JSON logger under hostile input, load, a tiny queue, log rotation and validate mode,
 against a real Envoy 1.40.0."""
+import json
 import os
 import socket
 import time
@@ -158,3 +159,28 @@ def test_validate_mode_checks_config_but_opens_nothing(tmp_path):
     bad, _, _ = proxy(tmp_path / "bad", {"path": str(log), "json_format": {"x": "%NOPE%"}})
     p = bad.run_to_exit(mode="validate")
     assert p.returncode != 0 and "NOPE" in bad.log()
+
+
+def test_stdout_that_is_a_socket(tmp_path):
+    """Under systemd, Envoy's stdout is the journal's socket, which open("/dev/stdout") cannot
+    reopen (ENXIO). `path: /dev/stdout` writes to Envoy's own descriptor, as Envoy's file logger
+    does: the config loads and the lines arrive on the socket."""
+    ours, envoys = socket.socketpair()
+    port = free_port()
+    lst = direct_response_listener("front", port)
+    lst["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = [our_json_logger({
+        "path": "/dev/stdout", "flush_interval_ms": 50, "json_format": {"code": "%RESPONSE_CODE%", "p": "%REQ(:PATH)%"}})]
+    try:
+        with Envoy(tmp_path, {"listeners": [lst]}, stdout=envoys.fileno()) as e:
+            envoys.close()
+            assert curl(f"http://127.0.0.1:{port}/via-socket").stdout == "200"
+            ours.settimeout(10)
+            got = b""
+            while b"/via-socket" not in got:
+                chunk = ours.recv(65536)
+                assert chunk, e.log()[-2000:]
+                got += chunk
+    finally:
+        ours.close()
+    line = next(x for x in got.splitlines() if b"/via-socket" in x)
+    assert json.loads(line) == {"code": 200, "p": "/via-socket"}

@@ -16,14 +16,50 @@ use std::time::{Duration, Instant};
 /// How often the path is checked for rotation while records flow.
 pub const ROTATION_CHECK: Duration = Duration::from_millis(500);
 
-/// Opens `path` for appending, creating it (mode 0644) if needed.
+/// The standard stream `path` names (`/dev/stdout`, `/dev/stderr`), as Envoy's own file
+/// logger treats those two paths.
+fn std_stream(path: &Path) -> Option<i32> {
+    match path.as_os_str().as_encoded_bytes() {
+        b"/dev/stdout" => Some(1),
+        b"/dev/stderr" => Some(2),
+        _ => None,
+    }
+}
+
+/// Opens `path` for appending, creating it (mode 0644) if needed. `/dev/stdout` and
+/// `/dev/stderr` share Envoy's own descriptor (a duplicate of it): when it is a socket —
+/// systemd's journal — `open("/dev/stdout")` fails with ENXIO, and a pipe or FIFO reopened by
+/// path could block.
 pub fn open_append(path: &Path) -> std::io::Result<File> {
+    if let Some(fd) = std_stream(path) {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor number has no memory effects; on success the
+        // new descriptor is ours alone and `File` takes ownership of it.
+        unsafe {
+            let dup = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3);
+            if dup < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            return Ok(std::os::fd::FromRawFd::from_raw_fd(dup));
+        }
+    }
     OpenOptions::new().append(true).create(true).open(path)
 }
 
 /// Checks, without opening anything for writing, that `path` could be opened by
 /// [`open_append`]: for validation mode.
 pub fn check_writable(path: &Path) -> Result<(), String> {
+    if let Some(fd) = std_stream(path) {
+        // SAFETY: F_GETFL on a descriptor number has no memory effects.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        return match fl {
+            -1 => Err(format!("{} is closed", path.display())),
+            fl if fl & libc::O_ACCMODE == libc::O_RDONLY => Err(format!("{} is not open for writing", path.display())),
+            _ => Ok(()),
+        };
+    }
+    if path.is_dir() {
+        return Err(format!("{} is a directory", path.display()));
+    }
     let exists = path.exists();
     let target = if exists { path.to_path_buf() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
     let target = if target.as_os_str().is_empty() { PathBuf::from(".") } else { target };
@@ -121,6 +157,24 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn standard_streams_share_envoys_descriptor() {
+        use std::os::fd::AsRawFd;
+        let f = open_append(Path::new("/dev/stderr")).unwrap();
+        assert!(f.as_raw_fd() > 2);
+        // SAFETY: plain-old-data structs, all-zero is a valid value.
+        let (mut a, mut b): (libc::stat, libc::stat) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        // SAFETY: fstat on valid descriptors into structs we own.
+        unsafe {
+            assert_eq!(libc::fstat(2, &mut a), 0);
+            assert_eq!(libc::fstat(f.as_raw_fd(), &mut b), 0);
+        }
+        assert_eq!((a.st_dev, a.st_ino), (b.st_dev, b.st_ino));
+        assert!(check_writable(Path::new("/dev/stderr")).is_ok());
+        let d = tmpdir("isdir");
+        assert!(check_writable(&d).unwrap_err().contains("is a directory"));
     }
 
     #[test]
