@@ -172,7 +172,9 @@ fn visible(o: &Options, m: &Meta, used: bool) -> bool {
 /// same order (the usual case between flushes): sorting ~85,000 names is most of a render.
 #[derive(Default)]
 pub struct Order {
-    keys: Vec<usize>,
+    /// The stats the order was computed for. Held (not just their addresses), so a freed
+    /// stat's address cannot come back as another stat's and pass for the same one.
+    keys: Vec<Arc<Meta>>,
     order: Vec<u32>,
 }
 
@@ -181,11 +183,10 @@ pub struct Order {
 pub struct Orders([Order; 4]);
 
 impl Order {
-    fn get<T>(&mut self, items: &[T], meta: &impl Fn(&T) -> &Meta) -> &[u32] {
-        let key = |t: &T| meta(t) as *const Meta as usize;
-        let same = self.keys.len() == items.len() && items.iter().zip(&self.keys).all(|(t, &k)| key(t) == k);
+    fn get<T>(&mut self, items: &[T], meta: &impl Fn(&T) -> &Arc<Meta>) -> &[u32] {
+        let same = self.keys.len() == items.len() && items.iter().zip(&self.keys).all(|(t, k)| Arc::ptr_eq(meta(t), k));
         if !same {
-            self.keys = items.iter().map(key).collect();
+            self.keys = items.iter().map(|t| meta(t).clone()).collect();
             let mut idx: Vec<u32> = (0..items.len() as u32).collect();
             idx.sort_unstable_by(|&a, &b| {
                 let (a, b) = (meta(&items[a as usize]), meta(&items[b as usize]));
@@ -200,7 +201,7 @@ impl Order {
 fn families<'a, T>(
     items: &'a [T],
     order: &mut Order,
-    meta: impl Fn(&T) -> &Meta,
+    meta: impl Fn(&T) -> &Arc<Meta>,
     keep: impl Fn(&T) -> bool,
     ty: &str,
     out: &mut Vec<u8>,
@@ -687,6 +688,30 @@ mod tests {
 
     fn opts(json: &str) -> Options {
         compile(json.as_bytes()).unwrap().1
+    }
+
+    #[test]
+    fn a_stat_replaced_at_a_reused_address_is_sorted_afresh() {
+        let o = opts("{}");
+        // Allocated last first: a LIFO allocator (glibc's tcache) then hands the second
+        // snapshot's entries the addresses the first one's had, index for index.
+        let mk = |names: [&str; 2]| {
+            let second = m(names[1], names[1], &[]);
+            let first = m(names[0], names[0], &[]);
+            let v = |meta| Value { meta, value: 1, delta: 0 };
+            Stats { counters: vec![v(first), v(second)], ..Default::default() }
+        };
+        let mut orders = Orders::default();
+        let first = mk(["c.zz", "c.aa"]);
+        render(&first, &o, &mut orders, &mut Vec::new());
+        drop(first);
+        // New stats (the old ones were removed), sorting the other way round.
+        // (Checked: with the order keyed on bare addresses this test fails here.)
+        let second = mk(["c.ab", "c.zy"]);
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        render(&second, &o, &mut orders, &mut got);
+        render(&second, &o, &mut Orders::default(), &mut want);
+        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
     }
 
     #[test]
