@@ -554,7 +554,7 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
         })
     };
     let path = target.split('?').next().unwrap_or("");
-    let gzip = header("accept-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("gzip"));
+    let gzip = header("accept-encoding").is_some_and(accepts_gzip);
     if let Some(want) = &sh.auth {
         let got = header("authorization").unwrap_or("").as_bytes();
         if !constant_time_eq(got, want) {
@@ -604,6 +604,19 @@ fn respond_with(
     head: bool,
 ) -> std::io::Result<()> {
     respond(s, stop, status, "text/plain", extra, body, head)
+}
+
+/// Whether an `Accept-Encoding` value accepts gzip: a `gzip` (or `*`) coding whose q-value
+/// is not 0 (`gzip;q=0` refuses it).
+fn accepts_gzip(v: &str) -> bool {
+    v.split(',').any(|coding| {
+        let mut parts = coding.split(';');
+        let name = parts.next().unwrap_or("").trim();
+        let q = parts
+            .find_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
+            .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0));
+        (name.eq_ignore_ascii_case("gzip") || name == "*") && q > 0.0
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -688,6 +701,21 @@ mod tests {
 
     fn opts(json: &str) -> Options {
         compile(json.as_bytes()).unwrap().1
+    }
+
+    #[test]
+    fn accept_encoding_q_values() {
+        for (v, want) in [
+            ("gzip", true),
+            ("deflate, GZIP;q=0.5", true),
+            ("*", true),
+            ("gzip;q=0", false),
+            ("gzip; q=0.0, identity", false),
+            ("identity", false),
+            ("x-gzip-like", false),
+        ] {
+            assert_eq!(accepts_gzip(v), want, "{v}");
+        }
     }
 
     #[test]
