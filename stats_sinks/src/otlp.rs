@@ -180,11 +180,8 @@ impl Worker {
                 }
                 g.take()
             };
+            // Stopping: one last export, bounded by the deadline Drop set before asking.
             let stopping = inbox.stop.load(Relaxed);
-            if stopping {
-                // Envoy is shutting down: one last export, bounded (by the deadline Drop set).
-                self.exporter.set_deadline(Instant::now() + SHUTDOWN_EXPORT);
-            }
             if let Some(s) = next {
                 self.export(&s);
             }

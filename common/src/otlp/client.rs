@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Status};
 
 use super::proto;
+use super::settings::{Compression, Protocol, Settings, TlsSettings};
 use crate::stop::StopSignal;
 
 /// Longest server-requested retry delay honoured (Retry-After, RetryInfo); longer ones are cut.
@@ -37,7 +38,6 @@ async fn first_of<T>(a: impl std::future::Future<Output = T>, b: impl std::futur
     })
     .await
 }
-use super::settings::{Compression, Protocol, Settings, TlsSettings};
 
 /// How one export request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,7 +340,6 @@ fn classify_grpc(s: &Status) -> Attempt {
     }
 }
 
-/// `retry_delay` of a `google.rpc.RetryInfo` inside a `google.rpc.Status` details list.
 /// A `Retry-After` header in delay-seconds form (the HTTP-date form is not honoured: the
 /// jittered backoff applies), capped.
 fn retry_after(v: &[u8]) -> Option<Duration> {
@@ -348,6 +347,7 @@ fn retry_after(v: &[u8]) -> Option<Duration> {
     Some(Duration::from_secs(secs.min(MAX_SERVER_DELAY_S)))
 }
 
+/// `retry_delay` of a `google.rpc.RetryInfo` inside a `google.rpc.Status` details list.
 fn retry_info(details: &[u8]) -> Option<Duration> {
     proto::Reader::new(details).find_map(|(f, v)| {
         let proto::Field::Bytes(any) = v else { return None };
