@@ -199,6 +199,30 @@ def test_options_filter_used_only_text_readouts_summary(tmp_path):
     assert any('quantile="0.99"' in k for k in s)
 
 
+def test_text_readouts_like_the_admin(tmp_path):
+    """A listener set from a file-based LDS makes `listener_manager.lds.version_text` a text
+    readout holding the file's version_info: ours renders it exactly as the admin's
+    `/stats/prometheus?text_readouts` (Envoy 1.40 prints such gauges with the value 0)."""
+    lds = tmp_path / "lds.json"
+    lds.write_text(json.dumps({"version_info": "v42", "resources": []}))
+    port = free_port()
+    boot = {"node": {"id": "sink", "cluster": "sink"}, "stats_flush_interval": "1s",
+            "stats_sinks": [our_sink({"address": f"127.0.0.1:{port}", "text_readouts": True})],
+            "dynamic_resources": {"lds_config": {"path_config_source": {"path": str(lds)}, "resource_api_version": "V3"}}}
+    e = Envoy(tmp_path, {}, extra_bootstrap=boot)
+    with e:
+        flushed_twice(e)
+        admin = e.admin("/stats/prometheus?text_readouts=true")
+        ours = scrape(port)[2].decode()
+
+    def lines(text):
+        return [x for x in text.splitlines() if "lds_version_text" in x]
+    want = lines(admin)
+    assert want == ['# TYPE envoy_listener_manager_lds_version_text gauge',
+                    'envoy_listener_manager_lds_version_text{text_value="v42"} 0'], want
+    assert lines(ours) == want
+
+
 BAD = {
     "port in use": ({"address": "127.0.0.1:{busy}"}, "field `address`: cannot listen"),
     "bad address": ({"address": "not-an-address"}, "field `address`"),

@@ -58,7 +58,7 @@ pub struct PromConfig {
     /// Only stats whose full name matches this regex (searched, like the admin `filter`).
     #[serde(default)]
     pub filter: Option<String>,
-    /// Also emit text readouts, as gauges of value 1 with a `text_value` label.
+    /// Also emit text readouts, as gauges of value 0 with a `text_value` label (as the admin).
     #[serde(default)]
     pub text_readouts: bool,
     /// `histogram` (default) or `summary`.
@@ -318,7 +318,8 @@ pub fn render(s: &Stats, o: &Options, orders: &mut Orders, out: &mut Vec<u8>) ->
                 let mut v = String::new();
                 escape_label(&t.value, &mut v);
                 sample(name, "", &t.meta.labels, Some(("text_value", v.as_bytes())), out);
-                out.extend_from_slice(b"1\n");
+                // Envoy 1.40's admin prints text readouts with the value 0.
+                out.extend_from_slice(b"0\n");
             },
         );
     }
