@@ -10,6 +10,7 @@
 //! metric families grouped by name, `# TYPE` first; counters, gauges, (text readouts as gauges
 //! with a `text_value` label), histograms as `_bucket{le=…}` with Envoy's bounds printed like
 //! `%.32g`, a `+Inf` bucket, `_sum` and `_count`.
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -21,7 +22,7 @@ use serde::Deserialize;
 
 use envoy_obs_common::config::{parse, ConfigError};
 
-use crate::snapshot::{Meta, Stats};
+use crate::snapshot::{Hist, Meta, Stats};
 
 fn default_address() -> String {
     "127.0.0.1:9102".into()
@@ -301,8 +302,10 @@ fn numeric(items: &[crate::snapshot::Value], order: &mut Order, o: &Options, ty:
     )
 }
 
-/// Renders the exposition text; returns the number of series.
-pub fn render(s: &Stats, o: &Options, orders: &mut Orders, out: &mut Vec<u8>) -> usize {
+/// Renders the exposition text; returns the number of series. `prev` is the snapshot of the
+/// flush before `s`: summaries cover the samples between the two, as Envoy's admin summaries
+/// cover its last flush interval (buckets, sums and counts here are cumulative).
+pub fn render(s: &Stats, prev: Option<&Stats>, o: &Options, orders: &mut Orders, out: &mut Vec<u8>) -> usize {
     let [oc, og, ot, oh] = &mut orders.0;
     let mut n = numeric(&s.counters, oc, o, "counter", out);
     n += numeric(&s.gauges, og, o, "gauge", out);
@@ -324,6 +327,11 @@ pub fn render(s: &Stats, o: &Options, orders: &mut Orders, out: &mut Vec<u8>) ->
         );
     }
     let ty = if o.mode == HistogramMode::Summary { "summary" } else { "histogram" };
+    let before: HashMap<*const Meta, &Hist> = match (o.mode, prev) {
+        (HistogramMode::Summary, Some(p)) => p.histograms.iter().map(|h| (Arc::as_ptr(&h.meta), h)).collect(),
+        _ => HashMap::new(),
+    };
+    let mut interval = Vec::new();
     let mut num = itoa::Buffer::new();
     n += families(
         &s.histograms,
@@ -349,11 +357,29 @@ pub fn render(s: &Stats, o: &Options, orders: &mut Orders, out: &mut Vec<u8>) ->
                     out.push(b'\n');
                 }
                 HistogramMode::Summary => {
+                    // The samples since the previous flush (all of them for a new histogram).
+                    let p = before.get(&Arc::as_ptr(&h.meta)).filter(|p| p.buckets.len() == h.buckets.len());
+                    interval.clear();
+                    interval.extend(
+                        h.buckets
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &(le, c))| (le, c.saturating_sub(p.map_or(0, |p| p.buckets[i].1)))),
+                    );
+                    let count = h.count.saturating_sub(p.map_or(0, |p| p.count));
+                    let sum = if count == 0 { 0.0 } else { h.sum - p.map_or(0.0, |p| p.sum) };
                     for (q, qs) in QUANTILES {
                         sample(name, "", labels, Some(("quantile", qs.as_bytes())), out);
-                        fmt_g32(quantile(&h.buckets, h.count, q), out);
+                        fmt_g32(quantile(&interval, count, q), out);
                         out.push(b'\n');
                     }
+                    sample(name, "_sum", labels, None, out);
+                    fmt_g32(sum, out);
+                    out.push(b'\n');
+                    sample(name, "_count", labels, None, out);
+                    out.extend_from_slice(num.format(count).as_bytes());
+                    out.push(b'\n');
+                    return;
                 }
             }
             sample(name, "_sum", labels, None, out);
@@ -385,8 +411,17 @@ struct Rendered {
     gzip: Option<Arc<Vec<u8>>>,
 }
 
+/// What the main thread last published.
+#[derive(Default)]
+struct Latest {
+    generation: u64,
+    stats: Option<Arc<Stats>>,
+    /// The snapshot before `stats` (kept for summaries only: they cover the interval between).
+    prev: Option<Arc<Stats>>,
+}
+
 struct Shared {
-    latest: Mutex<(u64, Option<Arc<Stats>>)>,
+    latest: Mutex<Latest>,
     rendered: Mutex<Option<Rendered>>,
     options: Options,
     path: String,
@@ -427,7 +462,7 @@ impl Server {
             (None, None) => None,
         };
         let shared = Arc::new(Shared {
-            latest: Mutex::new((0, None)),
+            latest: Mutex::new(Latest::default()),
             rendered: Mutex::new(None),
             options,
             path: c.path.clone(),
@@ -451,8 +486,11 @@ impl Server {
     /// Publishes a new snapshot (main thread; cheap: a pointer swap under a lock).
     pub fn publish(&self, s: Stats) {
         if let Ok(mut l) = self.shared.latest.lock() {
-            l.0 += 1;
-            l.1 = Some(Arc::new(s));
+            l.generation += 1;
+            let before = l.stats.replace(Arc::new(s));
+            if self.shared.options.mode == HistogramMode::Summary {
+                l.prev = before;
+            }
         }
     }
 }
@@ -487,16 +525,16 @@ fn serve(listener: TcpListener, sh: &Shared) {
 
 /// The cached rendering of the latest snapshot (rendered now if it is newer).
 fn current(sh: &Shared, gzip: bool) -> Option<Arc<Vec<u8>>> {
-    let (generation, stats) = {
+    let (generation, stats, prev) = {
         let l = sh.latest.lock().ok()?;
-        (l.0, l.1.clone()?)
+        (l.generation, l.stats.clone()?, l.prev.clone())
     };
     let mut r = sh.rendered.lock().ok()?;
     if r.as_ref().is_none_or(|r| r.generation != generation) {
         let t0 = Instant::now();
         let mut body = Vec::with_capacity(r.as_ref().map_or(64 * 1024, |r| r.body.len() + 4096));
         let mut orders = r.take().map(|r| r.orders).unwrap_or_default();
-        let series = render(&stats, &sh.options, &mut orders, &mut body);
+        let series = render(&stats, prev.as_deref(), &sh.options, &mut orders, &mut body);
         sh.stats.render_us.store(t0.elapsed().as_micros() as u64, Relaxed);
         sh.stats.series.store(series as u64, Relaxed);
         *r = Some(Rendered { orders, generation, body: Arc::new(body), gzip: None });
@@ -705,6 +743,30 @@ mod tests {
     }
 
     #[test]
+    fn summaries_cover_the_last_flush_interval_like_envoys() {
+        let meta = m("http.rq_time", "http.rq_time", &[]);
+        let h = |count, sum, b5| Hist { meta: meta.clone(), count, sum, buckets: vec![(1.0, 1), (5.0, b5)] };
+        let snap = |h| Stats { histograms: vec![h], ..Default::default() };
+        let (prev, now) = (snap(h(2, 3.0, 2)), snap(h(5, 13.0, 5)));
+        let o = opts(r#"{"histogram_emit_mode":"summary"}"#);
+        let text = |s: &Stats, p: Option<&Stats>| {
+            let mut out = Vec::new();
+            render(s, p, &o, &mut Orders::default(), &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        // Three samples since the previous flush, all in (1, 5].
+        let t = text(&now, Some(&prev));
+        assert!(t.contains("envoy_http_rq_time_sum{} 10\n") && t.contains("envoy_http_rq_time_count{} 3\n"), "{t}");
+        assert!(t.contains("envoy_http_rq_time{quantile=\"0\"} 1\n"), "{t}");
+        // Nothing new since the previous flush: what Envoy's admin prints for an idle interval.
+        let t = text(&now, Some(&now));
+        assert!(t.contains("envoy_http_rq_time{quantile=\"0.5\"} nan\n"), "{t}");
+        assert!(t.contains("envoy_http_rq_time_sum{} 0\n") && t.contains("envoy_http_rq_time_count{} 0\n"), "{t}");
+        // The first flush covers everything so far.
+        assert!(text(&now, None).contains("envoy_http_rq_time_count{} 5\n"));
+    }
+
+    #[test]
     fn accept_encoding_q_values() {
         for (v, want) in [
             ("gzip", true),
@@ -732,14 +794,14 @@ mod tests {
         };
         let mut orders = Orders::default();
         let first = mk(["c.zz", "c.aa"]);
-        render(&first, &o, &mut orders, &mut Vec::new());
+        render(&first, None, &o, &mut orders, &mut Vec::new());
         drop(first);
         // New stats (the old ones were removed), sorting the other way round.
         // (Checked: with the order keyed on bare addresses this test fails here.)
         let second = mk(["c.ab", "c.zy"]);
         let (mut got, mut want) = (Vec::new(), Vec::new());
-        render(&second, &o, &mut orders, &mut got);
-        render(&second, &o, &mut Orders::default(), &mut want);
+        render(&second, None, &o, &mut orders, &mut got);
+        render(&second, None, &o, &mut Orders::default(), &mut want);
         assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
     }
 
@@ -793,7 +855,7 @@ mod tests {
             ..Stats::default()
         };
         let mut out = Vec::new();
-        assert_eq!(render(&s, &opts("{}"), &mut Orders::default(), &mut out), 4);
+        assert_eq!(render(&s, None, &opts("{}"), &mut Orders::default(), &mut out), 4);
         let text = String::from_utf8(out).unwrap();
         let want = "# TYPE envoy_cluster_upstream_rq_total counter\n\
             envoy_cluster_upstream_rq_total{envoy_cluster_name=\"a\"} 3\n\
@@ -810,7 +872,13 @@ mod tests {
         assert_eq!(text, want);
         let mut out = Vec::new();
         assert_eq!(
-            render(&s, &opts(r#"{"used_only":true,"filter":"cluster\\.a\\."}"#), &mut Orders::default(), &mut out),
+            render(
+                &s,
+                None,
+                &opts(r#"{"used_only":true,"filter":"cluster\\.a\\."}"#),
+                &mut Orders::default(),
+                &mut out
+            ),
             1
         );
     }
