@@ -342,7 +342,7 @@ pub fn render(s: &Stats, prev: Option<&Stats>, o: &Options, orders: &mut Orders,
         out,
         |h, name, out| {
             let labels = &h.meta.labels;
-            match o.mode {
+            let (sum, count) = match o.mode {
                 HistogramMode::Histogram => {
                     let mut le = Vec::with_capacity(32);
                     for &(bound, c) in &h.buckets {
@@ -355,6 +355,7 @@ pub fn render(s: &Stats, prev: Option<&Stats>, o: &Options, orders: &mut Orders,
                     sample(name, "_bucket", labels, Some(("le", b"+Inf")), out);
                     out.extend_from_slice(num.format(h.count).as_bytes());
                     out.push(b'\n');
+                    (h.sum, h.count)
                 }
                 HistogramMode::Summary => {
                     // The samples since the previous flush (all of them for a new histogram).
@@ -373,20 +374,14 @@ pub fn render(s: &Stats, prev: Option<&Stats>, o: &Options, orders: &mut Orders,
                         fmt_g32(quantile(&interval, count, q), out);
                         out.push(b'\n');
                     }
-                    sample(name, "_sum", labels, None, out);
-                    fmt_g32(sum, out);
-                    out.push(b'\n');
-                    sample(name, "_count", labels, None, out);
-                    out.extend_from_slice(num.format(count).as_bytes());
-                    out.push(b'\n');
-                    return;
+                    (sum, count)
                 }
-            }
+            };
             sample(name, "_sum", labels, None, out);
-            fmt_g32(h.sum, out);
+            fmt_g32(sum, out);
             out.push(b'\n');
             sample(name, "_count", labels, None, out);
-            out.extend_from_slice(num.format(h.count).as_bytes());
+            out.extend_from_slice(num.format(count).as_bytes());
             out.push(b'\n');
         },
     );
