@@ -117,7 +117,7 @@ pub struct HeaderTable<'s> {
 impl Default for HeaderTable<'_> {
     fn default() -> Self {
         HeaderTable {
-            inline: [std::mem::MaybeUninit::uninit(); INLINE_HEADERS],
+            inline: [const { std::mem::MaybeUninit::uninit() }; INLINE_HEADERS],
             len: 0,
             spill: Vec::new(),
             _borrow: PhantomData,
