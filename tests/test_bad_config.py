@@ -18,6 +18,8 @@ CASES = {
     "bad sample": ({"path": "{log}", "filter": {"sample": 1.5}}, "field `filter.sample`"),
     "unknown flag": ({"path": "{log}", "filter": {"response_flags": ["XYZ"]}}, "unknown response flag"),
     "list value": ({"path": "{log}", "json_format": {"a": [1, 2]}}, "field `json_format.a`: lists are not supported"),
+    "key with ': '": ({"path": "{log}", "json_format": {"upstream: host": {"x": "%NOPE%"}}},
+                      "field `json_format.upstream: host.x`: unknown command operator %NOPE%"),
     "bad time format": ({"path": "{log}", "json_format": {"t": "%START_TIME(%Q)%"}}, "unsupported conversion"),
     "unclosed operator": ({"path": "{log}", "json_format": {"a": "%REQ(X"}}, "missing ')'"),
     "unknown logger name": ("LOGGER:xml", "unknown logger \"xml\""),

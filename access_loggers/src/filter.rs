@@ -7,6 +7,8 @@
 //! is kept or dropped by every logger (and every proxy) using the same fraction.
 use serde::Deserialize;
 
+use envoy_obs_common::config::ConfigError;
+
 use envoy_obs_common::ffi::access_log::{timing, HeaderKind, Stream};
 
 use crate::format::{Ctx, RESPONSE_FLAGS};
@@ -89,20 +91,19 @@ pub enum Filter {
 
 impl FilterSpec {
     /// Validates and compiles; errors name the field path under `filter`.
-    pub fn compile(&self, path: &str) -> Result<Filter, String> {
+    pub fn compile(&self, path: &str) -> Result<Filter, ConfigError> {
         Ok(match self {
             FilterSpec::StatusCode(c) | FilterSpec::DurationMs(c) if c.is_empty() => {
-                return Err(format!("{path}: give at least one of eq, ne, gt, ge, lt, le"))
+                return Err(ConfigError::new(path, "give at least one of eq, ne, gt, ge, lt, le"))
             }
             FilterSpec::StatusCode(c) => Filter::Status(c.clone()),
             FilterSpec::DurationMs(c) => Filter::Duration(c.clone()),
             FilterSpec::ResponseFlags(names) => {
                 let mut mask = 0u64;
                 for n in names {
-                    let bit = RESPONSE_FLAGS
-                        .iter()
-                        .position(|(s, l)| s == n || l == n)
-                        .ok_or_else(|| format!("{path}.response_flags: unknown response flag {n:?}"))?;
+                    let bit = RESPONSE_FLAGS.iter().position(|(s, l)| s == n || l == n).ok_or_else(|| {
+                        ConfigError::new(format!("{path}.response_flags"), format!("unknown response flag {n:?}"))
+                    })?;
                     mask |= 1 << bit;
                 }
                 Filter::Flags(mask)
@@ -110,12 +111,15 @@ impl FilterSpec {
             FilterSpec::HealthCheck(b) => Filter::HealthCheck(*b),
             FilterSpec::Sample(f) => {
                 if !(0.0..=1.0).contains(f) {
-                    return Err(format!("{path}.sample: must be a fraction between 0 and 1, got {f}"));
+                    return Err(ConfigError::new(
+                        format!("{path}.sample"),
+                        format!("must be a fraction between 0 and 1, got {f}"),
+                    ));
                 }
                 Filter::Sample(if *f >= 1.0 { u64::MAX } else { (*f * u64::MAX as f64) as u64 })
             }
             FilterSpec::And(v) | FilterSpec::Or(v) if v.is_empty() => {
-                return Err(format!("{path}: and/or need at least one filter"))
+                return Err(ConfigError::new(path, "and/or need at least one filter"))
             }
             FilterSpec::And(v) => Filter::And(
                 v.iter().enumerate().map(|(i, f)| f.compile(&format!("{path}.and[{i}]"))).collect::<Result<_, _>>()?,
@@ -182,7 +186,7 @@ mod tests {
 
     fn compile(j: serde_json::Value) -> Result<Filter, String> {
         let spec: FilterSpec = serde_json::from_value(j).map_err(|e| e.to_string())?;
-        spec.compile("filter")
+        spec.compile("filter").map_err(|e| e.to_string())
     }
 
     #[test]

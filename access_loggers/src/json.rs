@@ -16,7 +16,7 @@ use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
 
 use crate::filter::{Filter, FilterSpec};
 use crate::format::{BulkHeaders, Ctx, JsonPlan};
-use crate::logger::{check_common, compile_filter, split_error, Common, Logger, Plan};
+use crate::logger::{check_common, compile_filter, Common, Logger, Plan};
 
 /// Default `stat_prefix`: counters are `<metrics_namespace>.access_log.json.*`.
 pub const DEFAULT_STAT_PREFIX: &str = "json";
@@ -105,7 +105,7 @@ pub fn compile(bytes: &[u8]) -> Result<Compiled, ConfigError> {
     if format.is_empty() {
         return Err(ConfigError::new("json_format", "must have at least one key"));
     }
-    let plan = JsonPlan::compile(&format, config.omit_empty_values).map_err(|e| split_error(&e, "json_format"))?;
+    let plan = JsonPlan::compile(&format, config.omit_empty_values)?;
     let filter = compile_filter(&config.filter)?;
     Ok(Compiled { config, plan, filter })
 }

@@ -69,16 +69,7 @@ pub fn check_common(flush_interval_ms: u64, queue_capacity: usize, stat_prefix: 
 
 /// Compiles an optional `filter`, errors naming the field path.
 pub fn compile_filter(spec: &Option<FilterSpec>) -> Result<Option<Filter>, ConfigError> {
-    match spec {
-        Some(spec) => Ok(Some(spec.compile("filter").map_err(|e| split_error(&e, "filter"))?)),
-        None => Ok(None),
-    }
-}
-
-/// Turns a `"path.to.field: message"` string into a [`ConfigError`].
-pub fn split_error(e: &str, default_field: &str) -> ConfigError {
-    let (field, msg) = e.split_once(": ").unwrap_or((default_field, e));
-    ConfigError::new(field, msg)
+    spec.as_ref().map(|s| s.compile("filter")).transpose()
 }
 
 struct Inner<P> {

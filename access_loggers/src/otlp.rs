@@ -25,7 +25,7 @@ use envoy_obs_common::stop::StopSignal;
 
 use crate::filter::FilterSpec;
 use crate::format::{BulkHeaders, Command, Ctx, Decoder, Program, Template, Val};
-use crate::logger::{check_common, compile_filter, split_error, Common, Logger, Plan};
+use crate::logger::{check_common, compile_filter, Common, Logger, Plan};
 
 /// Default `stat_prefix`: counters are `<metrics_namespace>.access_log.otlp.*`.
 pub const DEFAULT_STAT_PREFIX: &str = "otlp";
@@ -90,10 +90,10 @@ enum Node {
 }
 
 impl Node {
-    fn compile(v: &serde_json::Value, path: &str, typed: bool) -> Result<Node, String> {
+    fn compile(v: &serde_json::Value, path: &str, typed: bool) -> Result<Node, ConfigError> {
         Ok(match v {
             serde_json::Value::String(s) => {
-                let t = Template::compile(s).map_err(|e| format!("{path}: {e}"))?;
+                let t = Template::compile(s).map_err(|e| ConfigError::new(path, e))?;
                 match t.single() {
                     Some(c) if typed => Node::Typed(c.clone()),
                     _ if t.is_literal() => Node::Str(s.as_bytes().to_vec()),
@@ -106,8 +106,8 @@ impl Node {
                 Some(i) => Node::Int(i),
                 None => Node::Double(n.as_f64().unwrap_or(0.0)),
             },
-            serde_json::Value::Null => return Err(format!("{path}: null is not a value; leave the key out")),
-            serde_json::Value::Array(_) => return Err(format!("{path}: lists are not supported")),
+            serde_json::Value::Null => return Err(ConfigError::new(path, "null is not a value; leave the key out")),
+            serde_json::Value::Array(_) => return Err(ConfigError::new(path, "lists are not supported")),
         })
     }
 
@@ -158,7 +158,7 @@ fn compile_map(
     m: &serde_json::Map<String, serde_json::Value>,
     path: &str,
     typed: bool,
-) -> Result<Vec<(String, Node)>, String> {
+) -> Result<Vec<(String, Node)>, ConfigError> {
     m.iter().map(|(k, v)| Ok((k.clone(), Node::compile(v, &format!("{path}.{k}"), typed)?))).collect()
 }
 
@@ -215,7 +215,7 @@ pub fn severity(code: u64) -> (u64, &'static str) {
 }
 
 impl OtlpPlan {
-    fn compile(c: &OtlpLoggerConfig) -> Result<OtlpPlan, String> {
+    fn compile(c: &OtlpLoggerConfig) -> Result<OtlpPlan, ConfigError> {
         let body = match &c.body {
             Some(v) => Node::compile(v, "body", c.typed_values)?,
             None => Node::compile(&serde_json::Value::String(DEFAULT_BODY.into()), "body", false)?,
@@ -322,7 +322,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Com
             settings.resource.sort();
         }
     }
-    let plan = OtlpPlan::compile(&config).map_err(|e| split_error(&e, "body"))?;
+    let plan = OtlpPlan::compile(&config)?;
     let filter = compile_filter(&config.filter)?;
     Ok(Compiled { config, settings, plan, filter })
 }
@@ -505,6 +505,12 @@ mod tests {
             let e = compile(json.as_bytes(), &no_env).err().unwrap_or_else(|| panic!("{json} accepted"));
             assert!(e.field.starts_with(field), "{json}: {e}");
         }
+        // An attribute key holding ": " is named whole.
+        let e = compile(br#"{"attributes":{"http: x":{"y":null}}}"#, &no_env).err().expect("null rejected");
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("attributes.http: x.y", "null is not a value; leave the key out")
+        );
     }
 
     #[test]

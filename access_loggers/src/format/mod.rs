@@ -11,6 +11,8 @@ use envoy_obs_common::ffi::access_log::{
     timing as t, AddrField, Bytes, CertTime, HeaderKind, HeaderTable, MetaValue, SanField, StrField, Stream, Timing,
 };
 
+use envoy_obs_common::config::ConfigError;
+
 pub mod escape;
 pub mod time;
 
@@ -1109,7 +1111,10 @@ fn flatten(entries: &[(Vec<u8>, Node)], program: &mut Program) {
     }
 }
 
-fn compile_map(map: &serde_json::Map<String, serde_json::Value>, path: &str) -> Result<Vec<(Vec<u8>, Node)>, String> {
+fn compile_map(
+    map: &serde_json::Map<String, serde_json::Value>,
+    path: &str,
+) -> Result<Vec<(Vec<u8>, Node)>, ConfigError> {
     let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
     // Envoy carries json_format as a protobuf Struct, whose keys come out sorted.
     entries.sort_by(|a, b| a.0.cmp(b.0));
@@ -1121,7 +1126,7 @@ fn compile_map(map: &serde_json::Map<String, serde_json::Value>, path: &str) -> 
         key.push(b':');
         let node = match v {
             serde_json::Value::String(s) => {
-                let t = Template::compile(s).map_err(|e| format!("{here}: {e}"))?;
+                let t = Template::compile(s).map_err(|e| ConfigError::new(&here, e))?;
                 if let Some(c) = t.single() {
                     Node::Typed(c.clone())
                 } else if t.is_literal() {
@@ -1134,7 +1139,10 @@ fn compile_map(map: &serde_json::Map<String, serde_json::Value>, path: &str) -> 
             }
             serde_json::Value::Object(m) => Node::Map(compile_map(m, &here)?),
             serde_json::Value::Array(_) => {
-                return Err(format!("{here}: lists are not supported (values are strings, numbers, booleans or maps)"))
+                return Err(ConfigError::new(
+                    &here,
+                    "lists are not supported (values are strings, numbers, booleans or maps)",
+                ))
             }
             other => Node::Lit(other.to_string().into_bytes()),
         };
@@ -1144,8 +1152,12 @@ fn compile_map(map: &serde_json::Map<String, serde_json::Value>, path: &str) -> 
 }
 
 impl JsonPlan {
-    /// Compiles a `json_format` map; errors name the key path (`json_format.a.b: ...`).
-    pub fn compile(map: &serde_json::Map<String, serde_json::Value>, omit_empty: bool) -> Result<JsonPlan, String> {
+    /// Compiles a `json_format` map; errors name the key path (`json_format.a.b`), keys
+    /// containing dots or `": "` included.
+    pub fn compile(
+        map: &serde_json::Map<String, serde_json::Value>,
+        omit_empty: bool,
+    ) -> Result<JsonPlan, ConfigError> {
         let root = compile_map(map, "json_format")?;
         let mut program = Program::default();
         flatten(&root, &mut program);

@@ -232,10 +232,14 @@ fn bad_formats_are_rejected_with_the_operator_named() {
     ];
     for (f, needle) in cases {
         let e = JsonPlan::compile(serde_json::json!({"k": f}).as_object().unwrap(), false).unwrap_err();
-        assert!(e.contains(needle) && e.starts_with("json_format.k"), "{f}: {e}");
+        assert!(e.message.contains(needle) && e.field == "json_format.k", "{f}: {e}");
     }
     let e = JsonPlan::compile(serde_json::json!({"k": [1]}).as_object().unwrap(), false).unwrap_err();
-    assert!(e.contains("lists"), "{e}");
+    assert!(e.message.contains("lists"), "{e}");
+    // Keys are the user's: one holding ": " or dots is named whole, not split at the first ": ".
+    let e = JsonPlan::compile(serde_json::json!({"a: b": {"c.d": "%NOPE%"}}).as_object().unwrap(), false).unwrap_err();
+    assert_eq!(e.field, "json_format.a: b.c.d", "{e}");
+    assert!(e.message.starts_with("unknown") || e.message.contains("NOPE"), "{e}");
 }
 
 /// Not a test: `cargo test --release -p envoy-obs-access-log render_cost -- --ignored --nocapture`
