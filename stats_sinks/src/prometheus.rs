@@ -12,7 +12,7 @@
 //! `%.32g`, a `+Inf` bucket, `_sum` and `_count`.
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -92,11 +92,26 @@ pub struct Options {
     mode: HistogramMode,
 }
 
+/// The listen address: an IP and port (`0.0.0.0:9102`, `[::]:9102`) or `localhost:PORT`
+/// (127.0.0.1). Other names are not looked up: the lookup would block Envoy's main thread
+/// at config load.
+pub fn listen_addr(a: &str) -> Option<SocketAddr> {
+    if let Ok(sa) = a.parse::<SocketAddr>() {
+        return Some(sa);
+    }
+    let (host, port) = a.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok()?;
+    host.eq_ignore_ascii_case("localhost").then(|| SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
 /// Parses and validates the config.
 pub fn compile(bytes: &[u8]) -> Result<(PromConfig, Options), ConfigError> {
     let c: PromConfig = parse(bytes)?;
-    if c.address.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
-        return Err(ConfigError::new("address", format!("{:?} is not a host:port to listen on", c.address)));
+    if listen_addr(&c.address).is_none() {
+        return Err(ConfigError::new(
+            "address",
+            format!("{:?} is not IP:PORT or localhost:PORT to listen on (names are not resolved)", c.address),
+        ));
     }
     if !c.path.starts_with('/') || c.path.contains(char::is_whitespace) {
         return Err(ConfigError::new("path", "must start with / and contain no spaces"));
@@ -435,6 +450,12 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 const RESPONSE_DEADLINE: Duration = Duration::from_secs(30);
 /// Header lines accepted per request.
 const MAX_HEADER_LINES: usize = 64;
+/// After a response, what the client still sends (a body we did not read, pipelined requests)
+/// is read and dropped before closing, for at most this long and this many bytes: closing with
+/// unread bytes makes the kernel answer with a reset, and a client still sending its body then
+/// fails on its write and never reads our response (a 405, 401 or 431 included).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// The metrics listener and its threads; dropping it stops them.
 pub struct Server {
@@ -446,7 +467,9 @@ pub struct Server {
 impl Server {
     /// Binds `address` (errors name the field) and starts serving.
     pub fn start(c: &PromConfig, options: Options, stats: Arc<ServerStats>) -> Result<Server, ConfigError> {
-        let listener = TcpListener::bind(&c.address)
+        let at = listen_addr(&c.address)
+            .ok_or_else(|| ConfigError::new("address", format!("{:?} is not IP:PORT", c.address)))?;
+        let listener = TcpListener::bind(at)
             .map_err(|e| ConfigError::new("address", format!("cannot listen on {}: {e}", c.address)))?;
         let addr = listener.local_addr().map_err(|e| ConfigError::new("address", e.to_string()))?;
         let auth = match (&c.bearer_token, &c.basic_auth) {
@@ -509,8 +532,10 @@ fn serve(listener: TcpListener, sh: &Shared) {
             return;
         }
         match conn {
-            Ok(stream) => {
-                let _ = handle(stream, sh);
+            Ok(mut stream) => {
+                if handle(&mut stream, sh).is_ok() {
+                    close_gracefully(stream, &sh.stop);
+                }
             }
             // Out of file descriptors and the like: back off instead of spinning on accept.
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -546,23 +571,46 @@ fn current(sh: &Shared, gzip: bool) -> Option<Arc<Vec<u8>>> {
     Some(r.body.clone())
 }
 
-fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
+/// Ends the response with a FIN, then drains what the client still sends (bounded by
+/// [`LINGER`] and [`LINGER_BYTES`], and by a stop) so that the close sends no reset.
+fn close_gracefully(mut s: TcpStream, stop: &AtomicBool) {
+    if s.shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 16 * 1024];
+    let mut drained = 0;
+    while drained < LINGER_BYTES && !stop.load(Relaxed) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left.min(Duration::from_millis(200)))).is_err() {
+            return;
+        }
+        match s.read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn handle(s: &mut TcpStream, sh: &Shared) -> std::io::Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() > 16 * 1024 {
-            return respond(&mut s, &sh.stop, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
+            return respond(s, &sh.stop, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
         }
         // The whole request must arrive by the deadline: a client trickling bytes is cut off.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return respond(&mut s, &sh.stop, "408 Request Timeout", "text/plain", &[], b"", false);
+            return respond(s, &sh.stop, "408 Request Timeout", "text/plain", &[], b"", false);
         }
         s.set_read_timeout(Some(left))?;
         let n = match s.read(&mut chunk) {
             Ok(n) => n,
-            Err(_) => return respond(&mut s, &sh.stop, "408 Request Timeout", "text/plain", &[], b"", false),
+            Err(_) => return respond(s, &sh.stop, "408 Request Timeout", "text/plain", &[], b"", false),
         };
         if n == 0 {
             return Ok(());
@@ -575,11 +623,11 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
     let mut req = request_line.split(' ');
     let (method, target, version) = (req.next().unwrap_or(""), req.next().unwrap_or(""), req.next().unwrap_or(""));
     if method.is_empty() || !target.starts_with('/') || !version.starts_with("HTTP/1.") || req.next().is_some() {
-        return respond(&mut s, &sh.stop, "400 Bad Request", "text/plain", &[], b"bad request line\n", false);
+        return respond(s, &sh.stop, "400 Bad Request", "text/plain", &[], b"bad request line\n", false);
     }
     let headers: Vec<&str> = lines.take_while(|l| !l.is_empty()).collect();
     if headers.len() > MAX_HEADER_LINES {
-        return respond(&mut s, &sh.stop, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
+        return respond(s, &sh.stop, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
     }
     let header = |name: &str| {
         headers.iter().find_map(|l| {
@@ -594,7 +642,7 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
         if !constant_time_eq(got, want) {
             let www = if want.starts_with(b"Basic") { "Basic realm=\"envoy-obs\"" } else { "Bearer" };
             return respond_with(
-                &mut s,
+                s,
                 &sh.stop,
                 "401 Unauthorized",
                 &[("WWW-Authenticate", www)],
@@ -604,10 +652,10 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
         }
     }
     if path != sh.path {
-        return respond(&mut s, &sh.stop, "404 Not Found", "text/plain", &[], b"not found\n", method == "HEAD");
+        return respond(s, &sh.stop, "404 Not Found", "text/plain", &[], b"not found\n", method == "HEAD");
     }
     if method != "GET" && method != "HEAD" {
-        return respond(&mut s, &sh.stop, "405 Method Not Allowed", "text/plain", &[], b"use GET or HEAD\n", false);
+        return respond(s, &sh.stop, "405 Method Not Allowed", "text/plain", &[], b"use GET or HEAD\n", false);
     }
     match current(sh, gzip) {
         Some(body) => {
@@ -615,10 +663,10 @@ fn handle(mut s: TcpStream, sh: &Shared) -> std::io::Result<()> {
             let ct = "text/plain; version=0.0.4; charset=utf-8";
             let enc: &[(&str, &str)] =
                 if gzip { &[("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")] } else { &[] };
-            respond(&mut s, &sh.stop, "200 OK", ct, enc, &body, method == "HEAD")
+            respond(s, &sh.stop, "200 OK", ct, enc, &body, method == "HEAD")
         }
         None => respond(
-            &mut s,
+            s,
             &sh.stop,
             "503 Service Unavailable",
             "text/plain",
@@ -820,6 +868,27 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     }
 
+    /// A client still sending a body we do not read gets our response and a clean close, not a
+    /// reset: the server drains what is left before closing.
+    #[test]
+    fn an_unread_request_body_does_not_reset_the_connection() {
+        let (c, o) = compile(br#"{"address":"127.0.0.1:0"}"#).unwrap();
+        let server = Server::start(&c, o, Arc::default()).unwrap();
+        let mut client = TcpStream::connect(server.addr).unwrap();
+        let body = vec![b'x'; 256 * 1024];
+        let mut req = format!("POST /metrics HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        req.extend_from_slice(&body);
+        // Head and body in one go: the server answers 405 after reading the head, with the body
+        // still unread in its socket.
+        client.write_all(&req).expect("the request is accepted, not reset");
+        std::thread::sleep(Duration::from_millis(100));
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).expect("a clean close after the response");
+        assert!(got.starts_with(b"HTTP/1.1 405"), "{}", String::from_utf8_lossy(&got));
+        assert!(got.ends_with(b"use GET or HEAD\n"), "{}", String::from_utf8_lossy(&got));
+    }
+
     #[test]
     fn renders_like_envoy() {
         let s = Stats {
@@ -919,9 +988,21 @@ mod tests {
     }
 
     #[test]
+    fn listen_addresses_are_literals_or_localhost() {
+        assert_eq!(listen_addr("0.0.0.0:9102"), Some(SocketAddr::from(([0, 0, 0, 0], 9102))));
+        assert_eq!(listen_addr("LOCALHOST:9102"), Some(SocketAddr::from(([127, 0, 0, 1], 9102))));
+        assert_eq!(listen_addr("[::1]:0").map(|a| a.is_ipv6()), Some(true));
+        for bad in ["metrics.internal:9102", "localhost", "127.0.0.1", ":9102", "localhost:-1"] {
+            assert_eq!(listen_addr(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_config_names_the_field() {
         for (json, field) in [
             (r#"{"address":"nonsense"}"#, "address"),
+            (r#"{"address":"metrics.example.com:9102"}"#, "address"),
+            (r#"{"address":"localhost:99999"}"#, "address"),
             (r#"{"path":"metrics"}"#, "path"),
             (r#"{"filter":"(unclosed"}"#, "filter"),
             (r#"{"histogram_emit_mode":"sketch"}"#, "histogram_emit_mode"),
