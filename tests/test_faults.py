@@ -212,8 +212,11 @@ def test_sigterm_under_load_loses_nothing(tmp_path):
     record("SIGTERM under load (JSON log, 30 s flush interval)", produced=n, exported=lines, dropped=0, failed=0)
 
 
-def test_disk_full(tmp_path):
-    """The log's filesystem fills up: writes fail and are counted, no line is split, Envoy serves."""
+@pytest.mark.parametrize("writers", [1, 2])
+def test_disk_full(tmp_path, writers):
+    """The log's filesystem fills up: writes fail and are counted, no line is split, Envoy serves.
+    With two loggers appending to the same file, neither cuts the other's lines when it removes
+    the torn end of a failed write."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
@@ -221,8 +224,9 @@ def test_disk_full(tmp_path):
     try:
         port = free_port()
         path = mnt / "a.log"
-        lg = our_json_logger({"path": str(path), "flush_interval_ms": 100})
-        e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=[lg])]})
+        prefixes = ["json", "second"][:writers]
+        lgs = [our_json_logger({"path": str(path), "flush_interval_ms": 100, "stat_prefix": p}) for p in prefixes]
+        e = Envoy(tmp_path, {"listeners": [hcm_listener("front", port, [OK], access_log=lgs)]})
         with e:
             n = served(load(f"http://127.0.0.1:{port}/" + "p" * 200, 4, rps=1000))
             assert curl(f"http://127.0.0.1:{port}/").stdout == "200"
@@ -230,14 +234,17 @@ def test_disk_full(tmp_path):
 
             def st():
                 s = e.stats("obs.access_log")
-                return s if s["obs.access_log.json.records_logged"] == n and s["obs.access_log.json.records_written"] \
-                    + s["obs.access_log.json.write_errors"] + s["obs.access_log.json.records_dropped"] == n else None
-            s = poll_until(st, timeout=20, what="accounted")
+                c = {k: sum(s[f"obs.access_log.{p}.{k}"] for p in prefixes)
+                     for k in ("records_logged", "records_written", "write_errors", "records_dropped")}
+                done = c["records_logged"] == n * writers and \
+                    c["records_written"] + c["write_errors"] + c["records_dropped"] == n * writers
+                return c if done else None
+            c = poll_until(st, timeout=20, what="accounted")
         lines = [json.loads(line) for line in path.read_bytes().splitlines()]
-        assert len(lines) == s["obs.access_log.json.records_written"], (len(lines), s)
-        assert s["obs.access_log.json.write_errors"] > 0, "the disk did fill up"
-        record("JSON log disk full (256 KiB tmpfs)", produced=n, exported=len(lines),
-               dropped=s["obs.access_log.json.records_dropped"], failed=s["obs.access_log.json.write_errors"])
+        assert len(lines) == c["records_written"], (len(lines), c)
+        assert c["write_errors"] > 0, "the disk did fill up"
+        record("JSON log disk full (256 KiB tmpfs" + (", two loggers on one file)" if writers > 1 else ")"),
+               produced=n * writers, exported=len(lines), dropped=c["records_dropped"], failed=c["write_errors"])
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 

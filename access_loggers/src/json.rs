@@ -150,6 +150,11 @@ impl Plan for JsonPlan {
     }
 }
 
+/// Lines in `b`.
+fn bytecount(b: &[u8]) -> u64 {
+    b.iter().filter(|&&c| c == b'\n').count() as u64
+}
+
 /// Renders captured records into JSON lines and appends them to the file, one write(2) per
 /// [`WRITE_BUFFER`] or per drain.
 struct JsonFileExporter {
@@ -166,16 +171,16 @@ impl JsonFileExporter {
         if n == 0 {
             return Outcome::default();
         }
-        let ok = self.file.write(&self.out);
+        // One record is one line (rendering escapes every newline).
+        let written = match self.file.write(&self.out) {
+            Ok(()) => n,
+            Err(whole) => bytecount(&self.out[..whole]).min(n),
+        };
         self.out.clear();
         if self.out.capacity() > 4 * WRITE_BUFFER {
             self.out = Vec::with_capacity(WRITE_BUFFER + 64 * 1024);
         }
-        if ok {
-            Outcome { written: n, failed: 0 }
-        } else {
-            Outcome { written: 0, failed: n }
-        }
+        Outcome { written, failed: n - written }
     }
 }
 

@@ -8,7 +8,7 @@
 //! a renamed file keeps receiving lines; a removed one is dropped and writes fail, counted as
 //! write errors, until the path can be opened again.
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -120,37 +120,125 @@ impl LogFile {
         }
     }
 
-    /// Appends `data` to the file (reopening it first if it was rotated). On error the handle
-    /// is dropped so the next write retries the open; returns whether the write succeeded.
-    pub fn write(&mut self, data: &[u8]) -> bool {
+    /// Appends `data` (whole lines) to the file, reopening it first if it was rotated. On
+    /// error the handle is dropped so the next write retries the open, and the error is how
+    /// many leading bytes of `data` are in the file as whole lines (a disk that fills up mid-way
+    /// takes some; the line it split is cut off again).
+    pub fn write(&mut self, data: &[u8]) -> Result<(), usize> {
         // One stat per write (a write carries a whole drain, not a record): lines never go into
         // a file that was removed since the last write.
         self.maybe_reopen(true);
-        let ok = match self.file.as_mut() {
-            Some(f) => {
-                // A failed write (disk full) may have appended part of the buffer: cut the file
-                // back, so no line is ever split and the failed lines are only counted, once.
-                let before = if self.rotatable { f.metadata().ok().map(|m| m.len()) } else { None };
-                let ok = f.write_all(data).is_ok();
-                if !ok {
-                    if let Some(len) = before {
-                        let _ = f.set_len(len);
-                    }
+        let r = match self.file.as_mut() {
+            Some(f) => append_lines(f, data).map_err(|Torn { whole, last }| {
+                // A failed write (disk full) may have appended part of a line: cut that part
+                // off, so no line is ever split and the failed lines are counted once.
+                if self.rotatable && last > 0 {
+                    cut_torn_tail(f, last);
                 }
-                ok
-            }
-            None => false,
+                whole
+            }),
+            None => Err(0),
         };
-        if !ok {
+        if r.is_err() {
             self.file = None;
         }
-        ok
+        r
+    }
+}
+
+/// What a failed [`append_lines`] left in the file.
+#[derive(Debug, PartialEq, Eq)]
+struct Torn {
+    /// Leading bytes of the data written as whole lines.
+    whole: usize,
+    /// Bytes of a split line at the end of the last successful `write` call.
+    last: u64,
+}
+
+/// Writes `data` (whole lines) with as many `write` calls as it takes.
+fn append_lines<W: Write>(w: &mut W, data: &[u8]) -> Result<(), Torn> {
+    let (mut done, mut torn) = (0, Torn { whole: 0, last: 0 });
+    while done < data.len() {
+        match w.write(&data[done..]) {
+            Ok(0) => return Err(torn),
+            Ok(n) => {
+                let chunk = &data[done..done + n];
+                torn = match chunk.iter().rposition(|&c| c == b'\n') {
+                    Some(i) => Torn { whole: done + i + 1, last: (n - i - 1) as u64 },
+                    None => Torn { whole: torn.whole, last: n as u64 },
+                };
+                done += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(torn),
+        }
+    }
+    Ok(())
+}
+
+/// Removes the `torn` bytes our last write left at the end of the file, but only while they are
+/// still its end: another writer appending to the same file (a second logger, another process)
+/// may have written after them, and cutting there would remove its lines. (The file position of
+/// an append-mode descriptor is the end of its own last write.)
+fn cut_torn_tail(f: &mut File, torn: u64) {
+    let (Ok(ours), Ok(meta)) = (f.stream_position(), f.metadata()) else { return };
+    if meta.len() == ours && ours >= torn {
+        let _ = f.set_len(ours - torn);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that takes `room` bytes, at most `per_call` per call, then fails like a full disk.
+    struct Filling {
+        got: Vec<u8>,
+        room: usize,
+        per_call: usize,
+    }
+
+    impl Write for Filling {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let n = b.len().min(self.per_call).min(self.room - self.got.len());
+            if n == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.got.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_disk_reports_the_fragment_of_the_last_write() {
+        let data = b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n";
+        let t = |whole, last| Err(Torn { whole, last });
+        let cases = [(100, 100, Ok(())), (12, 100, t(8, 4)), (16, 100, t(16, 0)), (3, 100, t(0, 3)), (12, 10, t(8, 2))];
+        for (room, per_call, want) in cases {
+            let mut w = Filling { got: Vec::new(), room, per_call };
+            assert_eq!(append_lines(&mut w, data), want, "room {room}, {per_call} per call");
+        }
+    }
+
+    /// The torn tail is cut while it is the end of the file, and left alone once another writer
+    /// has appended after it (cutting then would remove that writer's lines).
+    #[test]
+    fn the_torn_tail_is_cut_only_while_it_ends_the_file() {
+        let d = tmpdir("torn");
+        let p = d.join("shared.log");
+        let mut ours = open_append(&p).unwrap();
+        ours.write_all(b"{\"ok\":1}\n{\"to").unwrap();
+        cut_torn_tail(&mut ours, 4);
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"ok\":1}\n");
+        ours.write_all(b"{\"to").unwrap();
+        let mut other = open_append(&p).unwrap();
+        other.write_all(b"{\"other\":1}\n").unwrap();
+        cut_torn_tail(&mut ours, 4);
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"ok\":1}\n{\"to{\"other\":1}\n");
+    }
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("envoy-obs-{tag}-{}", std::process::id()));
@@ -182,7 +270,7 @@ mod tests {
         let d = tmpdir("write");
         let p = d.join("a.log");
         let mut f = LogFile::new(p.clone(), open_append(&p).unwrap());
-        assert!(f.write(b"a\n") && f.write(b"b\n"));
+        assert!(f.write(b"a\n").is_ok() && f.write(b"b\n").is_ok());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "a\nb\n");
     }
 
@@ -191,11 +279,11 @@ mod tests {
         let d = tmpdir("rotate");
         let p = d.join("a.log");
         let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
-        e.write(b"1\n");
+        let _ = e.write(b"1\n");
         std::fs::rename(&p, d.join("a.log.1")).unwrap();
-        e.write(b"2\n"); // may still land in the renamed file
+        let _ = e.write(b"2\n"); // may still land in the renamed file
         e.maybe_reopen(true);
-        e.write(b"3\n");
+        let _ = e.write(b"3\n");
         let old = std::fs::read_to_string(d.join("a.log.1")).unwrap();
         let new = std::fs::read_to_string(&p).unwrap();
         assert_eq!(format!("{old}{new}"), "1\n2\n3\n");
@@ -207,10 +295,10 @@ mod tests {
         let d = tmpdir("remove");
         let p = d.join("a.log");
         let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
-        e.write(b"1\n");
+        let _ = e.write(b"1\n");
         std::fs::remove_file(&p).unwrap();
         e.maybe_reopen(true);
-        e.write(b"2\n");
+        let _ = e.write(b"2\n");
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "2\n");
     }
 
@@ -219,13 +307,13 @@ mod tests {
         let d = tmpdir("unwritable");
         let p = d.join("a.log");
         let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
-        assert!(e.write(b"one\n"));
+        assert!(e.write(b"one\n").is_ok());
         std::fs::remove_file(&p).unwrap();
         std::fs::remove_dir(&d).unwrap();
         e.maybe_reopen(true);
-        assert!(!e.write(b"lost\n"), "writing into a deleted file would lose the line uncounted");
+        assert_eq!(e.write(b"lost\n"), Err(0), "writing into a deleted file would lose the line uncounted");
         std::fs::create_dir_all(&d).unwrap();
-        assert!(e.write(b"two\n"));
+        assert!(e.write(b"two\n").is_ok());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "two\n");
     }
 
