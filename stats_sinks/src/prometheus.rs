@@ -11,12 +11,14 @@
 //! with a `text_value` label), histograms as `_bucket{le=…}` with Envoy's bounds printed like
 //! `%.32g`, a `+Inf` bucket, `_sum` and `_count`.
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use serde::Deserialize;
 
@@ -435,21 +437,24 @@ struct Shared {
     rendered: Mutex<Option<Rendered>>,
     options: Options,
     path: String,
-    /// The exact `Authorization` header value required, if any.
+    /// Expected `Authorization` value, when configured.
     auth: Option<Vec<u8>>,
-    stop: AtomicBool,
     stats: Arc<ServerStats>,
 }
 
-/// Connections served at once: a slow or idle client holds one, scrapes use the others.
-const SERVING_THREADS: usize = 4;
+/// Connections open at once; a connection beyond it is closed at once. Every connection is
+/// served concurrently on one event loop, so idle or slow clients (each cut off by the
+/// deadlines below) cannot keep a scrape waiting.
+const MAX_CONNECTIONS: usize = 256;
 /// A request must arrive whole within this time.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// A response must be sent whole within this time: a client that reads a few bytes now and
-/// then is cut off rather than holding a serving thread (and Envoy's shutdown) indefinitely.
+/// then is cut off.
 const RESPONSE_DEADLINE: Duration = Duration::from_secs(30);
 /// Header lines accepted per request.
 const MAX_HEADER_LINES: usize = 64;
+/// Bytes accepted for a request head.
+const MAX_HEAD: usize = 16 * 1024;
 /// After a response, what the client still sends (a body we did not read, pipelined requests)
 /// is read and dropped before closing, for at most this long and this many bytes: closing with
 /// unread bytes makes the kernel answer with a reset, and a client still sending its body then
@@ -457,11 +462,13 @@ const MAX_HEADER_LINES: usize = 64;
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 1 << 20;
 
-/// The metrics listener and its threads; dropping it stops them.
+/// The metrics listener and its thread (an event loop serving every connection); dropping it
+/// stops them and closes every connection at once.
 pub struct Server {
     shared: Arc<Shared>,
-    addr: std::net::SocketAddr,
-    threads: Vec<JoinHandle<()>>,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -472,6 +479,7 @@ impl Server {
         let listener = TcpListener::bind(at)
             .map_err(|e| ConfigError::new("address", format!("cannot listen on {}: {e}", c.address)))?;
         let addr = listener.local_addr().map_err(|e| ConfigError::new("address", e.to_string()))?;
+        listener.set_nonblocking(true).map_err(|e| ConfigError::new("address", e.to_string()))?;
         let auth = match (&c.bearer_token, &c.basic_auth) {
             (Some(t), _) => Some(format!("Bearer {t}").into_bytes()),
             (None, Some(b)) => {
@@ -485,20 +493,34 @@ impl Server {
             options,
             path: c.path.clone(),
             auth,
-            stop: AtomicBool::new(false),
             stats,
         });
-        let mut threads = Vec::with_capacity(SERVING_THREADS);
-        for i in 0..SERVING_THREADS {
-            let (sh, l) =
-                (shared.clone(), listener.try_clone().map_err(|e| ConfigError::new("address", e.to_string()))?);
-            let t = std::thread::Builder::new()
-                .name(format!("obs-prom-http{i}"))
-                .spawn(move || serve(l, &sh))
-                .map_err(|e| ConfigError::new("", format!("cannot start the metrics thread: {e}")))?;
-            threads.push(t);
-        }
-        Ok(Server { shared, addr, threads })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| ConfigError::new("", format!("cannot start the metrics endpoint: {e}")))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("obs-prom-http".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+                    tokio::select! {
+                        _ = serve(listener, sh) => {}
+                        _ = stopped => {}
+                    }
+                });
+                // Dropping the runtime here drops every connection still open.
+            })
+            .map_err(|e| ConfigError::new("", format!("cannot start the metrics thread: {e}")))?;
+        Ok(Server { shared, addr, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// The address the endpoint listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Publishes a new snapshot (main thread; cheap: a pointer swap under a lock).
@@ -515,31 +537,192 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Relaxed);
-        // Wake every blocking accept.
-        for _ in &self.threads {
-            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve(listener: TcpListener, sh: &Shared) {
-    for conn in listener.incoming() {
-        if sh.stop.load(Relaxed) {
-            return;
-        }
-        match conn {
-            Ok(mut stream) => {
-                if handle(&mut stream, sh).is_ok() {
-                    close_gracefully(stream, &sh.stop);
+async fn serve(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                if open.load(Relaxed) >= MAX_CONNECTIONS {
+                    continue;
                 }
+                open.fetch_add(1, Relaxed);
+                let (sh, open) = (sh.clone(), open.clone());
+                tokio::spawn(async move {
+                    let _ = connection(stream, &sh).await;
+                    open.fetch_sub(1, Relaxed);
+                });
             }
             // Out of file descriptors and the like: back off instead of spinning on accept.
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    }
+}
+
+/// One connection: one request, one response, a graceful close.
+async fn connection(mut s: tokio::net::TcpStream, sh: &Shared) -> std::io::Result<()> {
+    let reply = match tokio::time::timeout(REQUEST_DEADLINE, read_head(&mut s)).await {
+        // The whole request must arrive by the deadline: a client trickling bytes is cut off.
+        Err(_) | Ok(Err(_)) => Reply::text("408 Request Timeout", b""),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(head))) => route(&head, sh),
+    };
+    match tokio::time::timeout(RESPONSE_DEADLINE, reply.send(&mut s)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+    }
+    close_gracefully(s).await;
+    Ok(())
+}
+
+/// Reads up to the end of the request head; `None` when the client closed first. A head over
+/// [`MAX_HEAD`] is returned as it is (and answered 431).
+async fn read_head(s: &mut tokio::net::TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() <= MAX_HEAD {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(Some(buf))
+}
+
+/// Ends the response with a FIN, then drains what the client still sends (bounded by
+/// [`LINGER`] and [`LINGER_BYTES`]) so that the close sends no reset.
+async fn close_gracefully(mut s: tokio::net::TcpStream) {
+    if s.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = vec![0u8; 16 * 1024];
+    let drain = async {
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// A response body: static text or a shared rendering.
+enum Body {
+    Text(&'static [u8]),
+    Shared(Arc<Vec<u8>>),
+}
+
+/// One response.
+struct Reply {
+    status: &'static str,
+    content_type: &'static str,
+    extra: Vec<(&'static str, &'static str)>,
+    body: Body,
+    /// HEAD: headers only.
+    head: bool,
+}
+
+impl Reply {
+    fn text(status: &'static str, body: &'static [u8]) -> Self {
+        Reply { status, content_type: "text/plain", extra: Vec::new(), body: Body::Text(body), head: false }
+    }
+
+    fn head_only(mut self, head: bool) -> Self {
+        self.head = head;
+        self
+    }
+
+    async fn send(&self, s: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+        let body: &[u8] = match &self.body {
+            Body::Text(t) => t,
+            Body::Shared(b) => b,
+        };
+        let mut h = format!(
+            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.status,
+            self.content_type,
+            body.len()
+        );
+        if self.status.starts_with("405") {
+            h.push_str("Allow: GET, HEAD\r\n");
+        }
+        for (k, v) in &self.extra {
+            h.push_str(&format!("{k}: {v}\r\n"));
+        }
+        h.push_str("\r\n");
+        s.write_all(h.as_bytes()).await?;
+        if !self.head {
+            s.write_all(body).await?;
+        }
+        s.flush().await
+    }
+}
+
+/// The response to a request head.
+fn route(buf: &[u8], sh: &Shared) -> Reply {
+    if buf.len() > MAX_HEAD {
+        return Reply::text("431 Request Header Fields Too Large", b"");
+    }
+    let head = String::from_utf8_lossy(buf);
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or("");
+    let mut req = request_line.split(' ');
+    let (method, target, version) = (req.next().unwrap_or(""), req.next().unwrap_or(""), req.next().unwrap_or(""));
+    if method.is_empty() || !target.starts_with('/') || !version.starts_with("HTTP/1.") || req.next().is_some() {
+        return Reply::text("400 Bad Request", b"bad request line\n");
+    }
+    let headers: Vec<&str> = lines.take_while(|l| !l.is_empty()).collect();
+    if headers.len() > MAX_HEADER_LINES {
+        return Reply::text("431 Request Header Fields Too Large", b"");
+    }
+    let header = |name: &str| {
+        headers.iter().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    };
+    let path = target.split('?').next().unwrap_or("");
+    let gzip = header("accept-encoding").is_some_and(accepts_gzip);
+    let head = method == "HEAD";
+    if let Some(want) = &sh.auth {
+        let got = header("authorization").unwrap_or("").as_bytes();
+        if !constant_time_eq(got, want) {
+            let www = if want.starts_with(b"Basic") { "Basic realm=\"envoy-obs\"" } else { "Bearer" };
+            let mut r = Reply::text("401 Unauthorized", b"unauthorized\n").head_only(head);
+            r.extra.push(("WWW-Authenticate", www));
+            return r;
+        }
+    }
+    if path != sh.path {
+        return Reply::text("404 Not Found", b"not found\n").head_only(head);
+    }
+    if method != "GET" && !head {
+        return Reply::text("405 Method Not Allowed", b"use GET or HEAD\n");
+    }
+    match current(sh, gzip) {
+        Some(body) => {
+            sh.stats.scrapes.fetch_add(1, Relaxed);
+            let extra = if gzip { vec![("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")] } else { Vec::new() };
+            Reply {
+                status: "200 OK",
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                extra,
+                body: Body::Shared(body),
+                head,
+            }
+        }
+        None => Reply::text("503 Service Unavailable", b"no stats flushed yet\n").head_only(head),
     }
 }
 
@@ -569,123 +752,6 @@ fn current(sh: &Shared, gzip: bool) -> Option<Arc<Vec<u8>>> {
         return r.gzip.clone();
     }
     Some(r.body.clone())
-}
-
-/// Ends the response with a FIN, then drains what the client still sends (bounded by
-/// [`LINGER`] and [`LINGER_BYTES`], and by a stop) so that the close sends no reset.
-fn close_gracefully(mut s: TcpStream, stop: &AtomicBool) {
-    if s.shutdown(std::net::Shutdown::Write).is_err() {
-        return;
-    }
-    let deadline = Instant::now() + LINGER;
-    let mut sink = [0u8; 16 * 1024];
-    let mut drained = 0;
-    while drained < LINGER_BYTES && !stop.load(Relaxed) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || s.set_read_timeout(Some(left.min(Duration::from_millis(200)))).is_err() {
-            return;
-        }
-        match s.read(&mut sink) {
-            Ok(0) => return,
-            Ok(n) => drained += n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-fn handle(s: &mut TcpStream, sh: &Shared) -> std::io::Result<()> {
-    let deadline = Instant::now() + REQUEST_DEADLINE;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > 16 * 1024 {
-            return respond(s, &sh.stop, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
-        }
-        // The whole request must arrive by the deadline: a client trickling bytes is cut off.
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return respond(s, &sh.stop, "408 Request Timeout", "text/plain", &[], b"", false);
-        }
-        s.set_read_timeout(Some(left))?;
-        let n = match s.read(&mut chunk) {
-            Ok(n) => n,
-            Err(_) => return respond(s, &sh.stop, "408 Request Timeout", "text/plain", &[], b"", false),
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or("");
-    let mut req = request_line.split(' ');
-    let (method, target, version) = (req.next().unwrap_or(""), req.next().unwrap_or(""), req.next().unwrap_or(""));
-    if method.is_empty() || !target.starts_with('/') || !version.starts_with("HTTP/1.") || req.next().is_some() {
-        return respond(s, &sh.stop, "400 Bad Request", "text/plain", &[], b"bad request line\n", false);
-    }
-    let headers: Vec<&str> = lines.take_while(|l| !l.is_empty()).collect();
-    if headers.len() > MAX_HEADER_LINES {
-        return respond(s, &sh.stop, "431 Request Header Fields Too Large", "text/plain", &[], b"", false);
-    }
-    let header = |name: &str| {
-        headers.iter().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    };
-    let path = target.split('?').next().unwrap_or("");
-    let gzip = header("accept-encoding").is_some_and(accepts_gzip);
-    if let Some(want) = &sh.auth {
-        let got = header("authorization").unwrap_or("").as_bytes();
-        if !constant_time_eq(got, want) {
-            let www = if want.starts_with(b"Basic") { "Basic realm=\"envoy-obs\"" } else { "Bearer" };
-            return respond_with(
-                s,
-                &sh.stop,
-                "401 Unauthorized",
-                &[("WWW-Authenticate", www)],
-                b"unauthorized\n",
-                method == "HEAD",
-            );
-        }
-    }
-    if path != sh.path {
-        return respond(s, &sh.stop, "404 Not Found", "text/plain", &[], b"not found\n", method == "HEAD");
-    }
-    if method != "GET" && method != "HEAD" {
-        return respond(s, &sh.stop, "405 Method Not Allowed", "text/plain", &[], b"use GET or HEAD\n", false);
-    }
-    match current(sh, gzip) {
-        Some(body) => {
-            sh.stats.scrapes.fetch_add(1, Relaxed);
-            let ct = "text/plain; version=0.0.4; charset=utf-8";
-            let enc: &[(&str, &str)] =
-                if gzip { &[("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")] } else { &[] };
-            respond(s, &sh.stop, "200 OK", ct, enc, &body, method == "HEAD")
-        }
-        None => respond(
-            s,
-            &sh.stop,
-            "503 Service Unavailable",
-            "text/plain",
-            &[],
-            b"no stats flushed yet\n",
-            method == "HEAD",
-        ),
-    }
-}
-
-fn respond_with(
-    s: &mut TcpStream,
-    stop: &AtomicBool,
-    status: &str,
-    extra: &[(&str, &str)],
-    body: &[u8],
-    head: bool,
-) -> std::io::Result<()> {
-    respond(s, stop, status, "text/plain", extra, body, head)
 }
 
 /// Whether an `Accept-Encoding` value accepts gzip: a `gzip` (or `*`) coding whose q-value
@@ -722,56 +788,12 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
-fn respond(
-    s: &mut TcpStream,
-    stop: &AtomicBool,
-    status: &str,
-    ct: &str,
-    extra: &[(&str, &str)],
-    body: &[u8],
-    head: bool,
-) -> std::io::Result<()> {
-    let mut h =
-        format!("HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
-    if status.starts_with("405") {
-        h.push_str("Allow: GET, HEAD\r\n");
-    }
-    for (k, v) in extra {
-        h.push_str(&format!("{k}: {v}\r\n"));
-    }
-    h.push_str("\r\n");
-    let deadline = Instant::now() + RESPONSE_DEADLINE;
-    write_by(s, h.as_bytes(), deadline, stop)?;
-    if !head {
-        write_by(s, body, deadline, stop)?;
-    }
-    Ok(())
-}
-
-/// Writes all of `data` by `deadline`, giving up early when the server is stopping (each
-/// blocking write waits at most 1 s, so a stop is noticed within a second).
-fn write_by(s: &mut TcpStream, mut data: &[u8], deadline: Instant, stop: &AtomicBool) -> std::io::Result<()> {
-    use std::io::ErrorKind;
-    while !data.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stop.load(Relaxed) {
-            return Err(ErrorKind::TimedOut.into());
-        }
-        s.set_write_timeout(Some(left.min(Duration::from_secs(1))))?;
-        match s.write(&data[..data.len().min(64 * 1024)]) {
-            Ok(0) => return Err(ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::snapshot::{Hist, Value};
+    use std::io::Read;
+    use std::net::TcpStream;
 
     fn m(name: &str, extracted: &str, tags: &[(&str, &str)]) -> Arc<Meta> {
         Arc::new(meta(
@@ -857,7 +879,7 @@ mod tests {
             .map(|i| Value { meta: m(&format!("c.n{i}"), "c.n", &[("k", &format!("{i:>20}"))]), value: 1, delta: 0 })
             .collect();
         server.publish(Stats { counters, ..Default::default() });
-        let mut client = TcpStream::connect(server.addr).unwrap();
+        let mut client = TcpStream::connect(server.local_addr()).unwrap();
         client.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut first = [0u8; 64];
         std::io::Read::read(&mut client, &mut first).unwrap();
@@ -874,7 +896,7 @@ mod tests {
     fn an_unread_request_body_does_not_reset_the_connection() {
         let (c, o) = compile(br#"{"address":"127.0.0.1:0"}"#).unwrap();
         let server = Server::start(&c, o, Arc::default()).unwrap();
-        let mut client = TcpStream::connect(server.addr).unwrap();
+        let mut client = TcpStream::connect(server.local_addr()).unwrap();
         let body = vec![b'x'; 256 * 1024];
         let mut req = format!("POST /metrics HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
         req.extend_from_slice(&body);
@@ -887,6 +909,31 @@ mod tests {
         client.read_to_end(&mut got).expect("a clean close after the response");
         assert!(got.starts_with(b"HTTP/1.1 405"), "{}", String::from_utf8_lossy(&got));
         assert!(got.ends_with(b"use GET or HEAD\n"), "{}", String::from_utf8_lossy(&got));
+    }
+
+    /// Clients that connect and say nothing (more of them than the old four serving threads)
+    /// do not keep a scrape waiting: every connection is served at once.
+    #[test]
+    fn idle_connections_do_not_hold_up_a_scrape() {
+        let (c, o) = compile(br#"{"address":"127.0.0.1:0"}"#).unwrap();
+        let server = Server::start(&c, o, Arc::default()).unwrap();
+        server.publish(Stats::default());
+        let idle: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(server.local_addr()).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let mut client = TcpStream::connect(server.local_addr()).unwrap();
+        client.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+        assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+        // The idle ones are cut off at the request deadline, with a 408.
+        let mut first = idle.into_iter().next().unwrap();
+        let mut r = Vec::new();
+        first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        first.read_to_end(&mut r).unwrap();
+        assert!(r.starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&r));
     }
 
     #[test]
