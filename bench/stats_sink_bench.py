@@ -5,7 +5,7 @@ vs our sink's endpoint, and the sink's flush cost on Envoy's main thread.
 One Envoy (1 worker) with 500 clusters, our Prometheus sink and a 5 s stats flush. For each
 endpoint we time scrapes (wall time of the whole HTTP exchange, client on core 1) and read the
 CPU the serving thread spent (the admin renders on Envoy's main thread; ours on its
-"obs-prom-http*" threads). Ours is measured twice: the first scrape after a flush, which renders
+"obs-prom-http" thread). Ours is measured twice: the first scrape after a flush, which renders
 the new snapshot, and later scrapes, which send the cached rendering. The main-thread flush cost
 is our `obs_sink.prometheus.flush_us` gauge. Results go to bench/results/stats_sink.md."""
 from __future__ import annotations
@@ -40,7 +40,7 @@ def timed_get(url: str) -> tuple[float, int]:
 
 
 def thread_ns(pid: int, prefix: str) -> int:
-    """On-CPU ns of the threads whose name starts with `prefix` (our endpoint has four)."""
+    """On-CPU ns of the threads whose name starts with `prefix`."""
     return sum(ns for name, ns in alb.thread_cpu_ns(pid).items() if name.startswith(prefix))
 
 
