@@ -39,6 +39,7 @@ TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
 B3_TRACE, B3_SPAN = "80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1"
 B3_TRACE2 = "463ac35c9f6413ad48485a3953bb6124"
+B3_TRACE3, B3_TRACE4 = "a1f198ee56343ba864fe8b2a57d3eff7", "b2f198ee56343ba864fe8b2a57d3eff7"
 SETTLE = 0.6  # > several of our flush intervals (100 ms): time for unexpected spans to show up
 
 
@@ -435,11 +436,18 @@ def test_b3_single_and_multi_are_continued_and_injected(tmp_path):
             get(ports["b3"], "/ok?case=b3_new", case="b3_new")
             get(ports["multi"], "/ok?case=multi_new", case="multi_new")
             get(ports["default"], "/ok?case=default_b3", "-H", f"b3: {B3_TRACE}-{B3_SPAN}-1", case="default_b3")
-            spans = rx.wait_for(10, "traces")
+            # The b3 propagator also reads the multi headers (OpenTelemetry's B3 extract).
+            get(ports["b3"], "/ok?case=b3_from_multi", "-H", f"X-B3-TraceId: {B3_TRACE3}", "-H", f"X-B3-SpanId: {B3_SPAN}",
+                "-H", "X-B3-Sampled: 1", case="b3_from_multi")
+            # A decision without ids: deny is honoured (no span, "0" upstream), debug passed on.
+            get(ports["b3"], "/ok?case=b3_deny", "-H", "b3: 0", case="b3_deny")
+            get(ports["multi"], "/ok?case=multi_deny", "-H", "X-B3-Sampled: 0", case="multi_deny")
+            get(ports["b3"], "/ok?case=b3_debug", "-H", f"b3: {B3_TRACE4}-{B3_SPAN}-d", case="b3_debug")
+            spans = rx.wait_for(14, "traces")
             time.sleep(SETTLE)
             spans = rx.spans()
         cases = by_case(spans)
-        assert set(cases) == {"b3", "multi", "b3_new", "multi_new", "default_b3"}
+        assert set(cases) == {"b3", "multi", "b3_new", "multi_new", "default_b3", "b3_from_multi", "b3_debug"}
         ups = upstream_by_case(up)
         for c, trace in (("b3", B3_TRACE), ("multi", B3_TRACE2)):
             root = root_of(cases[c])
@@ -456,6 +464,12 @@ def test_b3_single_and_multi_are_continued_and_injected(tmp_path):
             # The parent of the span upstream continues: ours, not the one that came in.
             assert h["x-b3-parentspanid"] == client["parent_span_id"], h
             assert "traceparent" not in h
+        root = root_of(cases["b3_from_multi"])
+        assert (root["trace_id"], root["parent_span_id"]) == (B3_TRACE3, B3_SPAN)
+        assert ups["b3_deny"]["b3"].endswith("-0") and ups["multi_deny"]["x-b3-sampled"] == "0"
+        assert ups["b3_deny"]["b3"].split("-")[0] != B3_TRACE, "a new trace, not sampled"
+        client = next(s for s in cases["b3_debug"] if s["kind"] == CLIENT)
+        assert ups["b3_debug"]["b3"] == f"{B3_TRACE4}-{client['span_id']}-d", ups["b3_debug"]
         # Default propagators (tracecontext, baggage) ignore b3, like the built-in.
         root = root_of(cases["default_b3"])
         assert root["trace_id"] != B3_TRACE and root["parent_span_id"] == ""
@@ -535,7 +549,12 @@ def test_tracestate_and_baggage_pass_through(tmp_path):
             # tracestate.
             get(p, "/ok?case=stale", "-H", f"traceparent: {tp().upper()}",
                 "-H", "tracestate: congo=t61rcWkgMzE", case="stale")
-            spans = rx.wait_for(6, "traces")
+            # No traceparent at all, and a list that breaks the W3C grammar (a key twice): the
+            # tracestate goes too (W3C Trace Context 3.3; the W3C test suite expects both).
+            get(p, "/ok?case=orphan", "-H", "tracestate: congo=t61rcWkgMzE", case="orphan")
+            get(p, "/ok?case=invalid", "-H", f"traceparent: {tp(trace='5' * 32)}", "-H", "tracestate: a=1,a=2",
+                case="invalid")
+            spans = rx.wait_for(10, "traces")
         cases = by_case(spans)
         ups = upstream_by_case(up)
         assert {s["trace_state"] for s in cases["both"]} == {"vendor=abc,other=x"}
@@ -547,6 +566,8 @@ def test_tracestate_and_baggage_pass_through(tmp_path):
         assert members(ups["both"]["baggage"]) == {"k1=v1", "k2=v2"}
         assert ups["both"]["baggage"] == "k1=v1,k2=v2;prop=1", "unchanged baggage passes as it came"
         assert "tracestate" not in ups["stale"], ups["stale"]
+        assert "tracestate" not in ups["orphan"] and "tracestate" not in ups["invalid"], (ups["orphan"], ups["invalid"])
+        assert {s["trace_state"] for s in cases["invalid"]} == {""}
         assert_upstream_saw_client_span(cases["stale"], ups["stale"])
         assert root_of(cases["stale"])["parent_span_id"] == ""
         assert members(ups["baggage_only"]["baggage"]) == {"user=alice"}

@@ -153,11 +153,13 @@ impl Tracer {
         let mut carry = Carry::default();
         let remote = extract(ctx, &sh.propagators, &mut carry);
         let trace_id = remote.as_ref().map_or_else(span::new_trace_id, |r| r.trace_id);
+        // The incoming decision: the parent's flag, or a B3 decision that came without ids.
+        let incoming = remote.as_ref().and_then(|r| r.sampled).or(carry.b3_decision);
         let sampled = match &sh.sampler {
             // Envoy's decision, and an incoming "not sampled" flag is respected (as Envoy's
             // own OpenTelemetry tracer does).
-            None => traced && remote.as_ref().and_then(|r| r.sampled).unwrap_or(true),
-            Some(s) => s.decide(&trace_id, remote.as_ref().and_then(|r| r.sampled)),
+            None => traced && incoming.unwrap_or(true),
+            Some(s) => s.decide(&trace_id, incoming),
         };
         let kind = if operation == b"egress" { KIND_CLIENT } else { KIND_SERVER };
         let parent = remote.as_ref().map_or([0; 8], |r| r.span_id);

@@ -50,11 +50,16 @@ pub struct Remote {
 /// not replace goes upstream as it came in).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Carry {
-    /// A `tracestate` came with a `traceparent` that did not parse: it belongs to no trace we
-    /// continue and must not travel with ours.
+    /// A `tracestate` came that belongs to no W3C trace we continue (its `traceparent` was
+    /// missing or did not parse, the context came from B3, or the list itself is invalid): it
+    /// must not travel with ours.
     pub stale_tracestate: bool,
-    /// B3 debug was set: `x-b3-flags: 1` stays only while the decision is sampled.
+    /// B3 debug was set (`d` in `b3`, `x-b3-flags: 1`): it implies sampled and is passed on
+    /// while the decision is sampled.
     pub b3_debug: bool,
+    /// A B3 sampling decision that came without trace ids (`b3: 0`, `X-B3-Sampled: 1` alone):
+    /// the client's decision for the trace we start.
+    pub b3_decision: Option<bool>,
     /// Baggage was changed through `set_baggage`: the `baggage` header is rewritten.
     pub baggage_modified: bool,
 }
@@ -143,66 +148,168 @@ fn b3_trace_id(s: &[u8]) -> Option<[u8; 16]> {
     .filter(|t| *t != [0; 16])
 }
 
+/// `X-B3-Sampled`: `1`/`0` (and the `true`/`false` of old Zipkin clients).
 fn b3_sampled(s: &[u8]) -> Option<bool> {
     match s {
-        b"1" | b"d" | b"true" => Some(true),
+        b"1" | b"true" => Some(true),
         b"0" | b"false" => Some(false),
         _ => None,
     }
 }
 
-/// The B3 single header: `{trace}-{span}[-{sampled}[-{parent}]]` (a lone `0`/`1`/`d` carries
-/// only a decision and no context).
-pub fn parse_b3(v: &[u8]) -> Option<Remote> {
-    let mut it = trim(v).split(|&c| c == b'-');
+/// What a `b3` header says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum B3 {
+    /// A context: `{trace}-{span}[-{1|0|d}[-{parent}]]`.
+    Context(Remote),
+    /// A decision without ids: `0` (deny), `1` (accept) or `d` (debug).
+    Decision { sampled: bool, debug: bool },
+}
+
+/// The B3 single header (openzipkin/b3-propagation): `{trace}-{span}[-{sampling}[-{parent}]]`,
+/// sampling one of `1`, `0`, `d` (debug, which implies sampled); or a lone sampling state.
+pub fn parse_b3(v: &[u8]) -> Option<B3> {
+    let v = trim(v);
+    match v {
+        b"0" => return Some(B3::Decision { sampled: false, debug: false }),
+        b"1" => return Some(B3::Decision { sampled: true, debug: false }),
+        b"d" => return Some(B3::Decision { sampled: true, debug: true }),
+        _ => {}
+    }
+    let mut it = v.split(|&c| c == b'-');
     let trace = b3_trace_id(it.next()?)?;
     let span = unhex::<8>(it.next()?).filter(|s| *s != [0; 8])?;
-    let sampled = match it.next() {
-        Some(s) => Some(b3_sampled(s)?),
-        None => None,
+    let (sampled, debug) = match it.next() {
+        None => (None, false),
+        Some(b"1") => (Some(true), false),
+        Some(b"0") => (Some(false), false),
+        Some(b"d") => (Some(true), true),
+        Some(_) => return None,
     };
-    // (A `d` here is rewritten with the whole header: it leaves nothing stale behind.)
-    Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new(), debug: false })
+    if let Some(parent) = it.next() {
+        unhex::<8>(parent)?;
+    }
+    if it.next().is_some() {
+        return None;
+    }
+    Some(B3::Context(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new(), debug }))
+}
+
+/// B3 in either encoding, the single header first (the OpenTelemetry B3 propagator reads both
+/// whichever it injects). A decision without ids goes to `carry`.
+fn extract_b3<C: Carrier>(c: &C, carry: &mut Carry) -> Option<Remote> {
+    match c.get(b"b3").and_then(parse_b3) {
+        Some(B3::Context(r)) => return Some(r),
+        Some(B3::Decision { sampled, debug }) => {
+            (carry.b3_decision, carry.b3_debug) = (Some(sampled), debug);
+            return None;
+        }
+        None => {}
+    }
+    let flags_debug = || c.get(b"x-b3-flags").map(trim) == Some(b"1");
+    let Some(trace) = c.get(b"x-b3-traceid") else {
+        // Sampling state alone.
+        let sampled = c.get(b"x-b3-sampled").map(trim).and_then(b3_sampled);
+        let debug = flags_debug();
+        if sampled.is_some() || debug {
+            (carry.b3_decision, carry.b3_debug) = (Some(debug || sampled == Some(true)), debug);
+        }
+        return None;
+    };
+    let trace = b3_trace_id(trim(trace))?;
+    let span = unhex::<8>(trim(c.get(b"x-b3-spanid")?)).filter(|s| *s != [0; 8])?;
+    let debug = flags_debug();
+    let sampled = if debug { Some(true) } else { c.get(b"x-b3-sampled").map(trim).and_then(b3_sampled) };
+    Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new(), debug })
+}
+
+/// W3C Trace Context `tracestate` (section 3.3): at most 32 list members, each `key=value`
+/// with the spec's key and value grammar, no key twice. Anything else is invalid, and an invalid
+/// header is discarded whole.
+pub fn valid_tracestate(v: &[u8]) -> bool {
+    let key_char = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/');
+    let valid_key = |k: &[u8]| match k.iter().position(|&c| c == b'@') {
+        None => k.len() <= 256 && k.first().is_some_and(u8::is_ascii_lowercase) && k.iter().all(|&c| key_char(c)),
+        Some(at) => {
+            let (tenant, system) = (&k[..at], &k[at + 1..]);
+            (1..=241).contains(&tenant.len())
+                && tenant[0].is_ascii_lowercase() | tenant[0].is_ascii_digit()
+                && tenant.iter().all(|&c| key_char(c))
+                && (1..=14).contains(&system.len())
+                && system[0].is_ascii_lowercase()
+                && system.iter().all(|&c| key_char(c))
+        }
+    };
+    // chr = %x20 / nblk-chr, nblk-chr = %x21-2B / %x2D-3C / %x3E-7E; the last one non-blank.
+    let valid_value = |v: &[u8]| {
+        (1..=256).contains(&v.len())
+            && v.iter().all(|&c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
+            && v[v.len() - 1] != b' '
+    };
+    let mut keys: Vec<&[u8]> = Vec::new();
+    for member in v.split(|&c| c == b',') {
+        let m = trim_ows(member);
+        if m.is_empty() {
+            continue;
+        }
+        let Some(eq) = m.iter().position(|&c| c == b'=') else { return false };
+        let (k, val) = (&m[..eq], &m[eq + 1..]);
+        if !valid_key(k) || !valid_value(val) || keys.contains(&k) || keys.len() == 32 {
+            return false;
+        }
+        keys.push(k);
+    }
+    true
+}
+
+/// Trims the optional white space (spaces and tabs) of an HTTP list.
+fn trim_ows(b: &[u8]) -> &[u8] {
+    let ows = |c: &u8| *c == b' ' || *c == b'\t';
+    let s = b.iter().position(|c| !ows(c)).unwrap_or(b.len());
+    let e = b.iter().rposition(|c| !ows(c)).map_or(s, |i| i + 1);
+    &b[s..e]
 }
 
 /// Extracts an incoming context with the first propagator (in configured order) that finds
-/// a valid one.
+/// a valid one. A B3 decision without ids is left in `carry` (and ends the search: the client
+/// decided); so is a `tracestate` that must not travel with the trace we continue or start.
 pub fn extract<C: Carrier>(c: &C, props: &[Propagator], carry: &mut Carry) -> Option<Remote> {
+    let (mut b3_read, mut from_w3c) = (false, false);
+    let mut found = None;
     for p in props {
-        let found = match p {
-            Propagator::Tracecontext => match c.get(b"traceparent") {
-                Some(v) => match parse_traceparent(v) {
-                    Some((t, s, f)) => Some(Remote {
-                        trace_id: t,
-                        span_id: s,
-                        sampled: Some(f & 1 == 1),
-                        tracestate: c.get(b"tracestate").map(|v| trim(v).to_vec()).unwrap_or_default(),
-                        debug: false,
-                    }),
-                    None => {
-                        // Only looked up when a traceparent came and failed: no cost otherwise.
-                        carry.stale_tracestate = c.get(b"tracestate").is_some();
-                        None
+        found = match p {
+            Propagator::Tracecontext => c.get(b"traceparent").and_then(parse_traceparent).map(|(t, s, f)| {
+                from_w3c = true;
+                let tracestate = match c.get(b"tracestate").map(trim) {
+                    Some(ts) if valid_tracestate(ts) => ts.to_vec(),
+                    Some(_) => {
+                        carry.stale_tracestate = true;
+                        Vec::new()
                     }
-                },
-                None => None,
-            },
-            Propagator::B3 => c.get(b"b3").and_then(parse_b3),
-            Propagator::B3multi => (|| {
-                let trace = b3_trace_id(trim(c.get(b"x-b3-traceid")?))?;
-                let span = unhex::<8>(trim(c.get(b"x-b3-spanid")?)).filter(|s| *s != [0; 8])?;
-                let debug = c.get(b"x-b3-flags").map(trim) == Some(b"1");
-                let sampled = if debug { Some(true) } else { c.get(b"x-b3-sampled").map(trim).and_then(b3_sampled) };
-                Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new(), debug })
-            })(),
-            Propagator::Baggage => None,
+                    None => Vec::new(),
+                };
+                Remote { trace_id: t, span_id: s, sampled: Some(f & 1 == 1), tracestate, debug: false }
+            }),
+            Propagator::B3 | Propagator::B3multi if !b3_read => {
+                b3_read = true;
+                extract_b3(c, carry)
+            }
+            Propagator::B3 | Propagator::B3multi | Propagator::Baggage => None,
         };
         if let Some(r) = &found {
             carry.b3_debug = r.debug;
-            return found;
+            break;
+        }
+        if carry.b3_decision.is_some() {
+            break;
         }
     }
-    None
+    // A tracestate that did not come with the traceparent we continue belongs to another trace
+    // (W3C: discarded when the traceparent is missing or invalid).
+    if !from_w3c && props.contains(&Propagator::Tracecontext) {
+        carry.stale_tracestate = c.get(b"tracestate").is_some();
+    }
+    found
 }
 
 /// W3C baggage entries `(key, value)`, values percent-decoded; properties dropped.
@@ -298,7 +405,18 @@ pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>) {
                 }
             }
             Propagator::B3 => {
-                let (b, n) = ids_header(b"", o, if o.sampled { b"-1" } else { b"-0" });
+                let debug = o.carry.b3_debug && o.sampled;
+                let (b, n) = ids_header(
+                    b"",
+                    o,
+                    if debug {
+                        b"-d"
+                    } else if o.sampled {
+                        b"-1"
+                    } else {
+                        b"-0"
+                    },
+                );
                 c.set(b"b3", &b[..n]);
             }
             Propagator::B3multi => {
@@ -307,15 +425,21 @@ pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>) {
                 hex_to(o.span_id, &mut s);
                 c.set(b"x-b3-traceid", &t);
                 c.set(b"x-b3-spanid", &s);
-                c.set(b"x-b3-sampled", if o.sampled { b"1" } else { b"0" });
+                // Debug implies an accept decision: `X-B3-Flags: 1` instead of `X-B3-Sampled`.
+                // Whatever of these the request brought and we do not write must go.
+                if o.carry.b3_debug && o.sampled {
+                    c.set(b"x-b3-flags", b"1");
+                    c.remove(b"x-b3-sampled");
+                } else {
+                    c.set(b"x-b3-sampled", if o.sampled { b"1" } else { b"0" });
+                    c.remove(b"x-b3-flags");
+                }
                 if *o.parent_id != [0; 8] {
                     let mut p = [0u8; 16];
                     hex_to(o.parent_id, &mut p);
                     c.set(b"x-b3-parentspanid", &p);
-                }
-                // Debug means sampled: an incoming flag goes on only with a sampled decision.
-                if o.carry.b3_debug && !o.sampled {
-                    c.remove(b"x-b3-flags");
+                } else {
+                    c.remove(b"x-b3-parentspanid");
                 }
             }
             Propagator::Baggage => {
@@ -376,19 +500,67 @@ pub(crate) mod tests {
 
     #[test]
     fn b3_single_and_multi() {
-        let r = parse_b3(b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90").unwrap();
-        assert_eq!((r.trace_id[0], r.span_id[0], r.sampled), (0x80, 0xe4, Some(true)));
-        let r = parse_b3(b"64fe8b2a57d3eff7-e457b5a2e4d86bd1").unwrap();
+        let ctx = |v: &[u8]| match parse_b3(v) {
+            Some(B3::Context(r)) => Some(r),
+            _ => None,
+        };
+        let r = ctx(b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90").unwrap();
+        assert_eq!((r.trace_id[0], r.span_id[0], r.sampled, r.debug), (0x80, 0xe4, Some(true), false));
+        let r = ctx(b"64fe8b2a57d3eff7-e457b5a2e4d86bd1").unwrap();
         assert_eq!((&r.trace_id[..8], r.trace_id[8], r.sampled), (&[0u8; 8][..], 0x64, None));
-        assert!(parse_b3(b"0").is_none() && parse_b3(b"x-y").is_none());
+        let r = ctx(b"80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-d").unwrap();
+        assert_eq!((r.sampled, r.debug), (Some(true), true));
+        assert_eq!(parse_b3(b" 0 "), Some(B3::Decision { sampled: false, debug: false }));
+        assert_eq!(parse_b3(b"d"), Some(B3::Decision { sampled: true, debug: true }));
+        for bad in [
+            "x-y",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-true",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-zz",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90-x",
+            "2",
+        ] {
+            assert_eq!(parse_b3(bad.as_bytes()), None, "{bad}");
+        }
+        // Either B3 propagator reads both encodings (OpenTelemetry's B3 extract).
         let c = map(&[
             ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
             ("x-b3-spanid", "e457b5a2e4d86bd1"),
             ("x-b3-sampled", "0"),
         ]);
-        let r = extract(&c, &[Propagator::Tracecontext, Propagator::B3multi], &mut Carry::default()).unwrap();
-        assert_eq!(r.sampled, Some(false));
-        assert!(extract(&c, &[Propagator::Tracecontext, Propagator::B3], &mut Carry::default()).is_none());
+        for b3 in [Propagator::B3, Propagator::B3multi] {
+            let r = extract(&c, &[Propagator::Tracecontext, b3], &mut Carry::default()).unwrap();
+            assert_eq!((r.trace_id[0], r.sampled), (0x80, Some(false)));
+        }
+        let single = map(&[
+            ("b3", "a0f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+        ]);
+        let r = extract(&single, &[Propagator::B3multi], &mut Carry::default()).unwrap();
+        assert_eq!(r.trace_id[0], 0xa0, "the single header takes precedence");
+    }
+
+    /// A sampling decision without ids (`b3: 0`, `X-B3-Sampled` or `X-B3-Flags` alone) is the
+    /// client's decision for the trace we start: it stops the search and lands in `carry`.
+    #[test]
+    fn b3_decisions_without_ids() {
+        let props = [Propagator::B3, Propagator::Tracecontext];
+        for (headers, decision, debug) in [
+            (&[("b3", "0")][..], Some(false), false),
+            (&[("b3", "d")][..], Some(true), true),
+            (&[("x-b3-sampled", "0")][..], Some(false), false),
+            (&[("x-b3-sampled", "1")][..], Some(true), false),
+            (&[("x-b3-flags", "1")][..], Some(true), true),
+            (&[("x-b3-spanid", "e457b5a2e4d86bd1")][..], None, false),
+        ] {
+            let mut carry = Carry::default();
+            let mut h = headers.to_vec();
+            h.push(("traceparent", TP));
+            // A decision ends the search; without one the traceparent after B3 is continued.
+            let r = extract(&map(&h), &props, &mut carry);
+            assert_eq!(r.is_none(), decision.is_some(), "{headers:?}");
+            assert_eq!((carry.b3_decision, carry.b3_debug), (decision, debug), "{headers:?}");
+        }
     }
 
     #[test]
@@ -412,7 +584,7 @@ pub(crate) mod tests {
         sampled: false,
         tracestate: b"",
         baggage: &[],
-        carry: Carry { stale_tracestate: false, b3_debug: false, baggage_modified: false },
+        carry: Carry { stale_tracestate: false, b3_debug: false, b3_decision: None, baggage_modified: false },
     };
 
     #[test]
@@ -453,9 +625,26 @@ pub(crate) mod tests {
         let o = Outgoing { parent_id: &[0x33; 8], sampled: true, carry, ..OUT };
         inject(&mut c, &[Propagator::Tracecontext], &o);
         assert!(!c.0.contains_key(&b"tracestate"[..]));
-        // No traceparent at all: nothing is looked up beyond it, nothing removed.
+        // No traceparent at all (W3C: a tracestate without its traceparent is discarded), a
+        // context taken from B3, or an invalid list: the tracestate goes.
+        for (headers, props) in [
+            (&[("tracestate", "a=b")][..], &[Propagator::Tracecontext][..]),
+            (
+                &[
+                    ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+                    ("traceparent", TP),
+                    ("tracestate", "a=b"),
+                ][..],
+                &[Propagator::B3, Propagator::Tracecontext][..],
+            ),
+            (&[("traceparent", TP), ("tracestate", "a=1,a=2")][..], &[Propagator::Tracecontext][..]),
+        ] {
+            let mut carry = Carry::default();
+            let r = extract(&map(headers), props, &mut carry);
+            assert!(carry.stale_tracestate && r.is_none_or(|r| r.tracestate.is_empty()), "{headers:?}");
+        }
         let mut carry = Carry::default();
-        assert!(extract(&map(&[("tracestate", "a=b")]), &[Propagator::Tracecontext], &mut carry).is_none());
+        extract(&map(&[("traceparent", TP), ("tracestate", "a=b")]), &[Propagator::Tracecontext], &mut carry);
         assert!(!carry.stale_tracestate);
 
         // B3 multi: the parent id is ours, and an incoming debug flag goes with a sampled-out
@@ -474,9 +663,20 @@ pub(crate) mod tests {
         assert_eq!(c.0[&b"x-b3-parentspanid"[..]], "33".repeat(8).into_bytes());
         assert_eq!(c.0[&b"x-b3-sampled"[..]], b"0".to_vec());
         assert!(!c.0.contains_key(&b"x-b3-flags"[..]));
+        // Debug and sampled: the flag, and no X-B3-Sampled beside it (debug implies accept).
         let mut c = map(&incoming);
+        c.0.insert(b"x-b3-sampled".to_vec(), b"1".to_vec());
         inject(&mut c, &[Propagator::B3multi], &Outgoing { sampled: true, carry, ..o });
         assert_eq!(c.0[&b"x-b3-flags"[..]], b"1".to_vec());
+        assert!(!c.0.contains_key(&b"x-b3-sampled"[..]));
+        let mut c = map(&[]);
+        inject(&mut c, &[Propagator::B3], &Outgoing { sampled: true, carry, ..o });
+        assert!(c.0[&b"b3"[..]].ends_with(b"-d"), "debug goes on in the single header too");
+        // A root span (no parent): an incoming parent id is not passed on with our new ids.
+        let mut c = map(&incoming);
+        inject(&mut c, &[Propagator::B3multi], &Outgoing { sampled: true, carry: Carry::default(), ..OUT });
+        assert!(!c.0.contains_key(&b"x-b3-parentspanid"[..]));
+        assert!(!c.0.contains_key(&b"x-b3-flags"[..]));
 
         // Baggage: left as it came (properties, member count) unless set_baggage changed it;
         // written where the request has none.
@@ -493,6 +693,41 @@ pub(crate) mod tests {
         let mut c = map(&[("baggage", raw)]);
         inject(&mut c, &[Propagator::Baggage], &Outgoing { baggage: &bag, carry: modified, ..o });
         assert_eq!(c.0[&b"baggage"[..]], b"a=1,b=2".to_vec());
+    }
+
+    /// W3C Trace Context 3.3 (the cases of the W3C test suite's tracestate tests).
+    #[test]
+    fn tracestate_grammar() {
+        let long_value = format!("k={}", "v".repeat(256));
+        let members_32 = (0..32).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+        let members_33 = format!("{members_32},k32=v");
+        for ok in [
+            "foo=1",
+            "foo=1,bar=2",
+            " foo=1 ,\tbar=2",
+            "foo=1,,bar=2",
+            "t61rcwkgmze@vendor=x",
+            "a_-*/0=1",
+            long_value.as_str(),
+            &members_32,
+        ] {
+            assert!(valid_tracestate(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "foo=1,foo=2",
+            "FOO=1",
+            "foo",
+            "foo=",
+            "foo=bar=baz",
+            "1foo=1",
+            "@vendor=1",
+            "t@=1",
+            "foo=a\x01",
+            "foo=a\x7f",
+            &members_33,
+        ] {
+            assert!(!valid_tracestate(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]
@@ -536,6 +771,7 @@ mod fuzz {
             }
             let _ = parse_traceparent(&s);
             let _ = parse_b3(&s);
+            let _ = valid_tracestate(&s);
             let mut out = Vec::new();
             parse_baggage(&s, &mut out);
             let v = String::from_utf8_lossy(&s).into_owned();
