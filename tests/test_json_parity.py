@@ -19,6 +19,9 @@ FORMAT = {
     "authority": "%REQ(:AUTHORITY)%",
     "ua": "%REQ(USER-AGENT)%",
     "long": "%REQ(X-LONG):10%",
+    "utf": "%REQ(X-UTF)%",
+    "utf_cut": "%REQ(X-UTF):5%",
+    "utf_split": "%REQ(X-UTF2):3%",
     "rep": "%REQ(X-REP)%",
     "missing": "%REQ(X-NOPE)%",
     "resp_ct": "%RESP(CONTENT-TYPE)%",
@@ -99,6 +102,9 @@ def test_same_records_as_builtin_json_format(tmp_path):
         codes = [
             curl(f"{base}/ok", "-H", "x-rep: a", "-H", "x-rep: b", "-A", "parity-agent/1.0").stdout,
             curl(f"{base}/ok", "-H", "x-long: " + "L" * 300).stdout,
+            # Not UTF-8 (a lone 0xe9 beside a valid é), and a cut through a two-byte character:
+            # Envoy writes every byte from 0x80 up as \u00XX then.
+            curl(f"{base}/ok", "-H", 'x-utf: caf\udce9 "é"', "-H", "x-utf2: naïve").stdout,
             curl(f"{base}/nope").stdout,
             curl(f"{base}/dead").stdout,
             curl(f"{base}/ok", "-d", "a request body").stdout,
@@ -106,7 +112,7 @@ def test_same_records_as_builtin_json_format(tmp_path):
             curl(f"{base}/ok", "-d", "h2 body", "-H", "x-rep: one", "-H", "x-rep: two", http2=True).stdout,
             curl(f"{base}/nope", http2=True).stdout,
         ]
-        assert codes == ["200", "200", "404", "503", "200", "200", "200", "404"]
+        assert codes == ["200", "200", "200", "404", "503", "200", "200", "200", "404"]
         wait_lines(len(codes), builtin, ours)
         assert e.quit() == 0
     a, b = records_by_id(builtin), records_by_id(ours)
@@ -129,6 +135,7 @@ def test_same_records_as_builtin_json_format(tmp_path):
     assert {r["proto"] for r in recs} == {"HTTP/1.1", "HTTP/2"}
     assert any(r["brx"] > 0 for r in recs) and any(r["long"] == "L" * 10 for r in recs)
     assert any(r["rep"] == "a" for r in recs) and any(r["flags"] == "UF" for r in recs)
+    assert any(r["utf"] == 'caf\u00e9 "\u00c3\u00a9"' and r["utf_split"] == "na\u00c3" for r in recs)
     assert all(r["env"] == "from-env" for r in recs)
 
 

@@ -1,4 +1,5 @@
-//! JSON string escaping that always yields valid JSON: invalid UTF-8 becomes U+FFFD, control
+//! JSON string escaping that always yields valid JSON: a value that is not valid UTF-8 has each
+//! byte from 0x80 up written as `\u00XX` (as Envoy's JSON formatter does), control
 //! characters become `\uXXXX` (or their short escapes), quotes and backslashes are escaped.
 
 const fn build_table() -> [u8; 256] {
@@ -165,11 +166,27 @@ pub fn escape_into(s: &[u8], out: &mut Vec<u8>) {
     }
     match std::str::from_utf8(s) {
         Ok(_) => escape_str(s, out),
-        Err(_) => escape_str(String::from_utf8_lossy(s).as_bytes(), out),
+        Err(_) => escape_bytes(s, out),
     }
 }
 
 /// Appends arbitrary bytes as a quoted JSON string.
+/// A string that is not valid UTF-8, as Envoy 1.40's JSON formatter writes it (checked on the
+/// binary): every byte from 0x80 up becomes `\u00XX` (the byte read as Latin-1), valid
+/// sequences in it included; the rest is escaped as usual.
+#[cold]
+fn escape_bytes(s: &[u8], out: &mut Vec<u8>) {
+    for chunk in s.split_inclusive(|&b| b >= 0x80) {
+        match chunk.split_last() {
+            Some((&b, head)) if b >= 0x80 => {
+                escape_str(head, out);
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+            }
+            _ => escape_str(chunk, out),
+        }
+    }
+}
+
 #[inline]
 pub fn quoted(s: &[u8], out: &mut Vec<u8>) {
     out.push(b'"');
@@ -230,7 +247,23 @@ mod tests {
             quoted(c, &mut out);
             let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
             let s = v.as_str().unwrap();
-            assert_eq!(s, String::from_utf8_lossy(c));
+            match std::str::from_utf8(c) {
+                Ok(text) => assert_eq!(s, text),
+                // Envoy's rule for invalid UTF-8: each byte is one Latin-1 character.
+                Err(_) => assert_eq!(s, c.iter().map(|&b| b as char).collect::<String>()),
+            }
+        }
+        // As Envoy 1.40 prints them (its file logger with json_format, same bytes).
+        for (bytes, envoy) in [
+            (&b"caf\xe9"[..], r#""caf\u00e9""#),
+            (b"\xc3\xa9\xff", r#""\u00c3\u00a9\u00ff""#),
+            (b"\xf0\x9f\x98\x80x\xff", r#""\u00f0\u009f\u0098\u0080x\u00ff""#),
+            (b"\xe2\x82", r#""\u00e2\u0082""#),
+            ("é€".as_bytes(), "\"é€\""),
+        ] {
+            let mut out = Vec::new();
+            quoted(bytes, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), envoy);
         }
     }
 }
