@@ -22,6 +22,8 @@ FORMAT = {
     "utf": "%REQ(X-UTF)%",
     "utf_cut": "%REQ(X-UTF):5%",
     "utf_split": "%REQ(X-UTF2):3%",
+    "uhn": "%UPSTREAM_HOST_NAME%",
+    "pct": "100%% of %%PROTOCOL%%",
     "rep": "%REQ(X-REP)%",
     "missing": "%REQ(X-NOPE)%",
     "resp_ct": "%RESP(CONTENT-TYPE)%",
@@ -93,8 +95,11 @@ def start_ms(s: str) -> float:
 def test_same_records_as_builtin_json_format(tmp_path):
     front, up, dead = free_port(), free_port(), free_port()
     logs, builtin, ours = paired_loggers(tmp_path, FORMAT)
+    retry = route("/retry", "dead", name="r_retry")
+    retry["route"]["retry_policy"] = {"retry_on": "connect-failure", "num_retries": 1}
     res = {"listeners": [hcm_listener("front", front, [route("/ok", "backend", name="r_ok"),
-                                                       route("/dead", "dead", name="r_dead")], access_log=logs),
+                                                       route("/dead", "dead", name="r_dead"), retry],
+                                      access_log=logs),
                          direct_response_listener("up", up)],
            "clusters": [static_cluster("backend", up), static_cluster("dead", dead)]}
     base = f"http://127.0.0.1:{front}"
@@ -107,12 +112,13 @@ def test_same_records_as_builtin_json_format(tmp_path):
             curl(f"{base}/ok", "-H", 'x-utf: caf\udce9 "é"', "-H", "x-utf2: naïve").stdout,
             curl(f"{base}/nope").stdout,
             curl(f"{base}/dead").stdout,
+            curl(f"{base}/retry").stdout,
             curl(f"{base}/ok", "-d", "a request body").stdout,
             curl(f"{base}/ok?q=1", http2=True).stdout,
             curl(f"{base}/ok", "-d", "h2 body", "-H", "x-rep: one", "-H", "x-rep: two", http2=True).stdout,
             curl(f"{base}/nope", http2=True).stdout,
         ]
-        assert codes == ["200", "200", "200", "404", "503", "200", "200", "200", "404"]
+        assert codes == ["200", "200", "200", "404", "503", "503", "200", "200", "200", "404"]
         wait_lines(len(codes), builtin, ours)
         assert e.quit() == 0
     a, b = records_by_id(builtin), records_by_id(ours)
@@ -135,6 +141,9 @@ def test_same_records_as_builtin_json_format(tmp_path):
     assert {r["proto"] for r in recs} == {"HTTP/1.1", "HTTP/2"}
     assert any(r["brx"] > 0 for r in recs) and any(r["long"] == "L" * 10 for r in recs)
     assert any(r["rep"] == "a" for r in recs) and any(r["flags"] == "UF" for r in recs)
+    assert any(r["flags"] == "URX,UF" for r in recs), "flags in the order Envoy set them"
+    assert all(r["pct"] == "100% of %PROTOCOL%" for r in recs)
+    assert any(r["uhn"] and r["uhn"].startswith("127.0.0.1:") for r in recs), "a STATIC host is named by its address"
     assert any(r["utf"] == 'caf\u00e9 "\u00c3\u00a9"' and r["utf_split"] == "na\u00c3" for r in recs)
     assert all(r["env"] == "from-env" for r in recs)
 

@@ -94,9 +94,9 @@ impl Node {
         Ok(match v {
             serde_json::Value::String(s) => {
                 let t = Template::compile(s).map_err(|e| ConfigError::new(path, e))?;
-                match t.single() {
-                    Some(c) if typed => Node::Typed(c.clone()),
-                    _ if t.is_literal() => Node::Str(s.as_bytes().to_vec()),
+                match (t.single(), t.literal()) {
+                    (Some(c), _) if typed => Node::Typed(c.clone()),
+                    (_, Some(text)) => Node::Str(text),
                     _ => Node::Text(t),
                 }
             }

@@ -70,9 +70,9 @@ pub const RESPONSE_FLAGS: [(&str, &str); 30] = [
     ("DT", "DurationTimeout"),
     ("UPE", "UpstreamProtocolError"),
     ("NC", "NoClusterFound"),
-    ("OM", "OverloadManager"),
+    ("OM", "OverloadManagerTerminated"),
     ("DF", "DnsResolutionFailed"),
-    ("DO", "DropOverLoad"),
+    ("DO", "DropOverload"),
     ("DR", "DownstreamRemoteReset"),
     ("UDO", "UnconditionalDropOverload"),
 ];
@@ -214,6 +214,12 @@ impl Template {
                 i += 1;
                 continue;
             }
+            // `%%` is a literal percent sign, as in Envoy's format strings.
+            if b.get(i + 1) == Some(&b'%') {
+                text.push(b'%');
+                i += 2;
+                continue;
+            }
             let (cmd, next) = parse_command(s, i)?;
             if !text.is_empty() {
                 parts.push(Part::Text(std::mem::take(&mut text)));
@@ -235,9 +241,16 @@ impl Template {
         }
     }
 
-    /// True when the template has no command at all.
-    pub fn is_literal(&self) -> bool {
-        self.parts.iter().all(|p| matches!(p, Part::Text(_)))
+    /// The text, when the template has no command at all (`%%` read as `%`).
+    pub fn literal(&self) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.extend_from_slice(t),
+                Part::Cmd(_) => return None,
+            }
+        }
+        Some(out)
     }
 
     /// Renders as text from captured values: unavailable operators print `-` (or nothing
@@ -423,6 +436,10 @@ impl Command {
             Op::Str(f) => match (f, s.string(*f)) {
                 // Envoy prints an absent local reply body as "", not null.
                 (StrField::LocalReplyBody, None) => Val::S(b""),
+                // A host without a hostname (a STATIC endpoint) is named by its address.
+                (StrField::UpstreamHostName, Some(b"")) => {
+                    s.address(AddrField::UpstreamRemote).map_or(Val::Null, |(ip, port)| Val::Addr(ip, port))
+                }
                 // Envoy's formatter turns spaces into '_' in failure reasons.
                 (StrField::UpstreamTransportFailureReason | StrField::DownstreamTransportFailureReason, Some(v))
                     if v.contains(&b' ') =>
@@ -452,7 +469,13 @@ impl Command {
             Op::Dur(d) => {
                 let tm = || cx.timing();
                 let v = match d {
-                    Dur::Total => tm().get(t::REQUEST_COMPLETE),
+                    // A request still in progress (periodic and start-of-request records): its
+                    // duration so far, as Envoy's currentDuration() gives.
+                    Dur::Total => tm().get(t::REQUEST_COMPLETE).or_else(|| {
+                        let start = tm().get(t::START_TIME_UNIX_NS)?;
+                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?;
+                        Some((now.as_nanos() as i64 - start).max(0))
+                    }),
                     Dur::Request => tm().get(t::LAST_DOWNSTREAM_RX),
                     Dur::RequestTx => tm().get(t::LAST_UPSTREAM_TX),
                     Dur::Response => tm().get(t::FIRST_UPSTREAM_RX),
@@ -765,18 +788,25 @@ fn write_addr(ip: &[u8], port: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(itoa::Buffer::new().format(port).as_bytes());
 }
 
+/// Bits of the flags the router sets before the failure it then reports (a retry limit reached,
+/// a retry overflow): Envoy prints flags in the order they were set (`URX,UF`); the ABI gives
+/// a bitmask, so these go first and the rest follow in bit order.
+const FLAGS_SET_FIRST: [usize; 2] = [15, 7];
+
 fn write_flags(bits: u64, long: bool, out: &mut Vec<u8>) {
     if bits == 0 {
         out.push(b'-');
         return;
     }
+    let order = FLAGS_SET_FIRST.into_iter().chain((0..RESPONSE_FLAGS.len()).filter(|i| !FLAGS_SET_FIRST.contains(i)));
     let mut first = true;
-    for (i, (short, long_name)) in RESPONSE_FLAGS.iter().enumerate() {
+    for i in order {
         if bits & (1u64 << i) != 0 {
             if !first {
                 out.push(b',');
             }
             first = false;
+            let (short, long_name) = RESPONSE_FLAGS[i];
             out.extend_from_slice(if long { long_name.as_bytes() } else { short.as_bytes() });
         }
     }
@@ -851,9 +881,7 @@ fn parse_command(s: &str, i: usize) -> Result<(Command, usize), String> {
     }
     let name = &s[i + 1..j];
     if name.is_empty() {
-        return Err(format!(
-            "invalid command at position {i} in {s:?}: expected %OPERATOR% (a literal % is not allowed)"
-        ));
+        return Err(format!("invalid command at position {i} in {s:?}: expected %OPERATOR% (write a literal % as %%)"));
     }
     let mut arg = None;
     if j < b.len() && b[j] == b'(' {
@@ -1018,6 +1046,12 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
                      (whole-namespace objects cannot be read through the 1.40 ABI)"
                 ));
             }
+            if path.iter().any(|p| p.contains('.')) {
+                return Err(format!(
+                    "operator %DYNAMIC_METADATA({arg})%: a key containing '.' cannot be read through the \
+                     1.40 ABI (it splits the path at dots)"
+                ));
+            }
             Ok(Op::DynMeta { ns: ns.as_bytes().to_vec(), path: path.join(".").into_bytes() })
         }
         "DOWNSTREAM_PEER_URI_SAN" => no_arg(name, arg, Op::Sans(SanField::DownstreamPeerUri)),
@@ -1129,9 +1163,9 @@ fn compile_map(
                 let t = Template::compile(s).map_err(|e| ConfigError::new(&here, e))?;
                 if let Some(c) = t.single() {
                     Node::Typed(c.clone())
-                } else if t.is_literal() {
+                } else if let Some(text) = t.literal() {
                     let mut lit = Vec::new();
-                    quoted(s.as_bytes(), &mut lit);
+                    quoted(&text, &mut lit);
                     Node::Lit(lit)
                 } else {
                     Node::Text(t)

@@ -179,10 +179,40 @@ fn truncation_flags_and_omit_empty() {
     // Envoy 1.40 drops unavailable (null) values and maps left empty, keeps "" values.
     assert_eq!(
         v,
-        serde_json::json!({"ua": "curl/", "f": "UF,URX", "fl": "UpstreamConnectionFailure,UpstreamRetryLimitExceeded", "t": "x"})
+        serde_json::json!({"ua": "curl/", "f": "URX,UF", "fl": "UpstreamRetryLimitExceeded,UpstreamConnectionFailure", "t": "x"})
     );
     let v = render(serde_json::json!({"e": "", "lrb": "%LOCAL_REPLY_BODY%", "two": "%REQ(X-A)%%REQ(X-B)%"}), true, &s);
     assert_eq!(v, serde_json::json!({"e": "", "lrb": "", "two": ""}));
+}
+
+/// What Envoy 1.40 prints, checked on the binary: `%%` is a percent sign, a host without a
+/// hostname is named by its address, the overload flags' long names, and a request still in
+/// progress has a duration.
+#[test]
+fn envoy_details() {
+    let mut s = FakeStream::ok();
+    s.strings.push((StrField::UpstreamHostName, Vec::new()));
+    s.flags = (1 << 25) | (1 << 27);
+    let v = render(
+        serde_json::json!({"pct": "100%%", "cmd": "%%PROTOCOL%% %PROTOCOL%", "hn": "%UPSTREAM_HOST_NAME%",
+                           "fl": "%RESPONSE_FLAGS_LONG%"}),
+        false,
+        &s,
+    );
+    assert_eq!(
+        v,
+        serde_json::json!({"pct": "100%", "cmd": "%PROTOCOL% HTTP/1.1", "hn": "[::1]:80",
+                           "fl": "OverloadManagerTerminated,DropOverload"})
+    );
+    s.strings.retain(|(f, _)| *f != StrField::UpstreamHostName);
+    assert_eq!(render(serde_json::json!({"hn": "%UPSTREAM_HOST_NAME%"}), false, &s), serde_json::json!({"hn": null}));
+    s.timing.has[t::REQUEST_COMPLETE] = false;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    s.timing.ns[0] = now - 1_500_000_000;
+    let d = render(serde_json::json!({"d": "%DURATION%"}), false, &s)["d"].as_i64().unwrap();
+    assert!((1500..1600).contains(&d), "{d}");
+    let e = JsonPlan::compile(serde_json::json!({"k": "%DYNAMIC_METADATA(ns:a.b)%"}).as_object().unwrap(), false);
+    assert!(e.unwrap_err().message.contains("'.'"));
 }
 
 #[test]
