@@ -312,24 +312,48 @@ pub fn extract<C: Carrier>(c: &C, props: &[Propagator], carry: &mut Carry) -> Op
     found
 }
 
-/// W3C baggage entries `(key, value)`, values percent-decoded; properties dropped.
-pub fn parse_baggage(v: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+/// One W3C baggage list member.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Member {
+    /// Key (an RFC 7230 token).
+    pub key: Vec<u8>,
+    /// Value, percent-decoded.
+    pub value: Vec<u8>,
+    /// Properties as they came (`;prop=x;flag`), passed on with the member.
+    pub props: Vec<u8>,
+}
+
+/// W3C Baggage limits: members and bytes a list carries.
+const BAGGAGE_MEMBERS: usize = 64;
+const BAGGAGE_BYTES: usize = 8192;
+
+/// An RFC 7230 token (what a baggage key must be).
+pub fn is_token(k: &[u8]) -> bool {
+    !k.is_empty() && k.iter().all(|&c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+}
+
+/// W3C baggage members, values percent-decoded, properties kept as they came. A member whose key
+/// is not a token is skipped; a key seen again replaces the earlier value.
+pub fn parse_baggage(v: &[u8], out: &mut Vec<Member>) {
     for item in v.split(|&c| c == b',') {
-        let member = item.split(|&c| c == b';').next().unwrap_or(&[]);
+        let (member, props) = match item.iter().position(|&c| c == b';') {
+            Some(i) => (&item[..i], trim(&item[i..])),
+            None => (item, &[][..]),
+        };
         let Some(eq) = member.iter().position(|&c| c == b'=') else { continue };
         let (k, val) = (trim(&member[..eq]), trim(&member[eq + 1..]));
-        if k.is_empty() || out.len() >= 64 {
+        if !is_token(k) || out.len() >= BAGGAGE_MEMBERS {
             continue;
         }
-        set_entry(out, k, &percent_decode(val));
+        set_entry(out, k, &percent_decode(val), props);
     }
 }
 
-/// Sets `k` (replacing an existing entry).
-pub fn set_entry(list: &mut Vec<(Vec<u8>, Vec<u8>)>, k: &[u8], v: &[u8]) {
-    match list.iter_mut().find(|(key, _)| key == k) {
-        Some(e) => e.1 = v.to_vec(),
-        None => list.push((k.to_vec(), v.to_vec())),
+/// Sets `k` (replacing an existing member's value and properties).
+pub fn set_entry(list: &mut Vec<Member>, k: &[u8], v: &[u8], props: &[u8]) {
+    match list.iter_mut().find(|m| m.key == k) {
+        Some(m) => (m.value, m.props) = (v.to_vec(), props.to_vec()),
+        None => list.push(Member { key: k.to_vec(), value: v.to_vec(), props: props.to_vec() }),
     }
 }
 
@@ -350,15 +374,18 @@ fn percent_decode(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Serialises baggage: values percent-encoded where the W3C grammar requires it.
-pub fn format_baggage(list: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
-    for (i, (k, v)) in list.iter().enumerate() {
-        if i > 0 {
+/// Serialises baggage: values percent-encoded where the W3C grammar requires it, properties
+/// as they came; members that would take the list past 8192 bytes are left out (W3C limits).
+pub fn format_baggage(list: &[Member], out: &mut Vec<u8>) {
+    let start = out.len();
+    for m in list {
+        let at = out.len();
+        if at > start {
             out.push(b',');
         }
-        out.extend_from_slice(k);
+        out.extend_from_slice(&m.key);
         out.push(b'=');
-        for &c in v {
+        for &c in &m.value {
             let plain = c.is_ascii_graphic() && !matches!(c, b'"' | b',' | b';' | b'\\' | b'%');
             if plain {
                 out.push(c);
@@ -369,6 +396,10 @@ pub fn format_baggage(list: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
                     HEX[(c & 15) as usize].to_ascii_uppercase(),
                 ]);
             }
+        }
+        out.extend_from_slice(&m.props);
+        if out.len() - start > BAGGAGE_BYTES {
+            out.truncate(at);
         }
     }
 }
@@ -386,7 +417,7 @@ pub struct Outgoing<'a> {
     /// `tracestate` to pass on.
     pub tracestate: &'a [u8],
     /// Baggage to pass on.
-    pub baggage: &'a [(Vec<u8>, Vec<u8>)],
+    pub baggage: &'a [Member],
     /// What the incoming headers left that needs correcting.
     pub carry: Carry,
 }
@@ -590,7 +621,7 @@ pub(crate) mod tests {
     #[test]
     fn inject_writes_every_format() {
         let mut c = Map::default();
-        let bag = vec![(b"user".to_vec(), b"a b,c".to_vec())];
+        let bag = vec![Member { key: b"user".to_vec(), value: b"a b,c".to_vec(), props: Vec::new() }];
         let o = Outgoing { tracestate: b"k=v", baggage: &bag, ..OUT };
         inject(&mut c, &[Propagator::Tracecontext, Propagator::Baggage, Propagator::B3, Propagator::B3multi], &o);
         let g = |k: &str| String::from_utf8(c.0[k.as_bytes()].clone()).unwrap();
@@ -688,11 +719,14 @@ pub(crate) mod tests {
         assert_eq!(c.0[&b"baggage"[..]], raw.as_bytes());
         let mut c = Map::default();
         inject(&mut c, &[Propagator::Baggage], &Outgoing { baggage: &bag, ..o });
-        assert_eq!(c.0[&b"baggage"[..]], b"a=1,b=2".to_vec());
+        assert_eq!(c.0[&b"baggage"[..]], raw.as_bytes());
+        // Changed through set_baggage: rewritten, every other member's properties kept (W3C:
+        // members are propagated with their metadata).
+        set_entry(&mut bag, b"c", b"x y", b"");
         let modified = Carry { baggage_modified: true, ..Carry::default() };
         let mut c = map(&[("baggage", raw)]);
         inject(&mut c, &[Propagator::Baggage], &Outgoing { baggage: &bag, carry: modified, ..o });
-        assert_eq!(c.0[&b"baggage"[..]], b"a=1,b=2".to_vec());
+        assert_eq!(c.0[&b"baggage"[..]], b"a=1;prop=x,b=2,c=x%20y".to_vec());
     }
 
     /// W3C Trace Context 3.3 (the cases of the W3C test suite's tracestate tests).
@@ -733,8 +767,25 @@ pub(crate) mod tests {
     #[test]
     fn baggage_parsing_is_lenient() {
         let mut out = Vec::new();
-        parse_baggage(b"a=1, b = 2;prop=x,bad, =3,a=4", &mut out);
-        assert_eq!(out, vec![(b"a".to_vec(), b"4".to_vec()), (b"b".to_vec(), b"2".to_vec())]);
+        parse_baggage(b"a=1, b = 2;prop=x,bad, =3,a=4,a b=5,k\"=6", &mut out);
+        let m = |k: &[u8], v: &[u8], p: &[u8]| Member { key: k.to_vec(), value: v.to_vec(), props: p.to_vec() };
+        assert_eq!(out, vec![m(b"a", b"4", b""), m(b"b", b"2", b";prop=x")], "keys must be tokens");
+    }
+
+    /// W3C Baggage limits: at most 64 members and 8192 bytes go out.
+    #[test]
+    fn baggage_limits() {
+        let mut bag = Vec::new();
+        for i in 0..64 {
+            set_entry(&mut bag, format!("k{i}").as_bytes(), &[b'v'; 200], b"");
+        }
+        let mut out = Vec::new();
+        format_baggage(&bag, &mut out);
+        assert!(out.len() <= 8192 && out.len() > 8000, "{}", out.len());
+        assert!(!out.ends_with(b","));
+        let mut back = Vec::new();
+        parse_baggage(&out, &mut back);
+        assert_eq!(back.len(), out.split(|&c| c == b',').count());
     }
 }
 

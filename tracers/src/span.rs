@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_obs_common::otlp::proto;
 
-use crate::propagation::{hex_to, set_entry, Carry};
+use crate::propagation::{hex_to, is_token, set_entry, Carry, Member};
 
 /// `Span.SpanKind` values.
 pub const KIND_SERVER: u64 = 2;
@@ -122,7 +122,7 @@ pub struct Span {
     /// `tracestate` to pass on.
     pub tracestate: Vec<u8>,
     /// Baggage entries.
-    pub baggage: Vec<(Vec<u8>, Vec<u8>)>,
+    pub baggage: Vec<Member>,
     /// Incoming headers injection must correct (inherited by children).
     pub carry: Carry,
     tags: Vec<u8>,
@@ -186,14 +186,19 @@ impl Span {
     }
 
     /// Sets a baggage entry (propagated to children and, with the baggage propagator, upstream).
+    /// A key that is not an RFC 7230 token is ignored: written out it would corrupt the header
+    /// (`a=b` as a key reads back as key `a`).
     pub fn set_baggage(&mut self, k: &[u8], v: &[u8]) {
-        set_entry(&mut self.baggage, k, v);
+        if !is_token(k) {
+            return;
+        }
+        set_entry(&mut self.baggage, k, v, b"");
         self.carry.baggage_modified = true;
     }
 
     /// A baggage value.
     pub fn baggage(&self, k: &[u8]) -> Option<&[u8]> {
-        self.baggage.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_slice())
+        self.baggage.iter().find(|m| m.key == k).map(|m| m.value.as_slice())
     }
 
     /// Hex trace id (32 bytes) and span id (16 bytes), kept for the span's lifetime.
