@@ -13,6 +13,8 @@ FORMAT = {
     "start": "%START_TIME%",
     "start_s": "%START_TIME(%s)%",
     "start_f": "%START_TIME(%Y/%m/%d %H:%M:%S.%3f %z)%",
+    "start_day": "%START_TIME(%u|%w|%V|%G|%g|%U|%W|%C|%x|%Ey|%EY|%Od|%Ez|%j)%",
+    "start_clock": "%START_TIME(%c|%k|%l|%r|%X|%E6S|%E3f)%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "method": "%REQ(:METHOD)%",
     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
@@ -131,7 +133,7 @@ def test_same_records_as_builtin_json_format(tmp_path):
                 assert type(x[k]) is type(y[k]) and abs(x[k] - y[k]) <= 1, (rid, k, x[k], y[k])
             elif k == "start":
                 assert abs(start_ms(x[k]) - start_ms(y[k])) <= 1, (rid, k, x[k], y[k])
-            elif k in ("mixed", "start_f", "start_s"):
+            elif k in ("mixed", "start_f", "start_s", "start_clock"):
                 assert x[k][:4] == y[k][:4] and len(x[k]) == len(y[k]), (rid, k, x[k], y[k])
             else:
                 assert type(x[k]) is type(y[k]) and x[k] == y[k], (rid, k, x[k], y[k])

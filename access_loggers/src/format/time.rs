@@ -1,8 +1,9 @@
 //! `%START_TIME(...)%`-style time formatting, compiled once at config load.
 //!
-//! Supports Envoy's extensions (`%s` epoch seconds, `%f`/`%1f`..`%9f` fractional seconds,
-//! `%E1S`..`%E9S` seconds with fraction) and the strftime conversions people use in access
-//! logs. Times are UTC, as in Envoy. An unsupported conversion rejects the config.
+//! Supports Envoy's extensions (`%s` epoch seconds, `%f`/`%1f`..`%9f`/`%*f` fractional seconds)
+//! and what Envoy's formatter takes from absl (`%E1S`..`%E9S`, `%E*S`, `%E*f`, `%Ez`, `%E`/`%O`
+//! modifiers) besides the strftime conversions, each checked against Envoy 1.40's output.
+//! Times are UTC, as in Envoy. An unsupported conversion rejects the config.
 
 /// Envoy's default `%START_TIME%` format.
 pub const DEFAULT: &str = "%Y-%m-%dT%H:%M:%E3SZ";
@@ -20,7 +21,29 @@ enum Tok {
     Min,
     Sec,
     Frac(u8),
+    /// The fraction without its trailing zeros (`%*f`; "0" when there is none); with `dot`, a
+    /// point before it, and nothing at all when the fraction is zero (`%E*S`).
+    FracTrim {
+        dot: bool,
+    },
     Epoch,
+    /// ISO 8601 weekday (Monday 1 .. Sunday 7), `%u`.
+    WeekdayIso,
+    /// Weekday (Sunday 0 .. Saturday 6), `%w`.
+    WeekdayNum,
+    /// ISO 8601 week number, `%V`.
+    IsoWeek,
+    /// ISO 8601 week-based year, `%G`; its last two digits, `%g`.
+    IsoYear,
+    IsoYear2,
+    /// Week of the year, weeks starting on Sunday (`%U`) or Monday (`%W`).
+    WeekSun,
+    WeekMon,
+    /// Century, `%C`.
+    Century,
+    /// Hours padded with a space, `%k` (24 h) and `%l` (12 h).
+    HourSpace,
+    Hour12Space,
     DayOfYear,
     WeekdayShort,
     WeekdayLong,
@@ -28,6 +51,8 @@ enum Tok {
     MonthLong,
     AmPm,
     TzOffset,
+    /// `+00:00`, `%Ez`.
+    TzOffsetColon,
     TzName,
 }
 
@@ -90,17 +115,30 @@ impl TimeFormat {
             }
             let Some(&c) = b.get(i + 1) else { return Err(format!("time format {fmt:?} ends with a lone %")) };
             let mut adv = 2;
+            // absl's alternative forms: `%Ec`, `%Od`, ... print as the plain conversion here
+            // (Envoy formats in the C locale); `%E<digit>S`, `%E*S`, `%E<digit>f`, `%E*f` and
+            // `%Ez` are handled below.
+            let c = match (c, b.get(i + 2).copied()) {
+                (b'E', Some(n @ (b'c' | b'C' | b'x' | b'X' | b'y' | b'Y')))
+                | (
+                    b'O',
+                    Some(
+                        n @ (b'd' | b'e' | b'H' | b'I' | b'm' | b'M' | b'S' | b'u' | b'U' | b'V' | b'w' | b'W' | b'y'),
+                    ),
+                ) => {
+                    i += 1;
+                    n
+                }
+                _ => c,
+            };
             let tok = match c {
                 b'%' => {
                     lit.push(b'%');
                     i += 2;
                     continue;
                 }
-                b'n' => {
-                    lit.push(b'\n');
-                    i += 2;
-                    continue;
-                }
+                // Envoy rejects a newline in a time format (it would split the log line).
+                b'n' => return Err(format!("time format {fmt:?}: %n (a newline) is not allowed")),
                 b't' => {
                     lit.push(b'\t');
                     i += 2;
@@ -133,11 +171,66 @@ impl TimeFormat {
                     adv = 3;
                     vec![Tok::Frac(c - b'0')]
                 }
+                b'*' if b.get(i + 2) == Some(&b'f') => {
+                    adv = 3;
+                    vec![Tok::FracTrim { dot: false }]
+                }
                 b'E' if matches!(b.get(i + 2), Some(b'1'..=b'9')) && b.get(i + 3) == Some(&b'S') => {
                     adv = 4;
                     // Seconds, a point, the fraction: the first two are cached per second.
                     vec![Tok::Sec, Tok::Lit(b".".to_vec()), Tok::Frac(b[i + 2] - b'0')]
                 }
+                b'E' if matches!(b.get(i + 2), Some(b'1'..=b'9')) && b.get(i + 3) == Some(&b'f') => {
+                    adv = 4;
+                    vec![Tok::Frac(b[i + 2] - b'0')]
+                }
+                b'E' if b.get(i + 2) == Some(&b'*') && matches!(b.get(i + 3), Some(b'S' | b'f')) => {
+                    adv = 4;
+                    match b[i + 3] {
+                        b'S' => vec![Tok::Sec, Tok::FracTrim { dot: true }],
+                        _ => vec![Tok::FracTrim { dot: false }],
+                    }
+                }
+                b'E' if b.get(i + 2) == Some(&b'z') => {
+                    adv = 3;
+                    vec![Tok::TzOffsetColon]
+                }
+                b'u' => vec![Tok::WeekdayIso],
+                b'w' => vec![Tok::WeekdayNum],
+                b'V' => vec![Tok::IsoWeek],
+                b'G' => vec![Tok::IsoYear],
+                b'g' => vec![Tok::IsoYear2],
+                b'U' => vec![Tok::WeekSun],
+                b'W' => vec![Tok::WeekMon],
+                b'C' => vec![Tok::Century],
+                b'k' => vec![Tok::HourSpace],
+                b'l' => vec![Tok::Hour12Space],
+                b'r' => vec![
+                    Tok::Hour12,
+                    Tok::Lit(b":".to_vec()),
+                    Tok::Min,
+                    Tok::Lit(b":".to_vec()),
+                    Tok::Sec,
+                    Tok::Lit(b" ".to_vec()),
+                    Tok::AmPm,
+                ],
+                b'x' => vec![Tok::Month, Tok::Lit(b"/".to_vec()), Tok::Day, Tok::Lit(b"/".to_vec()), Tok::Year2],
+                b'X' => vec![Tok::Hour, Tok::Lit(b":".to_vec()), Tok::Min, Tok::Lit(b":".to_vec()), Tok::Sec],
+                b'c' => vec![
+                    Tok::WeekdayShort,
+                    Tok::Lit(b" ".to_vec()),
+                    Tok::MonthShort,
+                    Tok::Lit(b" ".to_vec()),
+                    Tok::DaySpace,
+                    Tok::Lit(b" ".to_vec()),
+                    Tok::Hour,
+                    Tok::Lit(b":".to_vec()),
+                    Tok::Min,
+                    Tok::Lit(b":".to_vec()),
+                    Tok::Sec,
+                    Tok::Lit(b" ".to_vec()),
+                    Tok::Year,
+                ],
                 _ => {
                     let end = (i + 4).min(b.len());
                     return Err(format!(
@@ -151,8 +244,11 @@ impl TimeFormat {
             i += adv;
         }
         flush(&mut lit, &mut toks);
-        let split = toks.iter().position(|t| matches!(t, Tok::Frac(_) | Tok::Epoch)).unwrap_or(toks.len());
-        let frac_tail = toks[split..].iter().all(|t| matches!(t, Tok::Frac(_) | Tok::Lit(_)));
+        let split = toks
+            .iter()
+            .position(|t| matches!(t, Tok::Frac(_) | Tok::FracTrim { .. } | Tok::Epoch))
+            .unwrap_or(toks.len());
+        let frac_tail = toks[split..].iter().all(|t| matches!(t, Tok::Frac(_) | Tok::FracTrim { .. } | Tok::Lit(_)));
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(TimeFormat { toks, split, frac_tail, id })
     }
@@ -190,6 +286,7 @@ impl TimeFormat {
             for t in &self.toks[self.split..] {
                 match t {
                     Tok::Frac(n) => frac(out, nanos, *n),
+                    Tok::FracTrim { dot } => frac_trim(out, nanos, *dot),
                     Tok::Lit(l) => out.extend_from_slice(l),
                     _ => {}
                 }
@@ -219,6 +316,12 @@ impl TimeFormat {
                     | Tok::DayOfYear
                     | Tok::MonthShort
                     | Tok::MonthLong
+                    | Tok::IsoWeek
+                    | Tok::IsoYear
+                    | Tok::IsoYear2
+                    | Tok::WeekSun
+                    | Tok::WeekMon
+                    | Tok::Century
             )
         });
         let (y, m, d) = if needs_date { civil_from_days(days) } else { (1970, 1, 1) };
@@ -242,6 +345,33 @@ impl TimeFormat {
                 Tok::Min => pad(out, mm as u64, 2),
                 Tok::Sec => pad(out, ss as u64, 2),
                 Tok::Frac(n) => frac(out, nanos, *n),
+                Tok::FracTrim { dot } => frac_trim(out, nanos, *dot),
+                Tok::WeekdayIso => pad(out, ((weekday(days) + 6) % 7 + 1) as u64, 1),
+                Tok::WeekdayNum => pad(out, weekday(days) as u64, 1),
+                Tok::IsoWeek => pad(out, iso_week(days, y).1 as u64, 2),
+                Tok::IsoYear => pad(out, iso_week(days, y).0.max(0) as u64, 4),
+                Tok::IsoYear2 => pad(out, iso_week(days, y).0.rem_euclid(100) as u64, 2),
+                Tok::WeekSun | Tok::WeekMon => {
+                    let yday = days - days_from_civil(y, 1, 1);
+                    let wd = weekday(days) as i64;
+                    let wd = if matches!(t, Tok::WeekMon) { (wd + 6) % 7 } else { wd };
+                    pad(out, ((yday + 7 - wd) / 7) as u64, 2)
+                }
+                Tok::Century => pad(out, y.div_euclid(100).max(0) as u64, 2),
+                Tok::HourSpace | Tok::Hour12Space => {
+                    let h = if matches!(t, Tok::HourSpace) {
+                        hh
+                    } else if hh % 12 == 0 {
+                        12
+                    } else {
+                        hh % 12
+                    };
+                    if h < 10 {
+                        out.push(b' ');
+                    }
+                    pad(out, h as u64, 1)
+                }
+                Tok::TzOffsetColon => out.extend_from_slice(b"+00:00"),
                 Tok::Epoch => {
                     let mut b = itoa::Buffer::new();
                     out.extend_from_slice(b.format(secs).as_bytes());
@@ -295,6 +425,50 @@ fn frac(out: &mut Vec<u8>, nanos: u32, digits: u8) {
     out.extend_from_slice(&buf[..digits]);
 }
 
+/// The fraction's digits without trailing zeros ("0" when zero); with `dot`, after a point,
+/// and nothing at all when zero (absl's `%E*S`).
+fn frac_trim(out: &mut Vec<u8>, nanos: u32, dot: bool) {
+    let mut buf = [b'0'; 9];
+    let mut n = nanos.min(999_999_999);
+    for i in (0..9).rev() {
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    let len = buf.iter().rposition(|&c| c != b'0').map_or(0, |i| i + 1);
+    match (len, dot) {
+        (0, true) => {}
+        (0, false) => out.push(b'0'),
+        (_, true) => {
+            out.push(b'.');
+            out.extend_from_slice(&buf[..len]);
+        }
+        (_, false) => out.extend_from_slice(&buf[..len]),
+    }
+}
+
+/// ISO 8601 (week-based year, week number) of the day `days` after 1970-01-01, in year `y`.
+fn iso_week(days: i64, y: i64) -> (i64, u32) {
+    let weeks_in = |y: i64| {
+        let jan1 = (weekday(days_from_civil(y, 1, 1)) + 6) % 7 + 1;
+        let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        if jan1 == 4 || (leap && jan1 == 3) {
+            53
+        } else {
+            52
+        }
+    };
+    let wd = ((weekday(days) + 6) % 7 + 1) as i64;
+    let doy = days - days_from_civil(y, 1, 1) + 1;
+    let w = (doy - wd + 10) / 7;
+    if w < 1 {
+        (y - 1, weeks_in(y - 1))
+    } else if w > weeks_in(y) as i64 {
+        (y + 1, 1)
+    } else {
+        (y, w as u32)
+    }
+}
+
 fn weekday(days: i64) -> usize {
     // 1970-01-01 was a Thursday.
     (days + 4).rem_euclid(7) as usize
@@ -330,8 +504,58 @@ mod tests {
 
     fn fmt(f: &str, ns: i64) -> String {
         let mut out = Vec::new();
-        TimeFormat::compile(f).unwrap().write(ns, &mut out);
+        TimeFormat::compile(f).unwrap_or_else(|e| panic!("{e}")).write(ns, &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    /// Every conversion beside strftime's basics, as Envoy 1.40 printed it for the same start
+    /// time (2026-11-24 05:24:30.338772 UTC, a Tuesday).
+    #[test]
+    fn conversions_print_what_envoy_prints() {
+        let ns = 1_795_497_870_338_772_000;
+        for (spec, envoy) in [
+            ("%E*S", "30.338772"),
+            ("%*f", "338772"),
+            ("%E*f", "338772"),
+            ("%E3f", "338"),
+            ("%E4S", "30.3387"),
+            ("%Ez", "+00:00"),
+            ("%c", "Tue Nov 24 05:24:30 2026"),
+            ("%u", "2"),
+            ("%w", "2"),
+            ("%V", "48"),
+            ("%G", "2026"),
+            ("%g", "26"),
+            ("%U", "47"),
+            ("%W", "47"),
+            ("%C", "20"),
+            ("%k", " 5"),
+            ("%l", " 5"),
+            ("%r", "05:24:30 AM"),
+            ("%x", "11/24/26"),
+            ("%X", "05:24:30"),
+            ("%Ey", "26"),
+            ("%EY", "2026"),
+            ("%Od", "24"),
+        ] {
+            assert_eq!(fmt(spec, ns), envoy, "{spec}");
+        }
+        // A whole second: %E*S has no point, %*f a single zero.
+        assert_eq!(
+            (fmt("%E*S", 1_795_497_870_000_000_000), fmt("%*f", 1_795_497_870_000_000_000)),
+            ("30".into(), "0".into())
+        );
+        assert!(TimeFormat::compile("%H%n").is_err(), "Envoy rejects a newline");
+    }
+
+    #[test]
+    fn iso_and_week_numbers_at_year_edges() {
+        let day = |y, m, d| days_from_civil(y, m, d) * 86_400 * 1_000_000_000;
+        // 2021-01-01 (a Friday) is in week 53 of 2020; 2024-12-30 (a Monday) in week 1 of 2025.
+        assert_eq!(fmt("%G-W%V-%u", day(2021, 1, 1)), "2020-W53-5");
+        assert_eq!(fmt("%G-W%V-%u", day(2024, 12, 30)), "2025-W01-1");
+        // 2023-01-01 is a Sunday: week 1 when weeks start on Sunday, week 0 when on Monday.
+        assert_eq!(fmt("%U %W %w", day(2023, 1, 1)), "01 00 0");
     }
 
     #[test]
