@@ -131,6 +131,8 @@ impl TimeFormat {
                 }
                 _ => c,
             };
+            // Composite conversions, as the conversions they stand for.
+            let expand = |f: &str| TimeFormat::compile(f).map(|t| t.toks);
             let tok = match c {
                 b'%' => {
                     lit.push(b'%');
@@ -163,10 +165,10 @@ impl TimeFormat {
                 b'p' => vec![Tok::AmPm],
                 b'z' => vec![Tok::TzOffset],
                 b'Z' => vec![Tok::TzName],
-                b'F' => vec![Tok::Year, Tok::Lit(b"-".to_vec()), Tok::Month, Tok::Lit(b"-".to_vec()), Tok::Day],
-                b'T' => vec![Tok::Hour, Tok::Lit(b":".to_vec()), Tok::Min, Tok::Lit(b":".to_vec()), Tok::Sec],
-                b'R' => vec![Tok::Hour, Tok::Lit(b":".to_vec()), Tok::Min],
-                b'D' => vec![Tok::Month, Tok::Lit(b"/".to_vec()), Tok::Day, Tok::Lit(b"/".to_vec()), Tok::Year2],
+                b'F' => expand("%Y-%m-%d")?,
+                b'T' | b'X' => expand("%H:%M:%S")?,
+                b'R' => expand("%H:%M")?,
+                b'D' | b'x' => expand("%m/%d/%y")?,
                 b'1'..=b'9' if b.get(i + 2) == Some(&b'f') => {
                     adv = 3;
                     vec![Tok::Frac(c - b'0')]
@@ -205,32 +207,8 @@ impl TimeFormat {
                 b'C' => vec![Tok::Century],
                 b'k' => vec![Tok::HourSpace],
                 b'l' => vec![Tok::Hour12Space],
-                b'r' => vec![
-                    Tok::Hour12,
-                    Tok::Lit(b":".to_vec()),
-                    Tok::Min,
-                    Tok::Lit(b":".to_vec()),
-                    Tok::Sec,
-                    Tok::Lit(b" ".to_vec()),
-                    Tok::AmPm,
-                ],
-                b'x' => vec![Tok::Month, Tok::Lit(b"/".to_vec()), Tok::Day, Tok::Lit(b"/".to_vec()), Tok::Year2],
-                b'X' => vec![Tok::Hour, Tok::Lit(b":".to_vec()), Tok::Min, Tok::Lit(b":".to_vec()), Tok::Sec],
-                b'c' => vec![
-                    Tok::WeekdayShort,
-                    Tok::Lit(b" ".to_vec()),
-                    Tok::MonthShort,
-                    Tok::Lit(b" ".to_vec()),
-                    Tok::DaySpace,
-                    Tok::Lit(b" ".to_vec()),
-                    Tok::Hour,
-                    Tok::Lit(b":".to_vec()),
-                    Tok::Min,
-                    Tok::Lit(b":".to_vec()),
-                    Tok::Sec,
-                    Tok::Lit(b" ".to_vec()),
-                    Tok::Year,
-                ],
+                b'r' => expand("%I:%M:%S %p")?,
+                b'c' => expand("%a %b %e %H:%M:%S %Y")?,
                 _ => {
                     let end = (i + 4).min(b.len());
                     return Err(format!(
