@@ -885,7 +885,16 @@ fn parse_command(s: &str, i: usize) -> Result<(Command, usize), String> {
     }
     let mut arg = None;
     if j < b.len() && b[j] == b'(' {
-        let close = s[j..].find(')').map(|k| j + k).ok_or_else(|| format!("%{name}(...% in {s:?}: missing ')'"))?;
+        // The argument ends at the first ')' that the command's end follows (`%` or `:N%`), as
+        // Envoy's non-greedy match reads it: `%START_TIME(%H (UTC))%` has the argument `%H (UTC)`.
+        let ends_command = |k: usize| {
+            let digits = b[k..].iter().skip(1).take_while(|c| c.is_ascii_digit()).count();
+            b.get(k) == Some(&b'%') || (b.get(k) == Some(&b':') && digits > 0 && b.get(k + 1 + digits) == Some(&b'%'))
+        };
+        let close = (j + 1..b.len())
+            .find(|&k| b[k] == b')' && ends_command(k + 1))
+            .or_else(|| s[j..].find(')').map(|k| j + k))
+            .ok_or_else(|| format!("%{name}(...% in {s:?}: missing ')'"))?;
         arg = Some(&s[j + 1..close]);
         j = close + 1;
     }
@@ -902,6 +911,11 @@ fn parse_command(s: &str, i: usize) -> Result<(Command, usize), String> {
     }
     if j >= b.len() || b[j] != b'%' {
         return Err(format!("invalid command %{name}... in {s:?}: missing closing '%'"));
+    }
+    // Envoy 1.40 takes a length only on these (checked on the binary: `%PROTOCOL:4%` and the
+    // like reject the config).
+    if max_len.is_some() && !matches!(name, "REQ" | "RESP" | "TRAILER" | "DYNAMIC_METADATA" | "ENVIRONMENT") {
+        return Err(format!("operator %{name}% takes no length (:N)"));
     }
     let op = make_op(name, arg)?;
     Ok((Command { op, max_len }, j + 1))
@@ -1086,8 +1100,10 @@ fn hostname() -> Option<Vec<u8>> {
 
 #[derive(Clone, Debug, PartialEq)]
 enum Node {
-    /// Pre-rendered JSON (literal strings, numbers, booleans, null).
+    /// Pre-rendered JSON (literal strings, numbers, booleans).
     Lit(Vec<u8>),
+    /// A literal `null`: left out, like an unavailable value, under `omit_empty_values`.
+    Null,
     Typed(Command),
     Text(Template),
     Map(Vec<(Vec<u8>, Node)>),
@@ -1137,7 +1153,7 @@ impl Command {
 fn flatten(entries: &[(Vec<u8>, Node)], program: &mut Program) {
     for (_, node) in entries {
         match node {
-            Node::Lit(_) => {}
+            Node::Lit(_) | Node::Null => {}
             Node::Typed(c) => program.push(c),
             Node::Text(t) => program.push_template(t),
             Node::Map(m) => flatten(m, program),
@@ -1178,6 +1194,7 @@ fn compile_map(
                     "lists are not supported (values are strings, numbers, booleans or maps)",
                 ))
             }
+            serde_json::Value::Null => Node::Null,
             other => Node::Lit(other.to_string().into_bytes()),
         };
         out.push((key, node));
@@ -1234,6 +1251,11 @@ impl JsonPlan {
             // Keys are stored pre-rendered as `,"key":`; the first one written drops the comma.
             out.extend_from_slice(if any { key } else { &key[1..] });
             let wrote = match node {
+                Node::Null if self.omit_empty => false,
+                Node::Null => {
+                    out.extend_from_slice(b"null");
+                    true
+                }
                 Node::Lit(l) => {
                     out.extend_from_slice(l);
                     true

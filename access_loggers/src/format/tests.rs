@@ -183,6 +183,13 @@ fn truncation_flags_and_omit_empty() {
     );
     let v = render(serde_json::json!({"e": "", "lrb": "%LOCAL_REPLY_BODY%", "two": "%REQ(X-A)%%REQ(X-B)%"}), true, &s);
     assert_eq!(v, serde_json::json!({"e": "", "lrb": "", "two": ""}));
+    // A literal null goes too, and a map it leaves empty (Envoy 1.40, checked on the binary);
+    // without the option it stays.
+    let v = render(serde_json::json!({"t": "%START_TIME(%H (UTC))% x %START_TIME((%Y))%"}), false, &s);
+    assert_eq!(v["t"], "19 (UTC) x (2026)", "an argument holding parentheses, as Envoy reads it");
+    let fmt = serde_json::json!({"n": null, "m": {"x": null}, "k": "v"});
+    assert_eq!(render(fmt.clone(), true, &s), serde_json::json!({"k": "v"}));
+    assert_eq!(render(fmt, false, &s), serde_json::json!({"n": null, "m": {"x": null}, "k": "v"}));
 }
 
 /// What Envoy 1.40 prints, checked on the binary: `%%` is a percent sign, a host without a
@@ -263,6 +270,8 @@ fn bad_formats_are_rejected_with_the_operator_named() {
         ("100%", "literal %"),
         ("%DYNAMIC_METADATA(ns)%", "DYNAMIC_METADATA"),
         ("%REQ(a", "')'"),
+        ("%PROTOCOL:4%", "no length"),
+        ("%START_TIME:4%", "no length"),
     ];
     for (f, needle) in cases {
         let e = JsonPlan::compile(serde_json::json!({"k": f}).as_object().unwrap(), false).unwrap_err();
