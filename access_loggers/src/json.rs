@@ -151,7 +151,7 @@ impl Plan for JsonPlan {
 }
 
 /// Lines in `b`.
-fn bytecount(b: &[u8]) -> u64 {
+fn lines_in(b: &[u8]) -> u64 {
     b.iter().filter(|&&c| c == b'\n').count() as u64
 }
 
@@ -174,7 +174,7 @@ impl JsonFileExporter {
         // One record is one line (rendering escapes every newline).
         let written = match self.file.write(&self.out) {
             Ok(()) => n,
-            Err(whole) => bytecount(&self.out[..whole]).min(n),
+            Err(whole) => lines_in(&self.out[..whole]).min(n),
         };
         self.out.clear();
         if self.out.capacity() > 4 * WRITE_BUFFER {
