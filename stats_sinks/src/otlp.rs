@@ -202,11 +202,8 @@ impl Worker {
         for v in s.counters.iter().filter(|v| v.value > 0) {
             let prev = self.last.as_ref().and_then(|l| l.counters.get(&v.meta.name).copied()).unwrap_or(0);
             next.counters.insert(v.meta.name.clone(), v.value);
-            let (value, start) = if c.report_counters_as_deltas {
-                (v.value.saturating_sub(prev), delta_start)
-            } else {
-                (v.value, cum_start)
-            };
+            let (value, start) =
+                if c.report_counters_as_deltas { (delta(v.value, prev), delta_start) } else { (v.value, cum_start) };
             // As Envoy's sink: with deltas, a counter that did not move is not sent.
             if c.report_counters_as_deltas && value == 0 {
                 continue;
@@ -243,8 +240,11 @@ impl Worker {
             let mut start = cum_start;
             if c.report_histograms_as_deltas {
                 start = delta_start;
-                if let Some((pc, ps, pb)) = self.last.as_ref().and_then(|l| l.histograms.get(&h.meta.name)) {
-                    count = count.saturating_sub(*pc);
+                // A histogram with fewer samples than last time was re-created: all of it is new
+                // (as for counters, see `delta`).
+                let last = self.last.as_ref().and_then(|l| l.histograms.get(&h.meta.name));
+                if let Some((pc, ps, pb)) = last.filter(|(pc, _, _)| *pc <= h.count) {
+                    count -= pc;
                     sum -= ps;
                     for (b, p) in per_bucket.iter_mut().zip(pb) {
                         *b = b.saturating_sub(*p);
@@ -282,6 +282,17 @@ impl Worker {
         } else {
             self.stats.exports_failed.fetch_add(1, Relaxed);
         }
+    }
+}
+
+/// The change of a cumulative count since the last export. A count below the last one belongs
+/// to a stat that was re-created (a cluster removed and added back by CDS): all of it is new, as
+/// Envoy's own per-flush delta counts it.
+fn delta(now: u64, prev: u64) -> u64 {
+    if now < prev {
+        now
+    } else {
+        now - prev
     }
 }
 
@@ -323,6 +334,14 @@ fn utf8(b: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recreated_stat_counts_from_zero() {
+        assert_eq!(delta(140, 100), 40);
+        assert_eq!(delta(100, 100), 0);
+        // Removed at 100 and added back: 40 new events, not 0 (saturating) nor a wrap.
+        assert_eq!(delta(40, 100), 40);
+    }
 
     #[test]
     fn config_defaults_and_errors() {

@@ -199,9 +199,13 @@ impl Client {
         let mut stats = SendStats::default();
         loop {
             let now = Instant::now();
-            let timeout =
-                self.settings.timeout.min(give_up().saturating_duration_since(now).max(Duration::from_millis(1)));
-            let attempt = self.rt.block_on(first_of(self.attempt(body.clone(), timeout), stop.reached()));
+            // The first attempt gets the whole timeout (only a shutdown cuts it short); retries
+            // fit in what is left of `max_elapsed_ms`.
+            let until = if stats.retries == 0 { stop.deadline() } else { Some(give_up()) };
+            let timeout = until.map_or(self.settings.timeout, |u| {
+                self.settings.timeout.min(u.saturating_duration_since(now).max(Duration::from_millis(1)))
+            });
+            let attempt = self.guarded(|c| c.rt.block_on(first_of(c.attempt(body.clone(), timeout), stop.reached())));
             let (after, reason) = match attempt {
                 Some(Attempt::Done(d)) => {
                     stats.elapsed = start.elapsed();
@@ -226,6 +230,15 @@ impl Client {
             stats.retries += 1;
             backoff = (backoff * 2).min(Duration::from_millis(retry.max_backoff_ms));
         }
+    }
+
+    /// Runs one attempt, turning a panic inside the transport into a failed delivery: tonic
+    /// panics on a malformed `grpc-status-details-bin` trailer, and a panic here would end the
+    /// flush thread (exports stop, queues fill, counters freeze).
+    fn guarded(&self, f: impl FnOnce(&Self) -> Option<Attempt>) -> Option<Attempt> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))).unwrap_or_else(|_| {
+            Some(Attempt::Done(Delivery::Failed("the transport failed on the collector's response (panic)".into())))
+        })
     }
 
     fn next_rand(&mut self) -> u64 {
@@ -328,6 +341,13 @@ fn status_message(body: &[u8]) -> String {
 fn classify_grpc(s: &Status) -> Attempt {
     let reason = format!("gRPC {:?}: {}", s.code(), s.message());
     let after = retry_info(s.details());
+    // A status tonic made from a local transport error (the connection reset or closed by
+    // GOAWAY while the request was in flight: UNKNOWN or INTERNAL with the error as its source)
+    // is a disconnect without a response, which the OTLP specification retries; a status the
+    // server sent has no source.
+    if matches!(s.code(), Code::Unknown | Code::Internal) && std::error::Error::source(s).is_some() {
+        return Attempt::Retry { after, reason };
+    }
     match s.code() {
         Code::Cancelled
         | Code::DeadlineExceeded
@@ -466,6 +486,52 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let took = cut_short_by_stop(format!("http://127.0.0.1:{port}"), Protocol::Grpc);
         assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    /// `retry.max_elapsed_ms` bounds the retries, never the first attempt: with 0 the one
+    /// attempt still gets the whole timeout (it got 1 ms, and every export failed).
+    #[test]
+    fn no_retry_time_still_leaves_the_first_attempt_its_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 65536];
+            let _ = s.read(&mut buf);
+            std::thread::sleep(Duration::from_millis(50));
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").unwrap();
+        });
+        let mut settings = resolve(&Default::default(), Signal::Logs, &|_| None).unwrap();
+        (settings.endpoint, settings.protocol) = (format!("http://{addr}/v1/logs"), Protocol::HttpProtobuf);
+        settings.timeout = Duration::from_secs(5);
+        settings.retry.max_elapsed_ms = 0;
+        let (d, _) = Client::new(settings).unwrap().send(Bytes::from_static(b"x"), &StopSignal::default());
+        server.join().unwrap();
+        assert_eq!(d, Delivery::Accepted { rejected: 0, message: String::new() });
+    }
+
+    /// A status tonic made from a transport error (a reset mid-request) is retried; the same
+    /// code sent by the server is not.
+    #[test]
+    fn a_connection_lost_mid_request_is_retried() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let local = Status::from_error(Box::new(reset));
+        assert!(matches!(classify_grpc(&local), Attempt::Retry { .. }), "{local:?}");
+        for sent in [Status::internal("server bug"), Status::unknown("server says")] {
+            assert!(matches!(classify_grpc(&sent), Attempt::Done(Delivery::Failed(_))), "{sent:?}");
+        }
+    }
+
+    /// A panic inside the transport is a failed delivery, and the client's runtime still works
+    /// afterwards.
+    #[test]
+    fn a_panicking_transport_fails_the_delivery_not_the_thread() {
+        let settings = resolve(&Default::default(), Signal::Logs, &|_| None).unwrap();
+        let c = Client::new(settings).unwrap();
+        let a = c.guarded(|c| c.rt.block_on(async { panic!("malformed trailer") }));
+        assert!(matches!(a, Some(Attempt::Done(Delivery::Failed(_)))));
+        assert_eq!(c.rt.block_on(async { 7 }), 7);
     }
 
     #[test]

@@ -279,9 +279,17 @@ pub fn resolve(
     check_endpoint(&endpoint, protocol)?;
     let tls = resolve_tls(cfg.tls.as_ref(), &endpoint, &sig_env, &gen_env)?;
 
+    // Headers come whole from the most specific source that has any — config `headers`, else
+    // the signal's variable, else the generic one — never merged: a more specific setting
+    // overrides a less specific one (OTLP exporter spec), and a token meant for one backend
+    // must not ride along to another configured more specifically.
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    for var in ["OTEL_EXPORTER_OTLP_HEADERS".to_string(), format!("OTEL_EXPORTER_OTLP_{s}_HEADERS")] {
-        if let Some(v) = env_nonempty(&var) {
+    if cfg.headers.is_empty() {
+        let sig_var = format!("OTEL_EXPORTER_OTLP_{s}_HEADERS");
+        let found = [sig_var.as_str(), "OTEL_EXPORTER_OTLP_HEADERS"]
+            .into_iter()
+            .find_map(|var| env_nonempty(var).map(|v| (var, v)));
+        if let Some((var, v)) = found {
             for (k, v) in parse_kv_list(&v).map_err(|m| ConfigError::new("headers", format!("{var}: {m}")))? {
                 headers.insert(k.to_ascii_lowercase(), v);
             }
@@ -523,7 +531,10 @@ mod tests {
         let s = resolve(&cfg("{}"), Signal::Logs, &e).unwrap();
         assert_eq!(s.endpoint, "http://gen:4318/v1/logs");
         assert_eq!(s.compression, Compression::Gzip);
-        assert_eq!(s.headers, vec![("authorization".into(), "Bearer abc".into()), ("x-a".into(), "2".into())]);
+        assert_eq!(s.headers, vec![("x-a".into(), "2".into())], "the signal's headers replace the generic ones");
+        let generic_only = env(&[("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20abc, x-a = 1")]);
+        let g = resolve(&cfg("{}"), Signal::Logs, &generic_only).unwrap();
+        assert_eq!(g.headers, vec![("authorization".into(), "Bearer abc".into()), ("x-a".into(), "1".into())]);
         assert_eq!(
             s.resource,
             vec![("deployment.environment".into(), "prod".into()), ("service.name".into(), "edge".into())]
@@ -536,7 +547,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((s.protocol, s.endpoint.as_str()), (Protocol::Grpc, "http://cfg:4317"));
-        assert!(s.headers.contains(&("x-a".into(), "3".into())));
+        assert_eq!(s.headers, vec![("x-a".into(), "3".into())], "config headers replace the environment's");
         assert!(s.resource.contains(&("service.name".into(), "mine".into())));
         let sig = env(&[("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://sig:9999/custom")]);
         let s = resolve(&cfg(r#"{"protocol":"http/protobuf"}"#), Signal::Logs, &sig).unwrap();
