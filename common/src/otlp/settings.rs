@@ -276,6 +276,15 @@ pub fn resolve(
             Protocol::HttpProtobuf => join_path("http://localhost:4318"),
         }
     };
+    // A gRPC endpoint may come without a scheme (`collector:4317`, the form gRPC clients take):
+    // TLS unless OTEL_EXPORTER_OTLP_[<SIGNAL>_]INSECURE is true (OTLP exporter spec, `insecure`).
+    let endpoint = if protocol == Protocol::Grpc && !endpoint.contains("://") && !endpoint.is_empty() {
+        let insecure = sig_env("INSECURE").or_else(|| gen_env("INSECURE"));
+        let plain = insecure.as_deref().map(str::trim).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        format!("{}://{endpoint}", if plain { "http" } else { "https" })
+    } else {
+        endpoint
+    };
     check_endpoint(&endpoint, protocol)?;
     let tls = resolve_tls(cfg.tls.as_ref(), &endpoint, &sig_env, &gen_env)?;
 
@@ -549,6 +558,13 @@ mod tests {
         assert_eq!((s.protocol, s.endpoint.as_str()), (Protocol::Grpc, "http://cfg:4317"));
         assert_eq!(s.headers, vec![("x-a".into(), "3".into())], "config headers replace the environment's");
         assert!(s.resource.contains(&("service.name".into(), "mine".into())));
+        // gRPC endpoints without a scheme: TLS unless INSECURE says otherwise.
+        let bare = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]);
+        assert_eq!(resolve(&cfg("{}"), Signal::Logs, &bare).unwrap().endpoint, "https://collector:4317");
+        let plain =
+            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"), ("OTEL_EXPORTER_OTLP_LOGS_INSECURE", "true")]);
+        assert_eq!(resolve(&cfg("{}"), Signal::Logs, &plain).unwrap().endpoint, "http://collector:4317");
+        assert_eq!(resolve(&cfg(r#"{"endpoint":"c:4317"}"#), Signal::Logs, &bare).unwrap().endpoint, "https://c:4317");
         let sig = env(&[("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://sig:9999/custom")]);
         let s = resolve(&cfg(r#"{"protocol":"http/protobuf"}"#), Signal::Logs, &sig).unwrap();
         assert_eq!(s.endpoint, "http://sig:9999/custom", "the signal-specific URL is used as is");
