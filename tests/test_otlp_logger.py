@@ -200,7 +200,8 @@ def test_graceful_shutdown_delivers_every_queued_record(tmp_path):
 
 BAD = {
     "unknown protocol": ({"protocol": "carrier-pigeon"}, "field `protocol`"),
-    "malformed endpoint": ({"endpoint": "localhost:4317"}, "field `endpoint`"),
+    "malformed endpoint": ({"endpoint": "ftp://localhost:4317"}, "field `endpoint`"),
+    "http endpoint without a scheme": ({"protocol": "http/protobuf", "endpoint": "localhost:4318"}, "field `endpoint`"),
     "tls without https": ({"endpoint": "http://collector:4317", "tls": {}}, "field `tls`: needs an https:// endpoint"),
     "grpc endpoint with a path": ({"endpoint": "http://collector:4317/v1/logs"}, "without a path"),
     "negative batch size": ({"max_batch_size": -1}, "field `max_batch_size`"),

@@ -620,7 +620,7 @@ BAD = {
                        "field `sampler.root.ratio`"),
     "unknown propagator": ({"propagators": ["tracecontext", "jaeger"]}, {}, "field `propagators"),
     "unknown propagator in OTEL_PROPAGATORS": ({}, {"OTEL_PROPAGATORS": "tracecontext,xray"}, "field `propagators"),
-    "bad endpoint": ({"endpoint": "localhost:4317"}, {}, "field `endpoint`"),
+    "bad endpoint": ({"endpoint": "ftp://localhost:4317"}, {}, "field `endpoint`"),
     "unknown key": ({"endpoint": "http://127.0.0.1:4317", "bogus": True}, {}, "field `bogus`"),
 }
 

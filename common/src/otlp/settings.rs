@@ -169,6 +169,8 @@ pub const OTLP_KEYS: &[&str] = &[
 
 /// Default per-attempt timeout.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// Longest per-attempt timeout (also what `OTEL_EXPORTER_OTLP_TIMEOUT=0`, "no limit", gives).
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
 /// Default records per request.
 pub const DEFAULT_MAX_BATCH_SIZE: u64 = 512;
 /// Default request size limit: the gRPC default max receive size of collectors (4 MiB).
@@ -229,6 +231,11 @@ pub fn resolve(
     let env_nonempty = |k: &str| env(k).filter(|v| !v.trim().is_empty());
     let sig_env = |suffix: &str| env_nonempty(&format!("OTEL_EXPORTER_OTLP_{s}_{suffix}"));
     let gen_env = |suffix: &str| env_nonempty(&format!("OTEL_EXPORTER_OTLP_{suffix}"));
+    // An environment variable we cannot use is ignored with a warning, as the OpenTelemetry
+    // spec asks (the same variables configure every SDK in the process's environment); a bad
+    // value in our own config still rejects it.
+    let ignore =
+        |var: &str, why: String| crate::envoy_log!(crate::ffi::LogLevel::Warn, "envoy-obs: ignoring {var}: {why}");
 
     let protocol = match cfg.protocol {
         Some(p) => p,
@@ -241,10 +248,8 @@ pub fn resolve(
                 "grpc" => Protocol::Grpc,
                 "http/protobuf" => Protocol::HttpProtobuf,
                 other => {
-                    return Err(ConfigError::new(
-                        "protocol",
-                        format!("{var}={other:?} is not supported; use grpc or http/protobuf"),
-                    ))
+                    ignore(&var, format!("{other:?} is not supported (grpc or http/protobuf); using grpc"));
+                    Protocol::Grpc
                 }
             },
         },
@@ -299,8 +304,9 @@ pub fn resolve(
             .into_iter()
             .find_map(|var| env_nonempty(var).map(|v| (var, v)));
         if let Some((var, v)) = found {
-            for (k, v) in parse_kv_list(&v).map_err(|m| ConfigError::new("headers", format!("{var}: {m}")))? {
-                headers.insert(k.to_ascii_lowercase(), v);
+            match parse_kv_list(&v) {
+                Ok(list) => headers.extend(list.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v))),
+                Err(m) => ignore(var, m),
             }
         }
     }
@@ -317,10 +323,8 @@ pub fn resolve(
             None | Some("none") => Compression::None,
             Some("gzip") => Compression::Gzip,
             Some(other) => {
-                return Err(ConfigError::new(
-                    "compression",
-                    format!("OTEL_EXPORTER_OTLP_*COMPRESSION={other:?}; use gzip or none"),
-                ))
+                ignore("OTEL_EXPORTER_OTLP_*COMPRESSION", format!("{other:?} is not gzip or none"));
+                Compression::None
             }
         },
     };
@@ -328,14 +332,20 @@ pub fn resolve(
     let timeout_ms = match cfg.timeout_ms {
         Some(t) => t,
         None => match sig_env("TIMEOUT").or_else(|| gen_env("TIMEOUT")) {
-            Some(v) => v.trim().parse().map_err(|_| {
-                ConfigError::new("timeout_ms", format!("OTEL_EXPORTER_OTLP_*TIMEOUT={v:?} is not milliseconds"))
-            })?,
+            // 0 means no limit (OpenTelemetry's timeout convention): the longest we allow.
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(0) => MAX_TIMEOUT_MS,
+                Ok(t) => t.min(MAX_TIMEOUT_MS),
+                Err(_) => {
+                    ignore("OTEL_EXPORTER_OTLP_*TIMEOUT", format!("{v:?} is not milliseconds"));
+                    DEFAULT_TIMEOUT_MS
+                }
+            },
             None => DEFAULT_TIMEOUT_MS,
         },
     };
-    if !(1..=600_000).contains(&timeout_ms) {
-        return Err(ConfigError::new("timeout_ms", "must be between 1 and 600000"));
+    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+        return Err(ConfigError::new("timeout_ms", format!("must be between 1 and {MAX_TIMEOUT_MS}")));
     }
     let max_batch_size = cfg.max_batch_size.unwrap_or(DEFAULT_MAX_BATCH_SIZE);
     if !(1..=1_000_000).contains(&max_batch_size) {
@@ -358,10 +368,10 @@ pub fn resolve(
 
     let mut resource: BTreeMap<String, String> = BTreeMap::new();
     if let Some(v) = env_nonempty("OTEL_RESOURCE_ATTRIBUTES") {
-        for (k, v) in parse_kv_list(&v)
-            .map_err(|m| ConfigError::new("resource_attributes", format!("OTEL_RESOURCE_ATTRIBUTES: {m}")))?
-        {
-            resource.insert(k, v);
+        // A value that does not decode is discarded whole (OpenTelemetry resource SDK spec).
+        match parse_kv_list(&v) {
+            Ok(list) => resource.extend(list),
+            Err(m) => ignore("OTEL_RESOURCE_ATTRIBUTES", m),
         }
     }
     if let Some(v) = env_nonempty("OTEL_SERVICE_NAME") {
@@ -463,7 +473,8 @@ fn check_header(k: &str, v: &str) -> Result<(), String> {
 }
 
 /// Parses the W3C-baggage-like `k1=v1,k2=v2` lists of `OTEL_EXPORTER_OTLP_HEADERS` and
-/// `OTEL_RESOURCE_ATTRIBUTES` (values percent-decoded, whitespace around items ignored).
+/// `OTEL_RESOURCE_ATTRIBUTES` (keys and values percent-decoded, whitespace around items
+/// ignored).
 pub fn parse_kv_list(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for item in s.split(',') {
@@ -478,7 +489,7 @@ pub fn parse_kv_list(s: &str) -> Result<Vec<(String, String)>, String> {
         if k.is_empty() {
             return Err(format!("{item:?} has an empty key"));
         }
-        out.push((k.to_string(), percent_decode(v.trim())?));
+        out.push((percent_decode(k)?, percent_decode(v.trim())?));
     }
     Ok(out)
 }
@@ -596,8 +607,30 @@ mod tests {
         assert_eq!(e.field, "protocol");
         let e = crate::config::parse::<OtlpConfig>(br#"{"max_batch_size":-5}"#).unwrap_err();
         assert_eq!(e.field, "max_batch_size");
-        let e = resolve(&cfg("{}"), Signal::Logs, &env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")])).unwrap_err();
-        assert_eq!(e.field, "protocol");
+    }
+
+    /// The environment is shared with every SDK in the process: a value we cannot use is
+    /// ignored with a warning (OpenTelemetry spec), never a rejected config; timeout 0 means no
+    /// limit; resource attribute keys are percent-decoded too.
+    #[test]
+    fn unusable_environment_values_are_ignored() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a=%zz"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "team=a%zz,x=1"),
+        ]);
+        let s = resolve(&cfg("{}"), Signal::Logs, &e).unwrap();
+        assert_eq!(
+            (s.protocol, s.compression, s.timeout),
+            (Protocol::Grpc, Compression::None, Duration::from_secs(10))
+        );
+        assert!(s.headers.is_empty() && s.resource.is_empty(), "{s:?}");
+        let e = env(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "0"), ("OTEL_RESOURCE_ATTRIBUTES", "my%2Ckey=v%2C1")]);
+        let s = resolve(&cfg("{}"), Signal::Logs, &e).unwrap();
+        assert_eq!(s.timeout, Duration::from_millis(MAX_TIMEOUT_MS));
+        assert_eq!(s.resource, vec![("my,key".into(), "v,1".into())]);
     }
 
     #[test]
