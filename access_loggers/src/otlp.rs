@@ -491,7 +491,7 @@ mod tests {
     fn config_errors_name_the_field() {
         let cases = [
             (r#"{"protocol":"carrier-pigeon"}"#, "protocol"),
-            (r#"{"endpoint":"localhost:4317"}"#, "endpoint"),
+            (r#"{"endpoint":"ftp://localhost:4317"}"#, "endpoint"),
             (r#"{"max_batch_size":-1}"#, "max_batch_size"),
             (r#"{"queue_capacity":0}"#, "queue_capacity"),
             (r#"{"body":"%NOPE%"}"#, "body"),

@@ -283,7 +283,8 @@ pub fn resolve(
     };
     // A gRPC endpoint may come without a scheme (`collector:4317`, the form gRPC clients take):
     // TLS unless OTEL_EXPORTER_OTLP_[<SIGNAL>_]INSECURE is true (OTLP exporter spec, `insecure`).
-    let endpoint = if protocol == Protocol::Grpc && !endpoint.contains("://") && !endpoint.is_empty() {
+    let host_port = |e: &str| e.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    let endpoint = if protocol == Protocol::Grpc && !endpoint.contains("://") && host_port(&endpoint) {
         let insecure = sig_env("INSECURE").or_else(|| gen_env("INSECURE"));
         let plain = insecure.as_deref().map(str::trim).is_some_and(|v| v.eq_ignore_ascii_case("true"));
         format!("{}://{endpoint}", if plain { "http" } else { "https" })
@@ -576,6 +577,7 @@ mod tests {
             env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"), ("OTEL_EXPORTER_OTLP_LOGS_INSECURE", "true")]);
         assert_eq!(resolve(&cfg("{}"), Signal::Logs, &plain).unwrap().endpoint, "http://collector:4317");
         assert_eq!(resolve(&cfg(r#"{"endpoint":"c:4317"}"#), Signal::Logs, &bare).unwrap().endpoint, "https://c:4317");
+        assert_eq!(resolve(&cfg(r#"{"endpoint":"nope"}"#), Signal::Logs, &bare).unwrap_err().field, "endpoint");
         let sig = env(&[("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://sig:9999/custom")]);
         let s = resolve(&cfg(r#"{"protocol":"http/protobuf"}"#), Signal::Logs, &sig).unwrap();
         assert_eq!(s.endpoint, "http://sig:9999/custom", "the signal-specific URL is used as is");
