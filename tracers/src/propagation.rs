@@ -246,28 +246,23 @@ pub fn valid_tracestate(v: &[u8]) -> bool {
             && v.iter().all(|&c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
             && v[v.len() - 1] != b' '
     };
-    let mut keys: Vec<&[u8]> = Vec::new();
+    // Runs on the worker for every request with a tracestate: the keys seen go on the stack.
+    let mut keys: [&[u8]; 32] = [&[]; 32];
+    let mut n = 0;
     for member in v.split(|&c| c == b',') {
-        let m = trim_ows(member);
+        let m = trim(member);
         if m.is_empty() {
             continue;
         }
         let Some(eq) = m.iter().position(|&c| c == b'=') else { return false };
         let (k, val) = (&m[..eq], &m[eq + 1..]);
-        if !valid_key(k) || !valid_value(val) || keys.contains(&k) || keys.len() == 32 {
+        if !valid_key(k) || !valid_value(val) || n == keys.len() || keys[..n].contains(&k) {
             return false;
         }
-        keys.push(k);
+        keys[n] = k;
+        n += 1;
     }
     true
-}
-
-/// Trims the optional white space (spaces and tabs) of an HTTP list.
-fn trim_ows(b: &[u8]) -> &[u8] {
-    let ows = |c: &u8| *c == b' ' || *c == b'\t';
-    let s = b.iter().position(|c| !ows(c)).unwrap_or(b.len());
-    let e = b.iter().rposition(|c| !ows(c)).map_or(s, |i| i + 1);
-    &b[s..e]
 }
 
 /// Extracts an incoming context with the first propagator (in configured order) that finds

@@ -142,11 +142,10 @@ fn escape_str(s: &[u8], out: &mut Vec<u8>) {
         pos += n;
         let Some(&b) = s.get(pos) else { return };
         let e = ESCAPE[b as usize];
-        out.push(b'\\');
         if e == b'u' {
-            out.extend_from_slice(&[b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+            push_u00(b, out);
         } else {
-            out.push(e);
+            out.extend_from_slice(&[b'\\', e]);
         }
         pos += 1;
     }
@@ -171,6 +170,12 @@ pub fn escape_into(s: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Appends arbitrary bytes as a quoted JSON string.
+/// `\u00XX` for byte `b`.
+#[inline]
+fn push_u00(b: u8, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+}
+
 /// A string that is not valid UTF-8, as Envoy 1.40's JSON formatter writes it (checked on the
 /// binary): every byte from 0x80 up becomes `\u00XX` (the byte read as Latin-1), valid
 /// sequences in it included; the rest is escaped as usual.
@@ -180,7 +185,7 @@ fn escape_bytes(s: &[u8], out: &mut Vec<u8>) {
         match chunk.split_last() {
             Some((&b, head)) if b >= 0x80 => {
                 escape_str(head, out);
-                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+                push_u00(b, out);
             }
             _ => escape_str(chunk, out),
         }
