@@ -57,7 +57,11 @@ pub struct OtlpExporter {
     client: Option<Client>,
     resource: Vec<u8>,
     scope: Vec<u8>,
+    /// The request being built: `head` bytes of room for the envelope (resource and scope
+    /// included), then the encoded items. [`OtlpExporter::request`] writes the envelope into
+    /// that room, so the items are never copied.
     items: Vec<u8>,
+    head: usize,
     count: usize,
     stats: Arc<ExportStats>,
     stop: StopSignal,
@@ -65,8 +69,9 @@ pub struct OtlpExporter {
     last_warning: [Option<Instant>; 3],
 }
 
-/// Largest encoded overhead of the request envelope around the items (keys and varints).
-const ENVELOPE: usize = 32;
+/// Largest encoded overhead of the request envelope around the items, resource and scope
+/// aside: four keys and four length varints of at most 10 bytes.
+const ENVELOPE: usize = 4 * 11;
 
 impl OtlpExporter {
     /// An exporter for `settings`. `label` names it in Envoy's log (e.g. "otlp access logger").
@@ -79,12 +84,14 @@ impl OtlpExporter {
         let mut scope = Vec::new();
         proto::bytes(&mut scope, 1, scope_name.as_bytes());
         proto::bytes(&mut scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
+        let head = ENVELOPE + resource.len() + scope.len();
         OtlpExporter {
             settings,
             client: None,
             resource,
             scope,
-            items: Vec::new(),
+            items: vec![0; head],
+            head,
             count: 0,
             stats,
             stop: StopSignal::default(),
@@ -108,9 +115,9 @@ impl OtlpExporter {
     /// sends when the request is full. Returns what any send it triggered achieved.
     pub fn add(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Outcome {
         let at = self.items.len();
-        proto::message(&mut self.items, 2, encode);
+        proto::record(&mut self.items, 2, encode);
         let item_len = self.items.len() - at;
-        let limit = self.settings.max_request_bytes.saturating_sub(self.resource.len() + self.scope.len() + ENVELOPE);
+        let limit = self.settings.max_request_bytes.saturating_sub(self.head);
         let mut out = Outcome::default();
         if item_len > limit {
             // One item alone is over the collector's limit: it can never be delivered.
@@ -120,7 +127,7 @@ impl OtlpExporter {
             self.warn(Warning::TooLarge, &format!("dropped one record of {item_len} bytes, over max_request_bytes"));
             return out;
         }
-        if self.items.len() > limit {
+        if self.items.len() - self.head > limit {
             // Send what came before this item, then start the next request with it.
             let item = self.items.split_off(at);
             out = add_outcomes(out, self.send_pending());
@@ -140,7 +147,6 @@ impl OtlpExporter {
         }
         let n = self.count as u64;
         let body = self.request();
-        self.items.clear();
         self.count = 0;
         if self.client.is_none() {
             match Client::new(self.settings.clone()) {
@@ -181,26 +187,29 @@ impl OtlpExporter {
         }
     }
 
-    /// The `Export*ServiceRequest` around the accumulated items, lengths computed up front so
-    /// the items are copied once.
-    fn request(&self) -> Bytes {
-        let (res, scope, items) = (&self.resource, &self.scope, &self.items);
+    /// Takes the accumulated items as an `Export*ServiceRequest`: the envelope is written into
+    /// the room left before them, so they are not copied. The next request starts empty.
+    fn request(&mut self) -> Bytes {
+        let (res, scope, head) = (&self.resource, &self.scope, self.head);
         let field = |len: usize| 1 + proto::varint_len(len as u64) + len;
-        let scoped_len = field(scope.len()) + items.len();
+        let scoped_len = field(scope.len()) + (self.items.len() - head);
         let rs_len = field(res.len()) + field(scoped_len);
-        let mut out = Vec::with_capacity(field(rs_len));
-        let head = |out: &mut Vec<u8>, f: u8, len: usize| {
+        let mut env = Vec::with_capacity(head);
+        let put_head = |out: &mut Vec<u8>, f: u8, len: usize| {
             out.push((f << 3) | 2);
             proto::varint(out, len as u64);
         };
-        head(&mut out, 1, rs_len);
-        head(&mut out, 1, res.len());
-        out.extend_from_slice(res);
-        head(&mut out, 2, scoped_len);
-        head(&mut out, 1, scope.len());
-        out.extend_from_slice(scope);
-        out.extend_from_slice(items);
-        Bytes::from(out)
+        put_head(&mut env, 1, rs_len);
+        put_head(&mut env, 1, res.len());
+        env.extend_from_slice(res);
+        put_head(&mut env, 2, scoped_len);
+        put_head(&mut env, 1, scope.len());
+        env.extend_from_slice(scope);
+        let start = head - env.len();
+        self.items[start..head].copy_from_slice(&env);
+        let mut next = Vec::with_capacity(self.items.capacity());
+        next.resize(head, 0);
+        Bytes::from(std::mem::replace(&mut self.items, next)).slice(start..)
     }
 
     fn warn(&mut self, kind: Warning, msg: &str) {
@@ -246,6 +255,7 @@ mod tests {
             e.add(|o| proto::fixed64(o, 1, i));
         }
         let req = e.request();
+        assert_eq!(e.items.len(), e.head, "the next request starts empty");
         let rl = proto::get_bytes(&req, 1).expect("resource_logs");
         let res = proto::get_bytes(rl, 1).expect("resource");
         let kv = proto::get_bytes(res, 1).expect("attribute");
@@ -273,7 +283,7 @@ mod tests {
         for _ in 0..10 {
             failed += e.add(|o| proto::bytes(o, 5, &[b'y'; 300])).failed;
         }
-        assert!(e.request().len() <= 1024);
+        assert!(e.items.len() - e.head + e.resource.len() + e.scope.len() + ENVELOPE <= 1024);
         failed += e.send_pending().failed;
         assert_eq!(failed, 10, "every record counted once");
         assert_eq!(stats.failed.load(Relaxed), 11);

@@ -76,23 +76,38 @@ pub fn double(out: &mut Vec<u8>, field: u32, v: f64) {
 /// An embedded message written by `body`, length-prefixed in place.
 #[inline]
 pub fn message<R>(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    message_in(out, field, 1, body)
+}
+
+/// An embedded message whose body is usually 128 B to 16 KiB (a whole record): the length
+/// placeholder is two bytes wide, so the body is not shifted to widen it afterwards.
+#[inline]
+pub fn record<R>(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    message_in(out, field, 2, body)
+}
+
+#[inline]
+fn message_in<R>(out: &mut Vec<u8>, field: u32, width: usize, body: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     key(out, field, LEN);
     let at = out.len();
-    out.push(0);
+    out.extend_from_slice(&[0; 2][..width]);
     let r = body(out);
-    patch_len(out, at);
+    patch_len(out, at, width);
     r
 }
 
-/// Fixes the one-byte length placeholder at `at` to the length of everything after it.
-fn patch_len(out: &mut Vec<u8>, at: usize) {
-    let len = out.len() - at - 1;
-    if len < 0x80 {
+/// Replaces the `width`-byte length placeholder at `at` with the length of everything after
+/// it, as the shortest varint (the body moves only when that is not `width` bytes).
+fn patch_len(out: &mut Vec<u8>, at: usize, width: usize) {
+    let len = out.len() - at - width;
+    if width == 1 && len < 0x80 {
         out[at] = len as u8;
         return;
     }
     let n = varint_len(len as u64);
-    out.splice(at..at + 1, std::iter::repeat_n(0, n));
+    if n != width {
+        out.splice(at..at + width, std::iter::repeat_n(0, n));
+    }
     let mut v = len as u64;
     for b in &mut out[at..at + n] {
         *b = (v as u8 & 0x7f) | if v >= 0x80 { 0x80 } else { 0 };
@@ -119,6 +134,18 @@ pub mod any {
 /// A `KeyValue` (field `field` of the enclosing message) whose value is a string. Lengths
 /// are computed up front: one reservation, no back-patching (this is the per-attribute path).
 pub fn kv_str(out: &mut Vec<u8>, field: u32, k: &[u8], v: &[u8]) {
+    if field < 16 && k.len() + v.len() <= 0x7f - 6 {
+        // The usual attribute: short key, short value. Every key and length takes one byte:
+        // two 4-byte headers and the two strings.
+        let (any_len, kv_len) = (2 + v.len(), 6 + k.len() + v.len());
+        out.reserve(2 + kv_len);
+        out.extend_from_slice(&[(field << 3) as u8 | LEN as u8, kv_len as u8, (1 << 3) | LEN as u8, k.len() as u8]);
+        out.extend_from_slice(k);
+        let string = ((any::STRING << 3) | LEN) as u8;
+        out.extend_from_slice(&[(2 << 3) | LEN as u8, any_len as u8, string, v.len() as u8]);
+        out.extend_from_slice(v);
+        return;
+    }
     let any_len = 1 + varint_len(v.len() as u64) + v.len();
     let kv_len = 1 + varint_len(k.len() as u64) + k.len() + 1 + varint_len(any_len as u64) + any_len;
     out.reserve(kv_len + 6);
@@ -250,24 +277,40 @@ mod tests {
     fn nested_lengths_widen_correctly() {
         for n in [0usize, 1, 126, 127, 128, 200, 16_383, 16_384, 70_000] {
             let payload = vec![b'x'; n];
-            let mut out = vec![0xAA];
-            message(&mut out, 5, |o| bytes(o, 1, &payload));
-            out.push(0xBB);
-            let inner = get_bytes(&out[1..out.len() - 1], 5).expect("outer");
-            assert_eq!(get_bytes(inner, 1).map(<[u8]>::len), Some(n));
-            assert_eq!(*out.last().unwrap(), 0xBB);
+            for wide in [false, true] {
+                let mut out = vec![0xAA];
+                if wide {
+                    record(&mut out, 5, |o| bytes(o, 1, &payload));
+                } else {
+                    message(&mut out, 5, |o| bytes(o, 1, &payload));
+                }
+                out.push(0xBB);
+                let inner = get_bytes(&out[1..out.len() - 1], 5).expect("outer");
+                assert_eq!(get_bytes(inner, 1).map(<[u8]>::len), Some(n));
+                assert_eq!(*out.last().unwrap(), 0xBB);
+                let body = 1 + varint_len(n as u64) + n;
+                assert_eq!(out.len(), 1 + 1 + varint_len(body as u64) + body + 1, "shortest length varint");
+            }
         }
     }
 
     #[test]
     fn kv_str_matches_the_nested_encoding() {
-        for (k, v) in [(&b"a"[..], &b""[..]), (b"http.url", &[b'x'; 200][..]), (&[b'k'; 130][..], &[b'v'; 20_000][..])]
-        {
-            let mut fast = Vec::new();
-            kv_str(&mut fast, 9, k, v);
-            let mut slow = Vec::new();
-            kv(&mut slow, 9, k, |o| bytes(o, any::STRING, v));
-            assert_eq!(fast, slow);
+        let mut cases = vec![(vec![b'k'; 130], vec![b'v'; 20_000])];
+        // Around the one-byte fast path's edge (a KeyValue of 127 bytes) and a two-byte key.
+        for kl in [0, 1, 60, 119, 120, 121, 126, 127, 128] {
+            for vl in [0, 1, 2, 118, 119, 120, 121, 125, 126, 127, 128, 200] {
+                cases.push((vec![b'k'; kl], vec![b'v'; vl]));
+            }
+        }
+        for (k, v) in &cases {
+            for field in [1, 9, 15, 16, 17] {
+                let mut fast = Vec::new();
+                kv_str(&mut fast, field, k, v);
+                let mut slow = Vec::new();
+                kv(&mut slow, field, k, |o| bytes(o, any::STRING, v));
+                assert_eq!(fast, slow, "key {} value {} field {field}", k.len(), v.len());
+            }
         }
     }
 
