@@ -5,6 +5,7 @@
 //! no per-tag `String`s); at `finish` its fields and arenas are copied as they are into its
 //! worker's queue ([`Finished`]) and the flush thread encodes the OTLP `Span` message. An
 //! unsampled span keeps only its ids, for propagation.
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -169,11 +170,13 @@ impl Span {
         if !self.sampled {
             return;
         }
+        let (k, v) = (clip(k), clip(v));
         if self.tags.is_empty() {
+            // Envoy sets a dozen tags per span, ~600 bytes in all.
             self.tags.reserve(768);
         }
-        put(&mut self.tags, k);
-        put(&mut self.tags, v);
+        let (kl, vl) = ((k.len() as u32).to_le_bytes(), (v.len() as u32).to_le_bytes());
+        append(&mut self.tags, [&kl, k, &vl, v]);
     }
 
     /// Records an event (span log).
@@ -263,6 +266,9 @@ pub struct Finished<'a> {
     events: &'a [u8],
 }
 
+/// The tag that sets a span's status (see [`Finished::is_error_status`]).
+const STATUS_CODE: &[u8] = b"http.status_code";
+
 /// Bytes of a record's fixed part: ids, flags, kind, start and end.
 const FIXED: usize = 16 + 8 + 8 + 1 + 1 + 8 + 8;
 
@@ -319,13 +325,9 @@ impl<'a> Finished<'a> {
     /// Status ERROR as Envoy's OpenTelemetry tracer sets it: from `http.status_code`, 5xx on
     /// server spans, 4xx and 5xx on client spans (OpenTelemetry's HTTP semantic conventions).
     /// The `error` tag alone (e.g. upstream connection failure, status 0) leaves it unset.
-    fn is_error(&self) -> bool {
-        let mut code = None;
-        for (k, v) in self.tags() {
-            if k == b"http.status_code" {
-                code = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u32>().ok());
-            }
-        }
+    /// `code`: the value of the last `http.status_code` tag.
+    fn is_error_status(&self, code: Option<&[u8]>) -> bool {
+        let code = code.and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
         let min = if self.kind == KIND_SERVER { 500 } else { 400 };
         code.is_some_and(|c| (min..600).contains(&c))
     }
@@ -344,46 +346,29 @@ impl<'a> Finished<'a> {
         proto::uint(out, 6, self.kind);
         proto::fixed64(out, 7, self.start_ns);
         proto::fixed64(out, 8, self.end_ns);
-        // Envoy sends ~10–20 tags per span: index them on the stack (a Vec past 32).
-        let mut stack: [(&[u8], &[u8]); 32] = [(&[], &[]); 32];
-        let mut heap = Vec::new();
-        let mut n = 0;
-        for t in self.tags() {
-            if n < stack.len() {
-                stack[n] = t;
-            } else {
-                heap.push(t);
-            }
-            n += 1;
-        }
-        let tags: &[(&[u8], &[u8])] = if n <= stack.len() {
-            &stack[..n]
-        } else {
-            heap.splice(0..0, stack);
-            &heap
-        };
+        // Protobuf strings must be UTF-8. Envoy's tags are nearly always ASCII: one check over
+        // the whole arena (its u32 length prefixes are ASCII bytes too while every length is
+        // below 128) spares checking each key and value.
+        let ascii = self.tags.is_ascii();
+        let text = |b| if ascii { Cow::Borrowed(b) } else { utf8(b) };
         // The last value of a repeated key wins, as with an OpenTelemetry SDK's SetAttribute.
-        // Walking backwards, a key is compared with the later ones only when its signature
-        // bit was already seen (rare: Envoy's tag keys are distinct).
-        let mut later = 0u64;
-        let mut stack_dup = [false; 32];
-        let mut heap_dup = Vec::new();
-        let dup: &mut [bool] = if n <= stack_dup.len() {
-            &mut stack_dup[..n]
-        } else {
-            heap_dup.resize(n, false);
-            &mut heap_dup
-        };
-        for i in (0..n).rev() {
-            let k = tags[i].0;
+        // A first pass marks the key signatures seen more than once (rare: Envoy's tag keys are
+        // distinct); only a key with such a signature is compared with the keys after it.
+        let (mut seen, mut twice) = (0u64, 0u64);
+        for (k, _) in self.tags() {
             let bit = 1u64 << (signature(k) & 63);
-            dup[i] = later & bit != 0 && tags[i + 1..].iter().any(|(k2, _)| *k2 == k);
-            later |= bit;
+            twice |= seen & bit;
+            seen |= bit;
         }
-        for (i, (k, v)) in tags.iter().enumerate() {
-            if !dup[i] {
-                proto::kv_str(out, 9, &utf8(k), &utf8(v));
+        let (mut rest, mut code) = (self.tags(), None);
+        while let Some((k, v)) = rest.next() {
+            if twice & 1u64 << (signature(k) & 63) != 0 && rest.clone().any(|(k2, _)| k2 == k) {
+                continue;
             }
+            if k == STATUS_CODE {
+                code = Some(v);
+            }
+            proto::kv_str(out, 9, &text(k), &text(v));
         }
         let mut ev = self.events;
         while ev.len() >= 12 {
@@ -399,7 +384,7 @@ impl<'a> Finished<'a> {
         // flags: W3C trace flags (sampled) + "has is_remote" (0x100) + is_remote (0x200).
         let remote = if self.remote_parent { 0x300 } else { 0x100 };
         proto::fixed32(out, 16, remote | u32::from(self.sampled));
-        if self.is_error() {
+        if self.is_error_status(code) {
             proto::message(out, 15, |o| proto::uint(o, 3, 2));
         }
     }
@@ -413,11 +398,33 @@ fn signature(k: &[u8]) -> u32 {
 }
 
 fn put(buf: &mut Vec<u8>, b: &[u8]) {
-    let b = &b[..b.len().min(u32::MAX as usize)];
+    let b = clip(b);
     buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
     buf.extend_from_slice(b);
 }
 
+/// At most what a u32 length prefix can describe.
+fn clip(b: &[u8]) -> &[u8] {
+    &b[..b.len().min(u32::MAX as usize)]
+}
+
+/// Appends `parts` with one capacity check: `set_tag` runs on Envoy's worker two dozen times
+/// a request, and four `extend_from_slice` calls cost twice the copying itself.
+fn append<const N: usize>(buf: &mut Vec<u8>, parts: [&[u8]; N]) {
+    let n: usize = parts.iter().map(|p| p.len()).sum();
+    buf.reserve(n);
+    let mut at = buf.len();
+    for p in parts {
+        // SAFETY: `reserve(n)` left room for the n bytes of `parts` after the length; a
+        // shared slice cannot overlap the vector's spare capacity, which nothing else borrows.
+        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), buf.as_mut_ptr().add(at), p.len()) };
+        at += p.len();
+    }
+    // SAFETY: every byte up to `at` is initialized: the old contents, then `parts` above.
+    unsafe { buf.set_len(at) };
+}
+
+#[derive(Clone)]
 struct TagIter<'a> {
     b: &'a [u8],
 }
@@ -437,11 +444,11 @@ impl<'a> Iterator for TagIter<'a> {
 }
 
 /// Protobuf strings must be UTF-8.
-fn utf8(b: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+fn utf8(b: &[u8]) -> Cow<'_, [u8]> {
     if b.is_ascii() || std::str::from_utf8(b).is_ok() {
-        std::borrow::Cow::Borrowed(b)
+        Cow::Borrowed(b)
     } else {
-        std::borrow::Cow::Owned(String::from_utf8_lossy(b).into_owned().into_bytes())
+        Cow::Owned(String::from_utf8_lossy(b).into_owned().into_bytes())
     }
 }
 
@@ -478,11 +485,16 @@ mod tests {
         // Client spans: 4xx is an error too; `error` without a status code is not.
         let mut c = s.child(b"router", 11);
         c.set_tag(b"http.status_code", b"404");
-        assert!(c.finished(12).is_error());
+        let is_error = |c: &Span| {
+            let mut out = Vec::new();
+            c.encode(12, &mut out);
+            proto::get_bytes(&out, 15).is_some()
+        };
+        assert!(is_error(&c));
         let mut c = s.child(b"router", 11);
         c.set_tag(b"error", b"true");
         c.set_tag(b"http.status_code", b"0");
-        assert!(!c.finished(12).is_error());
+        assert!(!is_error(&c));
         s.set_tag(b"bad", b"a\xffb");
         s.log(12, b"retry");
         let mut out = Vec::new();
@@ -507,13 +519,32 @@ mod tests {
     }
 
     #[test]
-    fn many_tags_spill_to_the_heap_and_still_dedupe() {
+    fn append_equals_concatenation() {
+        let mut buf = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..300usize {
+            let a = vec![i as u8; i % 7];
+            let b = vec![!(i as u8); i * 13 % 101];
+            append(&mut buf, [&a, &[], &b]);
+            want.extend_from_slice(&a);
+            want.extend_from_slice(&b);
+            assert_eq!(buf, want);
+        }
+    }
+
+    #[test]
+    fn many_tags_dedupe_and_long_or_invalid_values_stay_valid() {
         let mut s = Span::new([1; 16], [0; 8], true, KIND_SERVER, 1, b"x");
         s.set_tag(b"dup", b"first");
+        // 40 keys over 64 signature bits: some share a signature without being equal.
         for i in 0..40 {
             s.set_tag(format!("k{i}").as_bytes(), b"v");
         }
         s.set_tag(b"dup", b"last");
+        // A value of 200 bytes puts a non-ASCII byte in the arena's length prefix: every key
+        // and value is then checked one by one.
+        s.set_tag(b"long", &[b'a'; 200]);
+        s.set_tag(b"bin", b"\xc3\x28");
         let mut out = Vec::new();
         s.encode(2, &mut out);
         let kvs: Vec<&[u8]> = proto::Reader::new(&out)
@@ -522,9 +553,17 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(kvs.len(), 41);
-        let dup = kvs.iter().find(|kv| proto::get_bytes(kv, 1) == Some(b"dup")).unwrap();
-        assert_eq!(proto::get_bytes(proto::get_bytes(dup, 2).unwrap(), 1), Some(&b"last"[..]));
+        assert_eq!(kvs.len(), 43);
+        let value = |k: &[u8]| {
+            let kv = kvs.iter().find(|kv| proto::get_bytes(kv, 1) == Some(k)).unwrap();
+            proto::get_bytes(proto::get_bytes(kv, 2).unwrap(), 1).unwrap().to_vec()
+        };
+        assert_eq!(value(b"dup"), b"last");
+        assert_eq!(value(b"long"), [b'a'; 200]);
+        assert_eq!(value(b"bin"), "\u{fffd}(".as_bytes());
+        for i in 0..40 {
+            assert_eq!(value(format!("k{i}").as_bytes()), b"v");
+        }
     }
 
     fn attributes(encoded: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
