@@ -127,6 +127,10 @@ pub struct Span {
     /// Incoming headers injection must correct (inherited by children).
     pub carry: Carry,
     tags: Vec<u8>,
+    /// Key signatures (one bit each, see [`signature`]) seen once, and seen again: the flush
+    /// thread compares keys only when a signature repeated.
+    keys_seen: u64,
+    keys_twice: u64,
     events: Vec<u8>,
     finished: bool,
     hex: [u8; 48],
@@ -149,6 +153,8 @@ impl Span {
             baggage: Vec::new(),
             carry: Carry::default(),
             tags: Vec::new(),
+            keys_seen: 0,
+            keys_twice: 0,
             events: Vec::new(),
             finished: false,
             hex: [0; 48],
@@ -166,6 +172,7 @@ impl Span {
     }
 
     /// Records a tag (sampled spans only; a repeated key keeps its last value).
+    #[inline]
     pub fn set_tag(&mut self, k: &[u8], v: &[u8]) {
         if !self.sampled {
             return;
@@ -176,7 +183,10 @@ impl Span {
             self.tags.reserve(768);
         }
         let (kl, vl) = ((k.len() as u32).to_le_bytes(), (v.len() as u32).to_le_bytes());
-        append(&mut self.tags, [&kl, k, &vl, v]);
+        proto::append(&mut self.tags, [&kl, k, &vl, v]);
+        let bit = 1u64 << (signature(k) & 63);
+        self.keys_twice |= self.keys_seen & bit;
+        self.keys_seen |= bit;
     }
 
     /// Records an event (span log).
@@ -232,6 +242,7 @@ impl Span {
             kind: self.kind,
             start_ns: self.start_ns,
             end_ns: end_ns.max(self.start_ns),
+            keys_twice: self.keys_twice,
             name: self.name.as_bytes(),
             tracestate: &self.tracestate,
             tags: &self.tags,
@@ -260,6 +271,8 @@ pub struct Finished<'a> {
     kind: u64,
     start_ns: u64,
     end_ns: u64,
+    /// [`Span`]'s `keys_twice`: zero when no two tag keys can be equal.
+    keys_twice: u64,
     name: &'a [u8],
     tracestate: &'a [u8],
     tags: &'a [u8],
@@ -269,8 +282,8 @@ pub struct Finished<'a> {
 /// The tag that sets a span's status (see [`Finished::is_error_status`]).
 const STATUS_CODE: &[u8] = b"http.status_code";
 
-/// Bytes of a record's fixed part: ids, flags, kind, start and end.
-const FIXED: usize = 16 + 8 + 8 + 1 + 1 + 8 + 8;
+/// Bytes of a record's fixed part: ids, flags, kind, start, end and the repeated-key mask.
+const FIXED: usize = 16 + 8 + 8 + 1 + 1 + 8 + 8 + 8;
 
 impl<'a> Finished<'a> {
     /// Appends the queue record: the fixed part, then name, tracestate, tags and events, each
@@ -285,6 +298,7 @@ impl<'a> Finished<'a> {
         out.push(self.kind as u8);
         out.extend_from_slice(&self.start_ns.to_le_bytes());
         out.extend_from_slice(&self.end_ns.to_le_bytes());
+        out.extend_from_slice(&self.keys_twice.to_le_bytes());
         for p in parts {
             put(out, p);
         }
@@ -311,6 +325,7 @@ impl<'a> Finished<'a> {
             kind: u64::from(fixed[33]),
             start_ns: u64_at(34),
             end_ns: u64_at(42),
+            keys_twice: u64_at(50),
             name,
             tracestate,
             tags,
@@ -352,17 +367,12 @@ impl<'a> Finished<'a> {
         let ascii = self.tags.is_ascii();
         let text = |b| if ascii { Cow::Borrowed(b) } else { utf8(b) };
         // The last value of a repeated key wins, as with an OpenTelemetry SDK's SetAttribute.
-        // A first pass marks the key signatures seen more than once (rare: Envoy's tag keys are
-        // distinct); only a key with such a signature is compared with the keys after it.
-        let (mut seen, mut twice) = (0u64, 0u64);
-        for (k, _) in self.tags() {
-            let bit = 1u64 << (signature(k) & 63);
-            twice |= seen & bit;
-            seen |= bit;
-        }
+        // `set_tag` marked the key signatures it saw more than once (rare: Envoy's tag keys
+        // are distinct); only a key with such a signature is compared with the keys after it.
+        let twice = self.keys_twice;
         let (mut rest, mut code) = (self.tags(), None);
         while let Some((k, v)) = rest.next() {
-            if twice & 1u64 << (signature(k) & 63) != 0 && rest.clone().any(|(k2, _)| k2 == k) {
+            if twice != 0 && twice & 1u64 << (signature(k) & 63) != 0 && rest.clone().any(|(k2, _)| k2 == k) {
                 continue;
             }
             if k == STATUS_CODE {
@@ -391,6 +401,7 @@ impl<'a> Finished<'a> {
 }
 
 /// A cheap hash of a tag key (its length and three of its bytes).
+#[inline]
 fn signature(k: &[u8]) -> u32 {
     let (first, last) = (k.first().copied().unwrap_or(0), k.last().copied().unwrap_or(0));
     let mid = k.get(k.len() / 2).copied().unwrap_or(0);
@@ -406,22 +417,6 @@ fn put(buf: &mut Vec<u8>, b: &[u8]) {
 /// At most what a u32 length prefix can describe.
 fn clip(b: &[u8]) -> &[u8] {
     &b[..b.len().min(u32::MAX as usize)]
-}
-
-/// Appends `parts` with one capacity check: `set_tag` runs on Envoy's worker two dozen times
-/// a request, and four `extend_from_slice` calls cost twice the copying itself.
-fn append<const N: usize>(buf: &mut Vec<u8>, parts: [&[u8]; N]) {
-    let n: usize = parts.iter().map(|p| p.len()).sum();
-    buf.reserve(n);
-    let mut at = buf.len();
-    for p in parts {
-        // SAFETY: `reserve(n)` left room for the n bytes of `parts` after the length; a
-        // shared slice cannot overlap the vector's spare capacity, which nothing else borrows.
-        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), buf.as_mut_ptr().add(at), p.len()) };
-        at += p.len();
-    }
-    // SAFETY: every byte up to `at` is initialized: the old contents, then `parts` above.
-    unsafe { buf.set_len(at) };
 }
 
 #[derive(Clone)]
@@ -519,20 +514,6 @@ mod tests {
     }
 
     #[test]
-    fn append_equals_concatenation() {
-        let mut buf = Vec::new();
-        let mut want = Vec::new();
-        for i in 0..300usize {
-            let a = vec![i as u8; i % 7];
-            let b = vec![!(i as u8); i * 13 % 101];
-            append(&mut buf, [&a, &[], &b]);
-            want.extend_from_slice(&a);
-            want.extend_from_slice(&b);
-            assert_eq!(buf, want);
-        }
-    }
-
-    #[test]
     fn many_tags_dedupe_and_long_or_invalid_values_stay_valid() {
         let mut s = Span::new([1; 16], [0; 8], true, KIND_SERVER, 1, b"x");
         s.set_tag(b"dup", b"first");
@@ -546,7 +527,10 @@ mod tests {
         s.set_tag(b"long", &[b'a'; 200]);
         s.set_tag(b"bin", b"\xc3\x28");
         let mut out = Vec::new();
-        s.encode(2, &mut out);
+        // Through the queue record, as on the flush thread (the repeated-key mask travels in it).
+        let mut rec = Vec::new();
+        s.finished(2).write(&mut rec);
+        Finished::read(&rec).expect("reads back").encode(&mut out);
         let kvs: Vec<&[u8]> = proto::Reader::new(&out)
             .filter_map(|(n, v)| match v {
                 proto::Field::Bytes(b) if n == 9 => Some(b),

@@ -131,6 +131,23 @@ pub mod any {
     pub const KVLIST: u32 = 6;
 }
 
+/// Appends `parts` with one capacity check (`extend_from_slice` checks each time: for a few
+/// short slices that costs as much as the copying).
+#[inline]
+pub fn append<const N: usize>(buf: &mut Vec<u8>, parts: [&[u8]; N]) {
+    let n: usize = parts.iter().map(|p| p.len()).sum();
+    buf.reserve(n);
+    let mut at = buf.len();
+    for p in parts {
+        // SAFETY: `reserve(n)` left room for the n bytes of `parts` after the length; a
+        // shared slice cannot overlap the vector's spare capacity, which nothing else borrows.
+        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), buf.as_mut_ptr().add(at), p.len()) };
+        at += p.len();
+    }
+    // SAFETY: every byte up to `at` is initialized: the old contents, then `parts` above.
+    unsafe { buf.set_len(at) };
+}
+
 /// A `KeyValue` (field `field` of the enclosing message) whose value is a string. Lengths
 /// are computed up front: one reservation, no back-patching (this is the per-attribute path).
 pub fn kv_str(out: &mut Vec<u8>, field: u32, k: &[u8], v: &[u8]) {
@@ -138,12 +155,9 @@ pub fn kv_str(out: &mut Vec<u8>, field: u32, k: &[u8], v: &[u8]) {
         // The usual attribute: short key, short value. Every key and length takes one byte:
         // two 4-byte headers and the two strings.
         let (any_len, kv_len) = (2 + v.len(), 6 + k.len() + v.len());
-        out.reserve(2 + kv_len);
-        out.extend_from_slice(&[(field << 3) as u8 | LEN as u8, kv_len as u8, (1 << 3) | LEN as u8, k.len() as u8]);
-        out.extend_from_slice(k);
-        let string = ((any::STRING << 3) | LEN) as u8;
-        out.extend_from_slice(&[(2 << 3) | LEN as u8, any_len as u8, string, v.len() as u8]);
-        out.extend_from_slice(v);
+        let kv_head = [(field << 3) as u8 | LEN as u8, kv_len as u8, (1 << 3) | LEN as u8, k.len() as u8];
+        let any_head = [(2 << 3) | LEN as u8, any_len as u8, ((any::STRING << 3) | LEN) as u8, v.len() as u8];
+        append(out, [&kv_head, k, &any_head, v]);
         return;
     }
     let any_len = 1 + varint_len(v.len() as u64) + v.len();
@@ -311,6 +325,19 @@ mod tests {
                 kv(&mut slow, field, k, |o| bytes(o, any::STRING, v));
                 assert_eq!(fast, slow, "key {} value {} field {field}", k.len(), v.len());
             }
+        }
+    }
+
+    #[test]
+    fn append_equals_concatenation() {
+        let (mut buf, mut want) = (Vec::new(), Vec::new());
+        for i in 0..300usize {
+            let a = vec![i as u8; i % 7];
+            let b = vec![!(i as u8); i * 13 % 101];
+            append(&mut buf, [&a, &[], &b]);
+            want.extend_from_slice(&a);
+            want.extend_from_slice(&b);
+            assert_eq!(buf, want);
         }
     }
 
