@@ -289,19 +289,19 @@ impl<'a> Finished<'a> {
     /// Appends the queue record: the fixed part, then name, tracestate, tags and events, each
     /// length-prefixed.
     pub fn write(&self, out: &mut Vec<u8>) {
-        let parts = [self.name, self.tracestate, self.tags, self.events];
-        out.reserve(FIXED + parts.iter().map(|p| 4 + p.len()).sum::<usize>());
-        out.extend_from_slice(&self.trace_id);
-        out.extend_from_slice(&self.span_id);
-        out.extend_from_slice(&self.parent);
-        out.push(u8::from(self.sampled) | u8::from(self.remote_parent) << 1);
-        out.push(self.kind as u8);
-        out.extend_from_slice(&self.start_ns.to_le_bytes());
-        out.extend_from_slice(&self.end_ns.to_le_bytes());
-        out.extend_from_slice(&self.keys_twice.to_le_bytes());
-        for p in parts {
-            put(out, p);
-        }
+        let mut fixed = [0u8; FIXED];
+        fixed[..16].copy_from_slice(&self.trace_id);
+        fixed[16..24].copy_from_slice(&self.span_id);
+        fixed[24..32].copy_from_slice(&self.parent);
+        fixed[32] = u8::from(self.sampled) | u8::from(self.remote_parent) << 1;
+        fixed[33] = self.kind as u8;
+        fixed[34..42].copy_from_slice(&self.start_ns.to_le_bytes());
+        fixed[42..50].copy_from_slice(&self.end_ns.to_le_bytes());
+        fixed[50..58].copy_from_slice(&self.keys_twice.to_le_bytes());
+        let (name, ts, tags, ev) = (clip(self.name), clip(self.tracestate), clip(self.tags), clip(self.events));
+        let len = |b: &[u8]| (b.len() as u32).to_le_bytes();
+        let (nl, tl, gl, el) = (len(name), len(ts), len(tags), len(ev));
+        proto::append(out, [&fixed, &nl, name, &tl, ts, &gl, tags, &el, ev]);
     }
 
     /// Reads a record [`Finished::write`] made; `None` if it is malformed.
