@@ -152,6 +152,23 @@ def test_permanent_errors_and_partial_success_are_counted_not_retried(tmp_path):
         assert "collector rejected 2 of 5 records: attribute too long" in e.log()
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_response_over_1_mib_is_a_delivery_not_a_retry(tmp_path, protocol):
+    # We read at most 1 MiB of a response. A bigger one (here a partial success with a 2 MiB
+    # message) still says the collector took the request: gRPC sends a response message only
+    # for a call that succeeded. Retrying it (gRPC OUT_OF_RANGE is retryable) sent every
+    # record again until the retry time ran out.
+    with OtlpReceiver(protocol) as rx:
+        rx.partial_success(rejected=0, message="x" * (2 << 20))
+        e, port = otlp_envoy(tmp_path, logger_config(rx, flush_interval_ms=300))
+        with e:
+            for _ in range(3):
+                curl(f"http://127.0.0.1:{port}/")
+            s = drained(e, 3)
+        assert [a.outcome for a in rx.attempts("logs")] == ["partial"]
+        assert (s["records_exported"], s["records_failed"], s["export_retries"]) == (3, 0, 0)
+
+
 def h2load_for(url: str, seconds: int, rps: int, clients: int = 4) -> subprocess.Popen:
     return subprocess.Popen(["h2load", "--h1", "-c", str(clients), "-t", "1", f"--rps={rps // clients}",
                              "-D", str(seconds), url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -283,6 +283,12 @@ impl Client {
         let path = http::uri::PathAndQuery::from_static(self.settings.signal.grpc_path());
         match grpc.unary(req, path, RawCodec).await {
             Ok(resp) => Attempt::Done(partial_success(resp.get_ref())),
+            Err(status) if response_too_large(&status) => {
+                // The collector answered with a message, which a gRPC server sends only for a
+                // call that succeeded; we only refused to read more than 1 MiB of it (its
+                // partial-success details are lost). Retrying would deliver the records twice.
+                Attempt::Done(Delivery::Accepted { rejected: 0, message: String::new() })
+            }
             Err(status) => classify_grpc(&status),
         }
     }
@@ -358,6 +364,11 @@ fn classify_grpc(s: &Status) -> Attempt {
         Code::ResourceExhausted if after.is_some() => Attempt::Retry { after, reason },
         _ => Attempt::Done(Delivery::Failed(reason)),
     }
+}
+
+/// The status tonic makes when a response message is over `max_decoding_message_size`.
+fn response_too_large(s: &Status) -> bool {
+    s.code() == Code::OutOfRange && s.message().starts_with("Error, decoded message length too large")
 }
 
 /// A `Retry-After` header in delay-seconds form (the HTTP-date form is not honoured: the
