@@ -194,8 +194,8 @@ impl Span {
         if !self.sampled {
             return;
         }
-        self.events.extend_from_slice(&ts_ns.to_le_bytes());
-        put(&mut self.events, event);
+        let event = clip(event);
+        proto::append(&mut self.events, [&ts_ns.to_le_bytes(), &(event.len() as u32).to_le_bytes(), event]);
     }
 
     /// Sets a baggage entry (propagated to children and, with the baggage propagator, upstream).
@@ -409,12 +409,6 @@ fn signature(k: &[u8]) -> u32 {
     let mid = k.get(k.len() / 2).copied().unwrap_or(0);
     let x = k.len() as u32 ^ u32::from(first) << 8 ^ u32::from(last) << 16 ^ u32::from(mid) << 24;
     x.wrapping_mul(0x9E37_79B1) >> 26
-}
-
-fn put(buf: &mut Vec<u8>, b: &[u8]) {
-    let b = clip(b);
-    buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    buf.extend_from_slice(b);
 }
 
 /// At most what a u32 length prefix can describe.
