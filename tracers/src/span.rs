@@ -2,9 +2,10 @@
 //! `start_span` / `spawn_child` to `destroy`.
 //!
 //! A sampled span collects its tags and events in two flat byte arenas (one allocation each,
-//! no per-tag `String`s); at `finish` its fields and arenas are copied as they are into its
-//! worker's queue ([`Finished`]) and the flush thread encodes the OTLP `Span` message. An
-//! unsampled span keeps only its ids, for propagation.
+//! no per-tag `String`s); the tags go in already encoded as the OTLP `Span.attributes`
+//! `KeyValue`s they become. At `finish` its fields and arenas are copied as they are into its
+//! worker's queue ([`Finished`]) and the flush thread encodes the OTLP `Span` message around
+//! them. An unsampled span keeps only its ids, for propagation.
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -126,7 +127,10 @@ pub struct Span {
     pub baggage: Vec<Member>,
     /// Incoming headers injection must correct (inherited by children).
     pub carry: Carry,
+    /// Tags as encoded `Span.attributes` entries (field 9 `KeyValue`s), in the order set.
     tags: Vec<u8>,
+    /// The last `http.status_code` tag as a number (0: none, or not a number).
+    status_code: u32,
     /// Key signatures (one bit each, see [`signature`]) seen once, and seen again: the flush
     /// thread compares keys only when a signature repeated.
     keys_seen: u64,
@@ -153,6 +157,7 @@ impl Span {
             baggage: Vec::new(),
             carry: Carry::default(),
             tags: Vec::new(),
+            status_code: 0,
             keys_seen: 0,
             keys_twice: 0,
             events: Vec::new(),
@@ -171,20 +176,25 @@ impl Span {
         c
     }
 
-    /// Records a tag (sampled spans only; a repeated key keeps its last value).
+    /// Records a tag (sampled spans only; a repeated key keeps its last value), encoded as
+    /// the attribute it becomes: the flush thread then copies the arena whole when it can
+    /// (see [`Finished::encode`]).
     #[inline]
     pub fn set_tag(&mut self, k: &[u8], v: &[u8]) {
         if !self.sampled {
             return;
         }
-        let (k, v) = (clip(k), clip(v));
         if self.tags.is_empty() {
             // Envoy sets a dozen tags per span, ~600 bytes in all.
             self.tags.reserve(768);
         }
-        let (kl, vl) = ((k.len() as u32).to_le_bytes(), (v.len() as u32).to_le_bytes());
-        proto::append(&mut self.tags, [&kl, k, &vl, v]);
-        let bit = 1u64 << signature(k);
+        proto::kv_str(&mut self.tags, ATTRIBUTES, k, v);
+        let sig = signature(k);
+        // (As an array compare: two words, no memcmp call.)
+        if sig == STATUS_SIGNATURE && <&[u8; 16]>::try_from(k).is_ok_and(|a| a == STATUS_CODE) {
+            self.status_code = decimal(v);
+        }
+        let bit = 1u64 << sig;
         self.keys_twice |= self.keys_seen & bit;
         self.keys_seen |= bit;
     }
@@ -243,6 +253,7 @@ impl Span {
             start_ns: self.start_ns,
             end_ns: end_ns.max(self.start_ns),
             keys_twice: self.keys_twice,
+            status_code: self.status_code,
             name: self.name.as_bytes(),
             tracestate: &self.tracestate,
             tags: &self.tags,
@@ -273,6 +284,8 @@ pub struct Finished<'a> {
     end_ns: u64,
     /// [`Span`]'s `keys_twice`: zero when no two tag keys can be equal.
     keys_twice: u64,
+    /// [`Span`]'s `status_code`.
+    status_code: u32,
     name: &'a [u8],
     tracestate: &'a [u8],
     tags: &'a [u8],
@@ -280,10 +293,25 @@ pub struct Finished<'a> {
 }
 
 /// The tag that sets a span's status (see [`Finished::is_error_status`]).
-const STATUS_CODE: &[u8] = b"http.status_code";
+const STATUS_CODE: &[u8; 16] = b"http.status_code";
 
-/// Bytes of a record's fixed part: ids, flags, kind, start, end and the repeated-key mask.
-const FIXED: usize = 16 + 8 + 8 + 1 + 1 + 8 + 8 + 8;
+/// [`signature`] of [`STATUS_CODE`]: `set_tag` compares only keys that have it.
+const STATUS_SIGNATURE: u32 = signature(STATUS_CODE);
+
+/// A status code as Envoy writes it (decimal digits); anything else is 0, "none".
+fn decimal(v: &[u8]) -> u32 {
+    if v.is_empty() || v.len() > 9 {
+        return 0;
+    }
+    v.iter().try_fold(0, |n, &c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))).unwrap_or(0)
+}
+
+/// `Span.attributes`.
+const ATTRIBUTES: u32 = 9;
+
+/// Bytes of a record's fixed part: ids, flags, kind, start, end, the repeated-key mask and the
+/// status code.
+const FIXED: usize = 16 + 8 + 8 + 1 + 1 + 8 + 8 + 8 + 4;
 
 impl<'a> Finished<'a> {
     /// Appends the queue record: the fixed part, then name, tracestate, tags and events, each
@@ -298,6 +326,7 @@ impl<'a> Finished<'a> {
         fixed[34..42].copy_from_slice(&self.start_ns.to_le_bytes());
         fixed[42..50].copy_from_slice(&self.end_ns.to_le_bytes());
         fixed[50..58].copy_from_slice(&self.keys_twice.to_le_bytes());
+        fixed[58..62].copy_from_slice(&self.status_code.to_le_bytes());
         let (name, ts, tags, ev) = (clip(self.name), clip(self.tracestate), clip(self.tags), clip(self.events));
         let len = |b: &[u8]| (b.len() as u32).to_le_bytes();
         let (nl, tl, gl, el) = (len(name), len(ts), len(tags), len(ev));
@@ -316,6 +345,7 @@ impl<'a> Finished<'a> {
         };
         let (name, tracestate, tags, events) = (part()?, part()?, part()?, part()?);
         let u64_at = |i: usize| u64::from_le_bytes(fixed[i..i + 8].try_into().unwrap_or([0; 8]));
+        let status_code = u32::from_le_bytes(fixed[58..62].try_into().unwrap_or([0; 4]));
         Some(Finished {
             trace_id: fixed[..16].try_into().ok()?,
             span_id: fixed[16..24].try_into().ok()?,
@@ -326,6 +356,7 @@ impl<'a> Finished<'a> {
             start_ns: u64_at(34),
             end_ns: u64_at(42),
             keys_twice: u64_at(50),
+            status_code,
             name,
             tracestate,
             tags,
@@ -333,18 +364,13 @@ impl<'a> Finished<'a> {
         })
     }
 
-    fn tags(&self) -> TagIter<'a> {
-        TagIter { b: self.tags }
-    }
-
-    /// Status ERROR as Envoy's OpenTelemetry tracer sets it: from `http.status_code`, 5xx on
-    /// server spans, 4xx and 5xx on client spans (OpenTelemetry's HTTP semantic conventions).
-    /// The `error` tag alone (e.g. upstream connection failure, status 0) leaves it unset.
-    /// `code`: the value of the last `http.status_code` tag.
-    fn is_error_status(&self, code: Option<&[u8]>) -> bool {
-        let code = code.and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
+    /// Status ERROR as Envoy's OpenTelemetry tracer sets it: from the last `http.status_code`
+    /// tag, 5xx on server spans, 4xx and 5xx on client spans (OpenTelemetry's HTTP semantic
+    /// conventions). The `error` tag alone (e.g. upstream connection failure, status 0) leaves
+    /// it unset.
+    fn is_error_status(&self) -> bool {
         let min = if self.kind == KIND_SERVER { 500 } else { 400 };
-        code.is_some_and(|c| (min..600).contains(&c))
+        (min..600).contains(&self.status_code)
     }
 
     /// Encodes the body of an OTLP `Span` message.
@@ -361,24 +387,27 @@ impl<'a> Finished<'a> {
         proto::uint(out, 6, self.kind);
         proto::fixed64(out, 7, self.start_ns);
         proto::fixed64(out, 8, self.end_ns);
-        // Protobuf strings must be UTF-8. Envoy's tags are nearly always ASCII: one check over
-        // the whole arena (its u32 length prefixes are ASCII bytes too while every length is
-        // below 128) spares checking each key and value.
+        // The arena holds the attributes already encoded. Protobuf strings must be UTF-8, and
+        // Envoy's tags are nearly always short ASCII: then every byte of the arena, framing
+        // included, is below 0x80 (see `proto::KV_STR_SHORT`), one check spares checking each
+        // key and value, and with no repeated key the arena is the attributes as they are.
         let ascii = self.tags.is_ascii();
-        let text = |b| if ascii { Cow::Borrowed(b) } else { utf8(b) };
-        // The last value of a repeated key wins, as with an OpenTelemetry SDK's SetAttribute.
-        // `set_tag` marked the key signatures it saw more than once (rare: Envoy's tag keys
-        // are distinct); only a key with such a signature is compared with the keys after it.
         let twice = self.keys_twice;
-        let (mut rest, mut code) = (self.tags(), None);
-        while let Some((k, v)) = rest.next() {
-            if twice != 0 && twice & 1u64 << signature(k) != 0 && rest.clone().any(|(k2, _)| k2 == k) {
-                continue;
+        if ascii && twice == 0 {
+            out.extend_from_slice(self.tags);
+        } else {
+            // The last value of a repeated key wins, as with an OpenTelemetry SDK's
+            // SetAttribute. `set_tag` marked the key signatures it saw more than once (rare:
+            // Envoy's tag keys are distinct); only a key with such a signature is compared with
+            // the keys after it.
+            let text = |b| if ascii { Cow::Borrowed(b) } else { utf8(b) };
+            let mut rest = attributes(self.tags);
+            while let Some((k, v)) = rest.next() {
+                if twice != 0 && twice & 1u64 << signature(k) != 0 && rest.clone().any(|(k2, _)| k2 == k) {
+                    continue;
+                }
+                proto::kv_str(out, ATTRIBUTES, &text(k), &text(v));
             }
-            if k == STATUS_CODE {
-                code = Some(v);
-            }
-            proto::kv_str(out, 9, &text(k), &text(v));
         }
         let mut ev = self.events;
         while ev.len() >= 12 {
@@ -394,7 +423,7 @@ impl<'a> Finished<'a> {
         // flags: W3C trace flags (sampled) + "has is_remote" (0x100) + is_remote (0x200).
         let remote = if self.remote_parent { 0x300 } else { 0x100 };
         proto::fixed32(out, 16, remote | u32::from(self.sampled));
-        if self.is_error_status(code) {
+        if self.is_error_status() {
             proto::message(out, 15, |o| proto::uint(o, 3, 2));
         }
     }
@@ -404,10 +433,10 @@ impl<'a> Finished<'a> {
 /// golden ratio (Fibonacci hashing) and the top 6 bits taken. Envoy's own tag keys (16 on a
 /// server span, 9 on a client span) land on distinct values, so their spans compare no keys.
 #[inline]
-fn signature(k: &[u8]) -> u32 {
-    let (first, last) = (k.first().copied().unwrap_or(0), k.last().copied().unwrap_or(0));
-    let mid = k.get(k.len() / 2).copied().unwrap_or(0);
-    let x = k.len() as u32 ^ u32::from(first) << 8 ^ u32::from(last) << 16 ^ u32::from(mid) << 24;
+const fn signature(k: &[u8]) -> u32 {
+    let n = k.len();
+    let (first, last, mid) = if n == 0 { (0, 0, 0) } else { (k[0], k[n - 1], k[n / 2]) };
+    let x = n as u32 ^ (first as u32) << 8 ^ (last as u32) << 16 ^ (mid as u32) << 24;
     x.wrapping_mul(0x9E37_79B1) >> 26
 }
 
@@ -416,23 +445,15 @@ fn clip(b: &[u8]) -> &[u8] {
     &b[..b.len().min(u32::MAX as usize)]
 }
 
-#[derive(Clone)]
-struct TagIter<'a> {
-    b: &'a [u8],
-}
-
-impl<'a> Iterator for TagIter<'a> {
-    type Item = (&'a [u8], &'a [u8]);
-    fn next(&mut self) -> Option<Self::Item> {
-        let mut take = || {
-            let (len, rest) = self.b.split_first_chunk::<4>()?;
-            let n = (u32::from_le_bytes(*len) as usize).min(rest.len());
-            let (v, rest) = rest.split_at(n);
-            self.b = rest;
-            Some(v)
-        };
-        Some((take()?, take()?))
-    }
+/// The (key, value) of each attribute `set_tag` encoded into `tags`; anything malformed ends
+/// the iteration.
+fn attributes(tags: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
+    proto::Reader::new(tags).map_while(|(field, f)| match (field, f) {
+        (ATTRIBUTES, proto::Field::Bytes(kv)) => {
+            Some((proto::get_bytes(kv, 1)?, proto::get_bytes(proto::get_bytes(kv, 2)?, 1)?))
+        }
+        _ => None,
+    })
 }
 
 /// Protobuf strings must be UTF-8.
@@ -447,6 +468,9 @@ fn utf8(b: &[u8]) -> Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Longest value that, with a one-byte key, keeps a tag's framing one byte per length.
+    const KV_MAX: usize = proto::KV_STR_SHORT - 1;
 
     #[test]
     fn names_of_any_length_round_trip() {
@@ -508,6 +532,40 @@ mod tests {
                 assert_eq!(val, b"503");
             }
         }
+    }
+
+    #[test]
+    fn the_tag_arena_is_the_attributes_byte_for_byte() {
+        let tags: [(&[u8], &[u8]); 4] =
+            [(b"http.method", b"GET"), (b"", b""), (b"k", &[b'v'; KV_MAX]), (b"http.status_code", b"200")];
+        let mut s = Span::new([1; 16], [0; 8], true, KIND_SERVER, 1, b"x");
+        let mut want = Vec::new();
+        for (k, v) in tags {
+            s.set_tag(k, v);
+            proto::kv_str(&mut want, ATTRIBUTES, k, v);
+        }
+        assert!(s.tags.is_ascii(), "short ASCII tags: the flush thread copies the arena whole");
+        let mut out = Vec::new();
+        s.encode(2, &mut out);
+        assert!(out.windows(want.len()).any(|w| w == want));
+        // One long value: the arena's framing is no longer ASCII and each tag is written anew,
+        // to the same bytes.
+        s.set_tag(b"long", &[b'a'; 300]);
+        proto::kv_str(&mut want, ATTRIBUTES, b"long", &[b'a'; 300]);
+        assert!(!s.tags.is_ascii());
+        let mut out = Vec::new();
+        s.encode(2, &mut out);
+        assert!(out.windows(want.len()).any(|w| w == want));
+    }
+
+    #[test]
+    fn status_codes_are_read_as_envoy_writes_them() {
+        for (v, want) in [(&b"200"[..], 200), (b"503", 503), (b"0", 0), (b"", 0), (b"5x3", 0), (b"+503", 0)] {
+            assert_eq!(decimal(v), want, "{v:?}");
+        }
+        assert_eq!(decimal(b"999999999"), 999_999_999);
+        assert_eq!(decimal(b"4294967296"), 0, "too long to be a status code");
+        assert_eq!(STATUS_SIGNATURE, signature(b"http.status_code"));
     }
 
     #[test]

@@ -149,9 +149,11 @@ pub fn append<const N: usize>(buf: &mut Vec<u8>, parts: [&[u8]; N]) {
 }
 
 /// A `KeyValue` (field `field` of the enclosing message) whose value is a string. Lengths
-/// are computed up front: one reservation, no back-patching (this is the per-attribute path).
+/// are computed up front: one reservation, no back-patching (this is the per-attribute path;
+/// the tracer runs it on the worker for every tag).
+#[inline]
 pub fn kv_str(out: &mut Vec<u8>, field: u32, k: &[u8], v: &[u8]) {
-    if field < 16 && k.len() + v.len() <= 0x7f - 6 {
+    if field < 16 && k.len() + v.len() <= KV_STR_SHORT {
         // The usual attribute: short key, short value. Every key and length takes one byte:
         // two 4-byte headers and the two strings.
         let (any_len, kv_len) = (2 + v.len(), 6 + k.len() + v.len());
@@ -160,6 +162,15 @@ pub fn kv_str(out: &mut Vec<u8>, field: u32, k: &[u8], v: &[u8]) {
         append(out, [&kv_head, k, &any_head, v]);
         return;
     }
+    kv_str_long(out, field, k, v);
+}
+
+/// Longest key plus value that [`kv_str`] writes with one-byte lengths (for a field below 16,
+/// every byte of such a `KeyValue`'s framing is then below 0x80).
+pub const KV_STR_SHORT: usize = 0x7f - 6;
+
+#[inline(never)]
+fn kv_str_long(out: &mut Vec<u8>, field: u32, k: &[u8], v: &[u8]) {
     let any_len = 1 + varint_len(v.len() as u64) + v.len();
     let kv_len = 1 + varint_len(k.len() as u64) + k.len() + 1 + varint_len(any_len as u64) + any_len;
     out.reserve(kv_len + 6);
@@ -184,6 +195,7 @@ pub fn kv<R>(out: &mut Vec<u8>, field: u32, k: &[u8], value: impl FnOnce(&mut Ve
 }
 
 /// Reads protobuf fields; malformed input ends the iteration (never panics).
+#[derive(Clone)]
 pub struct Reader<'a> {
     buf: &'a [u8],
 }
