@@ -303,6 +303,22 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_set_tag(
     key: abi::EB,
     value: abi::EB,
 ) {
+    // Envoy sets ~25 tags per request at any sampling rate; an unsampled span keeps none, and
+    // says so before any of the work below (a separate function, so not even its stack frame).
+    // SAFETY: live span on its thread; reading a bool cannot panic.
+    if unsafe { span_mut(span) }.is_some_and(|s| !s.span.sampled) {
+        return;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { set_tag(span, key, value) }
+}
+
+/// `set_tag` on a sampled span.
+///
+/// # Safety
+/// As for the hook.
+#[inline(never)]
+unsafe fn set_tag(span: *const c_void, key: abi::EB, value: abi::EB) {
     guard("on_tracer_span_set_tag", (), || {
         // SAFETY: live span; buffers valid during the call.
         if let (Some(s), k, v) = unsafe { (span_mut(span), View::from_envoy(key), View::from_envoy(value)) } {
