@@ -506,6 +506,15 @@ pub(crate) mod tests {
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     #[test]
+    fn every_byte_is_hexed_as_format_does() {
+        let all: Vec<u8> = (0..=255).collect();
+        let mut out = vec![0u8; 512];
+        hex_to(&all, &mut out);
+        let want: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(out, want.as_bytes());
+    }
+
+    #[test]
     fn traceparent_rules() {
         let (t, s, f) = parse_traceparent(TP.as_bytes()).unwrap();
         assert_eq!((t[0], s[7], f), (0x4b, 0xb7, 1));
