@@ -446,7 +446,8 @@ fn clip(b: &[u8]) -> &[u8] {
 }
 
 /// The (key, value) of each string attribute (field 9) in `msg`: the tag arena `set_tag`
-/// wrote, or an encoded `Span`. Other fields are skipped; malformed input ends the iteration.
+/// wrote, or an encoded `Span`. Other fields, and attributes without a string key and value,
+/// are skipped; broken framing ends the iteration.
 fn attributes(msg: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
     proto::Reader::new(msg).filter_map(|(field, f)| match (field, f) {
         (ATTRIBUTES, proto::Field::Bytes(kv)) => {
