@@ -41,5 +41,11 @@ if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_SHA" ] \
   echo "$REQ_SHA" > "$REQ_STAMP"
 fi
 ENVOY_BIN=$("$VENV/bin/python" -c 'import envoy, pathlib; print(pathlib.Path(envoy.__file__).parent / "_bin" / "envoy")')
-"$ENVOY_BIN" --version | grep -q "/$ENVOY_VERSION/" || { echo "setup: wrong Envoy at $ENVOY_BIN"; exit 1; }
+# Capture the output first: `envoy --version | grep -q` under pipefail fails at random when grep
+# exits on the match before Envoy has finished writing (SIGPIPE, exit 141).
+ENVOY_VERSION_OUT=$("$ENVOY_BIN" --version 2>&1) || { echo "setup: $ENVOY_BIN --version failed: $ENVOY_VERSION_OUT"; exit 1; }
+case "$ENVOY_VERSION_OUT" in
+  */"$ENVOY_VERSION"/*) ;;
+  *) echo "setup: wrong Envoy at $ENVOY_BIN: $ENVOY_VERSION_OUT"; exit 1 ;;
+esac
 echo "setup: ok ($ENVOY_BIN)"
