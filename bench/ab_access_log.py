@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def main() -> None:
                 worker[v].append(alb.burst(proc, ports[v], REQUESTS)["worker_us"])
     finally:
         alb.stop_envoy(proc, admin, 30)
+    # The two access logs reach ~1 GB each in a 60-round run.
+    shutil.rmtree(wd)
     added = {v: [x - n for x, n in zip(worker[v], worker["none"])] for v in ("A", "B")}
     print(f"A = {a}\nB = {b}\n{ROUNDS} rounds x {REQUESTS:,} requests; no-log worker median "
           f"{statistics.median(worker['none']):.3f} µs/request, spread {alb.spread(worker['none']):.0%}")
