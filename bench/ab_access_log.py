@@ -15,19 +15,16 @@ AB_B_TIMING=0 turns `self_timing` off for B (both have it on otherwise).
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import access_log_bench as alb  # noqa: E402
-from harness import ENVOY_BIN, free_port, hcm_listener, our_json_logger, socket_address  # noqa: E402
+from harness import our_json_logger  # noqa: E402
 
 ROUNDS = int(os.environ.get("AB_ROUNDS", "60"))
 REQUESTS = 20000
@@ -45,29 +42,8 @@ def main() -> None:
         return [our_json_logger(cfg, so=so, namespace=f"obs{name.lower()}")]
 
     variants = {"none": [], "A": logger(a, "A"), "B": logger(b, "B", os.environ.get("AB_B_TIMING", "1") == "1")}
-    ports = {v: free_port() for v in variants}
-    admin = free_port()
-    direct = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
-    listeners = [hcm_listener(v, ports[v], [direct], access_log=variants[v], stat_prefix=v) for v in variants]
-    cfg = wd / "envoy.yaml"
-    cfg.write_text(json.dumps({"admin": {"address": socket_address(admin)},
-                               "static_resources": {"listeners": listeners}}))
-    proc = subprocess.Popen(["taskset", "-c", "0-1", str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1",
-                             "--use-dynamic-base-id", "--disable-hot-restart", "-l", "warning"],
-                            stdout=open(wd / "envoy.log", "wb"), stderr=subprocess.STDOUT)
+    proc, admin, ports = alb.start_envoy(wd, {}, custom=variants)
     try:
-        end = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None or time.monotonic() > end:
-                sys.exit(f"Envoy did not start; see {wd / 'envoy.log'}")
-            try:
-                if "LIVE" in alb.admin_get(admin, "/ready"):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        for task in pathlib.Path(f"/proc/{proc.pid}/task").iterdir():
-            if (task / "comm").read_text().startswith("wrk:"):
-                subprocess.run(["taskset", "-p", "-c", "0", task.name], check=True, capture_output=True)
         for v in variants:
             alb.h2load(f"http://127.0.0.1:{ports[v]}/bench", REQUESTS)
         worker: dict[str, list[float]] = {v: [] for v in variants}

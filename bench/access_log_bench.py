@@ -162,8 +162,12 @@ def start_collector() -> tuple[subprocess.Popen, int]:
 
 
 def start_envoy(workdir: pathlib.Path, logs: dict[str, pathlib.Path], wrapper: list[str] | None = None,
-                ready_timeout: float = 20, collector: int = 0):
-    ports = {v: free_port() for v in VARIANTS}
+                ready_timeout: float = 20, collector: int = 0, custom: dict[str, list] | None = None):
+    """One Envoy with a listener per variant, or per entry of `custom` (listener name -> its
+    access_log list, as bench/ab_access_log.py passes); the worker is pinned to core 0 unless
+    `wrapper` runs Envoy (valgrind)."""
+    names = list(custom) if custom is not None else VARIANTS
+    ports = {v: free_port() for v in names}
     direct = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
     access_logs = {
         "none": [],
@@ -178,7 +182,8 @@ def start_envoy(workdir: pathlib.Path, logs: dict[str, pathlib.Path], wrapper: l
                                        "attributes": FORMAT, "resource_attributes": {"service.name": "bench"},
                                        "self_timing": True})],
     }
-    listeners = [hcm_listener(v, ports[v], [direct], access_log=access_logs[v], stat_prefix=v) for v in VARIANTS]
+    access_logs.update(custom or {})
+    listeners = [hcm_listener(v, ports[v], [direct], access_log=access_logs[v], stat_prefix=v) for v in names]
     admin = free_port()
     cfg = workdir / "envoy.yaml"
     clusters = [h2_cluster("otlp", collector)] if collector else []
