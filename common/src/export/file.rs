@@ -151,7 +151,8 @@ impl LogFile {
 struct Torn {
     /// Leading bytes of the data written as whole lines.
     whole: usize,
-    /// Bytes of a split line at the end of the last successful `write` call.
+    /// Bytes of a split line at the end of what the `write` calls took (a line may be split
+    /// over several of them).
     last: u64,
 }
 
@@ -162,12 +163,11 @@ fn append_lines<W: Write>(w: &mut W, data: &[u8]) -> Result<(), Torn> {
         match w.write(&data[done..]) {
             Ok(0) => return Err(torn),
             Ok(n) => {
-                let chunk = &data[done..done + n];
-                torn = match chunk.iter().rposition(|&c| c == b'\n') {
-                    Some(i) => Torn { whole: done + i + 1, last: (n - i - 1) as u64 },
-                    None => Torn { whole: torn.whole, last: n as u64 },
-                };
+                if let Some(i) = data[done..done + n].iter().rposition(|&c| c == b'\n') {
+                    torn.whole = done + i + 1;
+                }
                 done += n;
+                torn.last = (done - torn.whole) as u64;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return Err(torn),
@@ -216,7 +216,17 @@ mod tests {
     fn a_full_disk_reports_the_fragment_of_the_last_write() {
         let data = b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n";
         let t = |whole, last| Err(Torn { whole, last });
-        let cases = [(100, 100, Ok(())), (12, 100, t(8, 4)), (16, 100, t(16, 0)), (3, 100, t(0, 3)), (12, 10, t(8, 2))];
+        // A line split over several short writes is cut whole: (12, 10) wrote 10 then 2 bytes,
+        // (14, 3) five writes with no newline in the last three.
+        let cases = [
+            (100, 100, Ok(())),
+            (12, 100, t(8, 4)),
+            (16, 100, t(16, 0)),
+            (3, 100, t(0, 3)),
+            (12, 10, t(8, 4)),
+            (14, 3, t(8, 6)),
+            (5, 1, t(0, 5)),
+        ];
         for (room, per_call, want) in cases {
             let mut w = Filling { got: Vec::new(), room, per_call };
             assert_eq!(append_lines(&mut w, data), want, "room {room}, {per_call} per call");
