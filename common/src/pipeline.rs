@@ -402,22 +402,21 @@ impl Pipeline {
         let grace = self.shutdown_timeout + Duration::from_secs(1);
         let sent = self.shared.ctl.send_timeout(Ctl::Shutdown(tx), grace).is_ok();
         let left = grace.saturating_sub(start.elapsed());
-        if sent && rx.recv_timeout(left).is_ok() {
-            let _ = thread.join();
-            true
-        } else {
-            // Waits for a report in progress, then bars any later one.
-            if let Ok(mut may) = self.shared.may_report.lock() {
-                *may = false;
-            }
-            crate::envoy_log!(
-                crate::ffi::LogLevel::Warn,
-                "envoy-obs: flush thread {} did not stop within {} ms; left behind, it no longer reports",
-                thread.thread().name().unwrap_or("?"),
-                grace.as_millis()
-            );
-            false
+        let name = thread.thread().name().unwrap_or("?").to_string();
+        // After its reply the thread only drops its exporter: bounded too (see `join_by`).
+        if sent && rx.recv_timeout(left).is_ok() && crate::stop::join_by(thread, start + grace) {
+            return true;
         }
+        // Waits for a report in progress, then bars any later one.
+        if let Ok(mut may) = self.shared.may_report.lock() {
+            *may = false;
+        }
+        crate::envoy_log!(
+            crate::ffi::LogLevel::Warn,
+            "envoy-obs: flush thread {name} did not stop within {} ms; left behind, it no longer reports",
+            grace.as_millis()
+        );
+        false
     }
 }
 

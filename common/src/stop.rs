@@ -69,6 +69,19 @@ impl StopSignal {
     }
 }
 
+/// Joins `thread` if it ends by `deadline`; otherwise leaves it detached and returns false. For
+/// Envoy's main thread stopping a background thread: nothing may hold it up past a deadline.
+pub fn join_by(thread: std::thread::JoinHandle<()>, deadline: Instant) -> bool {
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = thread.join();
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +99,17 @@ mod tests {
         assert!(s.deadline().unwrap() <= now + Duration::from_secs(1));
         let c = s.clone();
         assert_eq!(c.deadline(), s.deadline());
+    }
+
+    #[test]
+    fn join_by_waits_only_until_the_deadline() {
+        let quick = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(20)));
+        assert!(join_by(quick, Instant::now() + Duration::from_secs(5)));
+        let slow = std::thread::spawn(|| std::thread::sleep(Duration::from_secs(2)));
+        let t = Instant::now();
+        assert!(!join_by(slow, t + Duration::from_millis(100)));
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(100) && took < Duration::from_secs(1), "{took:?}");
     }
 
     #[test]

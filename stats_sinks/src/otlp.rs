@@ -145,7 +145,12 @@ impl Drop for OtlpSink {
         self.inbox.stop.store(true, Relaxed);
         self.inbox.cv.notify_one();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if !envoy_obs_common::stop::join_by(t, Instant::now() + SHUTDOWN_EXPORT + Duration::from_secs(1)) {
+                envoy_obs_common::envoy_log!(
+                    envoy_obs_common::ffi::LogLevel::Warn,
+                    "envoy-obs: OTLP metrics thread did not stop in time; left behind"
+                );
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! Everything runs on a private current-thread tokio runtime owned by the flush thread that
 //! created the client: no Envoy thread ever waits on the network.
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,7 +119,8 @@ pub struct SendStats {
 /// An OTLP client bound to one signal's settings.
 pub struct Client {
     settings: Settings,
-    rt: tokio::runtime::Runtime,
+    /// Shut down without waiting in `drop` (see there).
+    rt: ManuallyDrop<tokio::runtime::Runtime>,
     transport: Transport,
     http_uri: Option<http::Uri>,
     rng: u64,
@@ -180,7 +182,7 @@ impl Client {
         };
         let seed =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-        Ok(Client { settings, rt, transport, http_uri, rng: seed | 1 })
+        Ok(Client { settings, rt: ManuallyDrop::new(rt), transport, http_uri, rng: seed | 1 })
     }
 
     /// Sends one encoded `Export*ServiceRequest`, retrying retryable failures until
@@ -437,6 +439,18 @@ impl Decoder for RawDecoder {
     }
 }
 
+impl Drop for Client {
+    /// A plain drop of the runtime would wait for its blocking tasks, and the transports run
+    /// `getaddrinfo` as one: a collector named by a host name whose DNS server does not answer
+    /// would hold the config's destroy (Envoy's main thread) for the resolver's whole timeout.
+    /// The runtime's tasks and connections are dropped here; such a lookup ends on its own.
+    fn drop(&mut self) {
+        // SAFETY: taken once, here, and never used again: the struct is being dropped.
+        let rt = unsafe { ManuallyDrop::take(&mut self.rt) };
+        rt.shutdown_background();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +488,27 @@ mod tests {
         setter.join().unwrap();
         assert!(matches!(d, Delivery::Failed(_)));
         t.elapsed()
+    }
+
+    /// A blocking task still running on the client's runtime (what a `getaddrinfo` to a DNS
+    /// server that does not answer is) does not hold up dropping the client.
+    #[test]
+    fn dropping_the_client_does_not_wait_for_a_blocking_lookup() {
+        for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
+            let mut settings = resolve(&Default::default(), Signal::Logs, &|_| None).unwrap();
+            settings.endpoint = "http://collector.example:4317".into();
+            settings.protocol = protocol;
+            let c = Client::new(settings).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            c.rt.spawn_blocking(move || {
+                let _ = tx.send(());
+                std::thread::sleep(Duration::from_secs(3));
+            });
+            rx.recv().unwrap();
+            let t = Instant::now();
+            drop(c);
+            assert!(t.elapsed() < Duration::from_secs(1), "{protocol:?}: {:?}", t.elapsed());
+        }
     }
 
     #[test]
