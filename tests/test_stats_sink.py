@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from harness import (STATS_SINK_SO, Envoy, curl, direct_response_listener, free_port, h2load, hcm_listener,
+from harness import (ENVOY_BIN, STATS_SINK_SO, Envoy, curl, direct_response_listener, free_port, h2load, hcm_listener,
                      our_json_logger, poll_until, route, static_cluster)
 
 
@@ -330,3 +330,45 @@ def test_basic_auth(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as err:
             scrape(port, headers={"Authorization": "Basic " + base64.b64encode(b"prom:nope").decode()})
         assert err.value.code == 401 and "Basic" in err.value.headers["WWW-Authenticate"]
+
+
+def test_hot_restart_hands_the_endpoint_to_the_new_epoch(tmp_path):
+    """Envoy's hot restart: the new epoch starts while the old one still holds our endpoint's
+    port, so the sink binds it with SO_REUSEPORT (as Envoy's own listeners do). Every scrape
+    across the handover is answered (503 only before an epoch's first flush), and once the old
+    epoch has exited the new one serves (`envoy_server_hot_restart_epoch` 1)."""
+    e, _ = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}"})
+    base_id = tmp_path / "base-id"
+
+    def start(epoch: int) -> subprocess.Popen:
+        cmd = [str(ENVOY_BIN), "-c", str(e.config_path), "--concurrency", "1", "-l", "info",
+               "--restart-epoch", str(epoch), "--drain-time-s", "1", "--parent-shutdown-time-s", "3"]
+        cmd += ["--base-id", base_id.read_text().strip()] if epoch else ["--use-dynamic-base-id", "--base-id-path", str(base_id)]
+        return subprocess.Popen(cmd, stdout=open(tmp_path / f"epoch{epoch}.log", "wb"), stderr=subprocess.STDOUT)
+
+    def status() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, ""
+        except OSError:  # refused: nobody listening
+            return 0, ""
+
+    procs = [start(0)]
+    try:
+        poll_until(lambda: status()[0] == 200, timeout=20, what="epoch 0 serving")
+        procs.append(start(1))
+        codes = set()
+        while procs[0].poll() is None:
+            assert procs[1].poll() is None, (tmp_path / "epoch1.log").read_text()[-3000:]
+            codes.add(status()[0])
+            time.sleep(0.05)
+        assert codes <= {200, 503}, codes
+        poll_until(lambda: status()[0] == 200, timeout=10, what="epoch 1 serving")
+        assert re.search(r"^envoy_server_hot_restart_epoch\{?[^ ]*\}? 1$", status()[1], re.M), status()[1][:2000]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)

@@ -12,7 +12,7 @@
 //! `%.32g`, a `+Inf` bucket, `_sum` and `_count`.
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -462,6 +462,18 @@ const MAX_HEAD: usize = 16 * 1024;
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 1 << 20;
 
+/// Listens on `at` with `SO_REUSEPORT`, as Envoy's own listeners do by default: during a hot
+/// restart the new Envoy binds the endpoint while the old one still holds it (until the old one
+/// exits, the kernel hands each connection to one of the two). A port held by a socket without
+/// the option (another program) still fails. Call inside the endpoint's runtime.
+fn bind_reusable(at: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = if at.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(at)?;
+    s.listen(1024)
+}
+
 /// The metrics listener and its thread (an event loop serving every connection); dropping it
 /// stops them and closes every connection at once.
 pub struct Server {
@@ -476,10 +488,17 @@ impl Server {
     pub fn start(c: &PromConfig, options: Options, stats: Arc<ServerStats>) -> Result<Server, ConfigError> {
         let at = listen_addr(&c.address)
             .ok_or_else(|| ConfigError::new("address", format!("{:?} is not IP:PORT", c.address)))?;
-        let listener = TcpListener::bind(at)
-            .map_err(|e| ConfigError::new("address", format!("cannot listen on {}: {e}", c.address)))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| ConfigError::new("", format!("cannot start the metrics endpoint: {e}")))?;
+        let listener = {
+            let _in_rt = rt.enter();
+            bind_reusable(at)
+                .map_err(|e| ConfigError::new("address", format!("cannot listen on {}: {e}", c.address)))?
+        };
         let addr = listener.local_addr().map_err(|e| ConfigError::new("address", e.to_string()))?;
-        listener.set_nonblocking(true).map_err(|e| ConfigError::new("address", e.to_string()))?;
         let auth = match (&c.bearer_token, &c.basic_auth) {
             (Some(t), _) => Some(format!("Bearer {t}").into_bytes()),
             (None, Some(b)) => {
@@ -495,18 +514,12 @@ impl Server {
             auth,
             stats,
         });
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| ConfigError::new("", format!("cannot start the metrics endpoint: {e}")))?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("obs-prom-http".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
                     tokio::select! {
                         _ = serve(listener, sh) => {}
                         _ = stopped => {}
