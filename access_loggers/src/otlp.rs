@@ -22,6 +22,7 @@ use envoy_obs_common::ffi::access_log::Stream;
 use envoy_obs_common::otlp::{self, proto, ExportStats, OtlpConfig, OtlpExporter, Settings, Signal};
 use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
 use envoy_obs_common::stop::StopSignal;
+use envoy_obs_common::w3c::parse_traceparent;
 
 use crate::filter::FilterSpec;
 use crate::format::{BulkHeaders, Command, Ctx, Decoder, Program, Template, Val};
@@ -272,33 +273,6 @@ impl Plan for OtlpPlan {
     }
 }
 
-/// W3C `traceparent` → (trace id, span id, flags); None unless well-formed with non-zero ids.
-pub fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
-    let s = std::str::from_utf8(v).ok()?.trim();
-    let mut it = s.split('-');
-    let (ver, trace, span, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
-    if ver.len() != 2 || ver == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
-        return None;
-    }
-    if ver == "00" && it.next().is_some() {
-        return None;
-    }
-    let hex = |s: &str, out: &mut [u8]| -> Option<()> {
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(())
-    };
-    let (mut t, mut sp, mut f) = ([0u8; 16], [0u8; 8], [0u8; 1]);
-    hex(&trace.to_ascii_lowercase(), &mut t)?;
-    hex(&span.to_ascii_lowercase(), &mut sp)?;
-    hex(flags, &mut f)?;
-    if t == [0; 16] || sp == [0; 8] || trace.bytes().any(|c| c.is_ascii_uppercase()) {
-        return None;
-    }
-    Some((t, sp, f[0]))
-}
-
 /// Everything checked at config load.
 pub struct Compiled {
     /// The logger's own keys.
@@ -396,24 +370,6 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
-    }
-
-    #[test]
-    fn traceparent_parsing() {
-        let ok = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let (t, s, f) = parse_traceparent(ok).unwrap();
-        assert_eq!((t[0], t[15], s[0], s[7], f), (0x4b, 0x36, 0x00, 0xb7, 1));
-        for bad in [
-            &b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"[..],
-            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
-            b"garbage",
-            b"\xff\xfe",
-        ] {
-            assert!(parse_traceparent(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
-        }
     }
 
     /// Encodes one record from a fake stream and decodes the `LogRecord` fields back.

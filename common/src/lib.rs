@@ -25,6 +25,7 @@ pub mod otlp;
 pub mod pipeline;
 pub mod stop;
 pub mod timing;
+pub mod w3c;
 
 /// Exports `envoy_dynamic_module_on_program_init` returning the ABI version Envoy 1.40.0
 /// expects. Each cdylib calls this once at its crate root.

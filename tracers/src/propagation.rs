@@ -2,6 +2,8 @@
 //! (`b3`) and B3 multi (`x-b3-*`) headers. Parsing never panics; malformed input is ignored,
 //! as the specifications require.
 use envoy_obs_common::ffi::tracer::Carrier;
+pub use envoy_obs_common::w3c::parse_traceparent;
+use envoy_obs_common::w3c::{trim, unhex};
 
 /// A propagation format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -85,52 +87,6 @@ fn ids_header(prefix: &[u8], o: &Outgoing<'_>, tail: &[u8]) -> ([u8; 64], usize)
     hex_to(o.span_id, &mut b[p + 33..p + 49]);
     b[p + 49..p + 49 + tail.len()].copy_from_slice(tail);
     (b, p + 49 + tail.len())
-}
-
-fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
-    if s.len() != 2 * N {
-        return None;
-    }
-    let v = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = (v(s[2 * i])? << 4) | v(s[2 * i + 1])?;
-    }
-    Some(out)
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let s = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let e = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(s, |i| i + 1);
-    &b[s..e]
-}
-
-/// W3C `traceparent` (version 00, or a later version read as 00). All-zero ids are invalid.
-pub fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
-    let v = trim(v);
-    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
-        return None;
-    }
-    let ver = unhex::<1>(&v[..2])?[0];
-    if ver == 0xff || (ver == 0 && v.len() != 55) || (v.len() > 55 && v[55] != b'-') {
-        return None;
-    }
-    // Upper-case hex is invalid in traceparent.
-    if v[..55].iter().any(u8::is_ascii_uppercase) {
-        return None;
-    }
-    let trace = unhex::<16>(&v[3..35])?;
-    let span = unhex::<8>(&v[36..52])?;
-    let flags = unhex::<1>(&v[53..55])?[0];
-    if trace == [0; 16] || span == [0; 8] {
-        return None;
-    }
-    Some((trace, span, flags))
 }
 
 /// B3 trace ids are 16 or 32 hex digits; 64-bit ids are left-padded with zeros.
@@ -512,25 +468,6 @@ pub(crate) mod tests {
         hex_to(&all, &mut out);
         let want: String = all.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(out, want.as_bytes());
-    }
-
-    #[test]
-    fn traceparent_rules() {
-        let (t, s, f) = parse_traceparent(TP.as_bytes()).unwrap();
-        assert_eq!((t[0], s[7], f), (0x4b, 0xb7, 1));
-        assert!(parse_traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").is_some());
-        for bad in [
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",
-            "",
-            "garbage",
-        ] {
-            assert!(parse_traceparent(bad.as_bytes()).is_none(), "{bad}");
-        }
     }
 
     #[test]

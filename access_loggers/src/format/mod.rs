@@ -398,19 +398,14 @@ fn ms(ns: i64) -> Val<'static> {
     Val::I(ns / 1_000_000)
 }
 
-fn parse_traceparent(v: &[u8], f: TraceField) -> Option<&[u8]> {
-    // version(2)-trace_id(32)-parent_id(16)-flags(2)
-    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
-        return None;
-    }
-    let (s, e) = match f {
-        TraceField::TraceId => (3, 35),
-        TraceField::SpanId => (36, 52),
-    };
-    let id = &v[s..e];
-    let hex = id.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
-    let zero = id.iter().all(|&c| c == b'0');
-    (hex && !zero).then_some(id)
+/// The id `f` of a valid `traceparent`, as the lower-case hex it came in.
+fn traceparent_id(v: &[u8], f: TraceField) -> Option<&[u8]> {
+    envoy_obs_common::w3c::parse_traceparent(v)?;
+    let v = envoy_obs_common::w3c::trim(v);
+    Some(match f {
+        TraceField::TraceId => &v[3..35],
+        TraceField::SpanId => &v[36..52],
+    })
 }
 
 impl Command {
@@ -535,7 +530,7 @@ impl Command {
             }
             Op::Trace(f) => cx
                 .header(HeaderKind::Request, b"traceparent")
-                .and_then(|v| parse_traceparent(v, *f))
+                .and_then(|v| traceparent_id(v, *f))
                 .map_or(Val::Null, Val::S),
         }
     }
