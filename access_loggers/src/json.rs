@@ -62,7 +62,8 @@ pub struct JsonLoggerConfig {
     /// Envoy `json_format` map; absent = [`default_format`].
     #[serde(default)]
     pub json_format: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Leave out keys whose value is empty (`null` or `""`), as Envoy's option does.
+    /// Leave out keys whose value is unavailable (and maps left empty); `""` values stay, as in
+    /// Envoy.
     #[serde(default)]
     pub omit_empty_values: bool,
     /// Which records to keep.
