@@ -3,6 +3,7 @@ against a real Envoy 1.40.0."""
 import json
 import os
 import socket
+import threading
 import time
 
 
@@ -184,3 +185,47 @@ def test_stdout_that_is_a_socket(tmp_path):
         ours.close()
     line = next(x for x in got.splitlines() if b"/via-socket" in x)
     assert json.loads(line) == {"code": 200, "p": "/via-socket"}
+
+
+def test_listeners_sharing_a_stdout_pipe_never_split_lines(tmp_path):
+    """Two listeners, each with its own logger config on `/dev/stdout`, with Envoy's stdout a
+    pipe (Docker, Kubernetes): the two flush threads write drains far larger than a pipe takes
+    at once, and still no line is split or interleaved with the other's."""
+    rd, wr = os.pipe()
+    pad = "x" * 2000
+    ports = [free_port(), free_port()]
+    listeners = []
+    for i, port in enumerate(ports):
+        lst = direct_response_listener(f"l{i}", port)
+        lst["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = [our_json_logger({
+            "path": "/dev/stdout", "json_format": {"l": i, "p": "%REQ(:PATH)%", "pad": pad}})]
+        listeners.append(lst)
+    got = bytearray()
+
+    def read():
+        with os.fdopen(rd, "rb") as f:
+            while chunk := f.read1(16384):
+                got.extend(chunk)
+                time.sleep(0.0005)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    n = 6000
+    try:
+        with Envoy(tmp_path, {"listeners": listeners}, stdout=wr) as e:
+            os.close(wr)
+            loads = [threading.Thread(target=h2load, args=(f"http://127.0.0.1:{p}/r{i}", n), kwargs={"clients": 4})
+                     for i, p in enumerate(ports)]
+            for t in loads:
+                t.start()
+            for t in loads:
+                t.join()
+            poll_until(lambda: got.count(b"\n") >= 2 * n, timeout=30, what="every line on the pipe")
+            log = e.log()
+    finally:
+        reader.join(timeout=30)
+    lines = bytes(got).splitlines()
+    assert len(lines) == 2 * n, log[-2000:]
+    recs = [json.loads(x) for x in lines]
+    assert all(r["pad"] == pad and r["p"] == f"/r{r['l']}" for r in recs)
+    assert sorted(sum(1 for r in recs if r["l"] == i) for i in (0, 1)) == [n, n]

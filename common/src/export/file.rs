@@ -7,10 +7,15 @@
 //! the renamed file, lines after it in the new one: none lost. If the path cannot be reopened,
 //! a renamed file keeps receiving lines; a removed one is dropped and writes fail, counted as
 //! write errors, until the path can be opened again.
+//!
+//! Several writers to one file in this process (logger configs of several listeners on
+//! `/dev/stdout`; the old and the new config while a listener update drains) take turns: see
+//! [`write_lock`].
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// How often the path is checked for rotation while records flow.
@@ -75,11 +80,33 @@ pub fn check_writable(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A file's (device, inode).
+type FileId = (u64, u64);
+
+/// The lock every writer of the file `id` in this process holds while it
+/// writes. A write of more than `PIPE_BUF` (4 KiB) bytes to a pipe or socket is not atomic: the
+/// kernel lets another writer in while it waits for room, so two flush threads writing their
+/// drains to one `/dev/stdout` pipe (Docker, Kubernetes) would interleave in mid-line. Envoy's
+/// own file logger avoids that with one writer per path.
+fn write_lock(id: Option<FileId>) -> Arc<Mutex<()>> {
+    static LOCKS: Mutex<Vec<(FileId, Weak<Mutex<()>>)>> = Mutex::new(Vec::new());
+    let (Some(id), Ok(mut locks)) = (id, LOCKS.lock()) else { return Arc::default() };
+    locks.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(l) = locks.iter().find(|(k, _)| *k == id).and_then(|(_, w)| w.upgrade()) {
+        return l;
+    }
+    let l = Arc::new(Mutex::new(()));
+    locks.push((id, Arc::downgrade(&l)));
+    l
+}
+
 /// A file opened for appending that follows rotation of its path.
 pub struct LogFile {
     path: PathBuf,
     file: Option<File>,
-    identity: Option<(u64, u64)>,
+    identity: Option<FileId>,
+    /// Shared by every `LogFile` of this process writing to the same file.
+    lock: Arc<Mutex<()>>,
     rotatable: bool,
     last_check: Instant,
 }
@@ -90,7 +117,8 @@ impl LogFile {
         let identity = file.metadata().ok().map(|m| (m.dev(), m.ino()));
         // Character devices and pipes (/dev/stdout) are not rotated.
         let rotatable = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        LogFile { path, file: Some(file), identity, rotatable, last_check: Instant::now() }
+        let lock = write_lock(identity);
+        LogFile { path, file: Some(file), identity, lock, rotatable, last_check: Instant::now() }
     }
 
     /// Reopens the path if it was rotated (checked at most every [`ROTATION_CHECK`] unless
@@ -107,6 +135,7 @@ impl LogFile {
         match open_append(&self.path) {
             Ok(f) => {
                 self.identity = f.metadata().ok().map(|m| (m.dev(), m.ino()));
+                self.lock = write_lock(self.identity);
                 self.file = Some(f);
             }
             // The path cannot be reopened. A renamed file still holds what we write (keep
@@ -128,6 +157,8 @@ impl LogFile {
         // One stat per write (a write carries a whole drain, not a record): lines never go into
         // a file that was removed since the last write.
         self.maybe_reopen(true);
+        // Another writer's lines never land inside ours, nor between our torn tail and its cut.
+        let _turn = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let r = match self.file.as_mut() {
             Some(f) => append_lines(f, data).map_err(|Torn { whole, last }| {
                 // A failed write (disk full) may have appended part of a line: cut that part
@@ -273,6 +304,54 @@ mod tests {
         assert!(check_writable(Path::new("/dev/stderr")).is_ok());
         let d = tmpdir("isdir");
         assert!(check_writable(&d).unwrap_err().contains("is a directory"));
+    }
+
+    /// Two writers (two logger configs) on one pipe, each writing drains far larger than the
+    /// pipe holds, with a slow reader: every line arrives whole.
+    #[test]
+    fn writers_sharing_a_pipe_never_split_each_others_lines() {
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills the two descriptors, which the Files below then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors from pipe(2)/dup(2), each owned by exactly one File.
+        let (mut rd, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let wr2 = wr.try_clone().unwrap();
+        let line = |c: u8| {
+            let mut l = vec![c; 999];
+            l.push(b'\n');
+            l
+        };
+        let writers: Vec<_> = [(wr, b'a'), (wr2, b'b')]
+            .into_iter()
+            .map(|(f, c)| {
+                std::thread::spawn(move || {
+                    let mut lf = LogFile::new(PathBuf::from("/dev/null/pipe"), f);
+                    let drain: Vec<u8> = (0..300).flat_map(|_| line(c)).collect();
+                    for _ in 0..8 {
+                        lf.write(&drain).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let reader = std::thread::spawn(move || {
+            let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
+            loop {
+                match rd.read(&mut buf) {
+                    Ok(0) | Err(_) => return all,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        });
+        for w in writers {
+            w.join().unwrap();
+        }
+        let all = reader.join().unwrap();
+        let lines: Vec<&[u8]> = all.split_inclusive(|&c| c == b'\n').collect();
+        assert_eq!(lines.len(), 2 * 8 * 300);
+        assert!(lines.iter().all(|l| *l == line(b'a').as_slice() || *l == line(b'b').as_slice()));
     }
 
     #[test]
