@@ -249,7 +249,7 @@ def test_disk_full(tmp_path, writers):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def lds_envoy(tmp_path: pathlib.Path, listener: dict):
+def lds_envoy(tmp_path: pathlib.Path, listener: dict, concurrency: int = 2):
     """An Envoy (2 workers, 1 s drain) whose one listener comes from a file-based LDS; returns it
     and `publish(resources)`, which replaces the LDS file atomically."""
     listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -263,7 +263,7 @@ def lds_envoy(tmp_path: pathlib.Path, listener: dict):
     boot = {"node": {"id": "faults", "cluster": "faults"},
             "dynamic_resources": {"lds_config": {"path_config_source": {"path": str(lds)},
                                                  "resource_api_version": "V3"}}}
-    e = Envoy(tmp_path, {}, extra_bootstrap=boot, concurrency=2)
+    e = Envoy(tmp_path, {}, extra_bootstrap=boot, concurrency=concurrency)
     base = e.command
     e.command = lambda mode=None: base(mode) + ["--drain-time-s", "1", "--drain-strategy", "immediate"]
     return e, publish
@@ -310,14 +310,18 @@ def test_listener_removed_through_lds_while_requests_are_in_flight(tmp_path):
 
 def test_config_removed_while_its_exporter_waits_on_a_hung_collector(tmp_path):
     """LDS removes a listener whose OTLP logger is in the middle of an export to a collector that
-    never answers (10 s per attempt, retries for 30 s by default). Destroying the logger config
-    cuts that export short at the 5 s shutdown deadline and joins the flush thread: no thread is
-    left behind to call into the freed config later, and Envoy carries on."""
+    never answers (10 s per attempt, retries for 30 s by default). Envoy destroys the logger
+    config on the worker that drops the last per-thread logger: that worker must not wait for
+    the export — another listener on the same (only) worker keeps answering at once. The export
+    is cut short at the 5 s shutdown deadline and the flush thread ends: no thread is left
+    behind, nothing calls into the freed config later, and Envoy carries on."""
     bad = BadCollector("hang")
     try:
-        port = free_port()
+        port, probe_port = free_port(), free_port()
         logger = our_otlp_logger({"endpoint": f"http://127.0.0.1:{bad.port}", "flush_interval_ms": 100})
-        e, publish = lds_envoy(tmp_path, hcm_listener("dyn", port, [OK], access_log=[logger]))
+        e, publish = lds_envoy(tmp_path, hcm_listener("dyn", port, [OK], access_log=[logger]), concurrency=1)
+        probe = hcm_listener("probe", probe_port, [OK])
+        probe["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
         with e:
             poll_until(lambda: "dyn" in e.admin("/listeners"), what="listener from LDS")
             n = served(load(f"http://127.0.0.1:{port}/", 1, rps=200))
@@ -325,10 +329,19 @@ def test_config_removed_while_its_exporter_waits_on_a_hung_collector(tmp_path):
             poll_until(lambda: bad.conns or None, timeout=10, what="the exporter connected")
             assert threads_named(e.proc.pid, "obs-otlp-logs") == 1
             t0 = time.monotonic()
-            publish([])
-            poll_until(lambda: threads_named(e.proc.pid, "obs-otlp-logs") == 0 or None, timeout=15,
-                       what="the flush thread joined")
+            publish([probe])
+            slowest = 0.0
+            while threads_named(e.proc.pid, "obs-otlp-logs"):
+                assert time.monotonic() - t0 < 15, "the flush thread did not end"
+                r0 = time.monotonic()
+                try:
+                    curl(f"http://127.0.0.1:{probe_port}/")
+                    slowest = max(slowest, time.monotonic() - r0)
+                except subprocess.CalledProcessError:
+                    pass  # the probe listener is not up yet
+                time.sleep(0.02)
             took = time.monotonic() - t0
+            assert "dyn" not in e.admin("/listeners")
             assert e.proc.poll() is None and e.admin("/ready").strip() == "LIVE"
             log = e.log()
     finally:
@@ -336,6 +349,7 @@ def test_config_removed_while_its_exporter_waits_on_a_hung_collector(tmp_path):
     # 1 s drain, then at most the 5 s shutdown deadline (+ scheduling slack); without the
     # deadline the thread stayed in its export for the whole retry window (30 s).
     assert n > 0 and took < 8.5, (n, took)
+    assert slowest < 1.0, f"the worker stalled for {slowest:.1f} s"
     assert "did not stop within" not in log
 
 

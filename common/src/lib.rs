@@ -35,9 +35,26 @@ macro_rules! declare_program_init {
         /// Called once by Envoy when it dlopen()s this module.
         #[no_mangle]
         pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const ::std::ffi::c_char {
+            $crate::pin_module(envoy_dynamic_module_on_program_init);
             $crate::envoy_obs_abi::ABI_VERSION.as_ptr().cast()
         }
     };
+}
+
+/// Keeps the module holding `f` loaded until the process exits, as Envoy's `do_not_close`
+/// would. Envoy dlclose()s a module when its last config goes, and a flush thread may then
+/// still be finishing its drain (a config destroyed on a worker does not wait for it, see
+/// [`pipeline`]): unmapping its code under it would crash Envoy.
+pub fn pin_module(f: extern "C" fn() -> *const std::ffi::c_char) {
+    // SAFETY: dladdr only reads the loader's tables into `info`; dlopen with RTLD_NOLOAD on an
+    // object already loaded returns one more reference to it (kept on purpose) and marks it
+    // RTLD_NODELETE. `dli_fname` is a NUL-terminated string owned by the loader.
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(f as *const std::ffi::c_void, &mut info) != 0 && !info.dli_fname.is_null() {
+            libc::dlopen(info.dli_fname, libc::RTLD_LAZY | libc::RTLD_NOLOAD | libc::RTLD_NODELETE);
+        }
+    }
 }
 
 #[doc(hidden)]

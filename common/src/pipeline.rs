@@ -19,7 +19,11 @@
 //! several are waiting (one wake message per threshold crossing, not per record), steals and
 //! exports partial batches every `flush_interval`, on an explicit [`Pipeline::flush`] and on
 //! shutdown. Control messages carry their own reply channel; every wait has a timeout.
-//! Shutdown drains everything, bounded by `shutdown_timeout`, then joins the thread.
+//! Shutdown drains everything, bounded by `shutdown_timeout`, then joins the thread — when it
+//! is asked for on the thread that started the pipeline (Envoy's main thread). Envoy destroys a
+//! config on a worker when that worker drops the last reference to it (a listener update): the
+//! worker then only tells the flush thread to finish, which drains within the same bound and
+//! ends on its own, reporting nothing more into Envoy.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -187,6 +191,8 @@ struct Shared {
     batch_records: usize,
     wake_at: usize,
     wake_pending: AtomicBool,
+    /// Set by a detached stop: the flush thread finishes even if the message did not get in.
+    closing: AtomicBool,
     ctl: Sender<Ctl>,
     /// False once a shutdown gave up waiting for the flush thread: the reporter (which calls
     /// into Envoy with the config's handle) must not run after Envoy freed that config.
@@ -314,6 +320,8 @@ pub struct Pipeline {
     thread: Option<JoinHandle<()>>,
     shutdown_timeout: Duration,
     stop: Option<StopSignal>,
+    /// The thread that started the pipeline: only it waits for the flush thread at shutdown.
+    owner: std::thread::ThreadId,
 }
 
 impl Pipeline {
@@ -345,6 +353,7 @@ impl Pipeline {
             // reused while still warm and the queue never runs near full under steady load.
             wake_at: (512 / batch_records).clamp(1, batches.div_ceil(2).max(1)),
             wake_pending: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             ctl: tx,
             may_report: std::sync::Mutex::new(true),
         });
@@ -360,7 +369,8 @@ impl Pipeline {
             totals: Totals::default(),
         };
         let thread = std::thread::Builder::new().name(cfg.thread_name).spawn(move || worker.run())?;
-        Ok(Pipeline { shared, thread: Some(thread), shutdown_timeout: cfg.shutdown_timeout, stop })
+        let owner = std::thread::current().id();
+        Ok(Pipeline { shared, thread: Some(thread), shutdown_timeout: cfg.shutdown_timeout, stop, owner })
     }
 
     /// A producer bound to `worker`'s slot. Indices past the last slot wrap around: every
@@ -387,7 +397,8 @@ impl Pipeline {
 
     /// Drains the queues (bounded by `shutdown_timeout`, which also cuts short an export in
     /// progress) and joins the flush thread. Returns false if the thread did not finish in
-    /// time: it is then left detached and never reports again.
+    /// time: it is then left detached and never reports again. On another thread than the one
+    /// that started the pipeline it does not wait (see the module docs) and returns false.
     pub fn shutdown(mut self) -> bool {
         self.stop()
     }
@@ -398,6 +409,17 @@ impl Pipeline {
         if let Some(stop) = &self.stop {
             stop.stop_by(start + self.shutdown_timeout);
         }
+        if std::thread::current().id() != self.owner {
+            // An Envoy worker (it serves other connections) or a thread we do not know: no
+            // waiting here. The config's Envoy handle goes away with this call, so reports end
+            // now (after one in progress); the flush thread drains by the deadline and exits.
+            self.bar_reports();
+            self.shared.closing.store(true, Relaxed);
+            let (tx, _) = bounded(1);
+            let _ = self.shared.ctl.try_send(Ctl::Shutdown(tx));
+            drop(thread);
+            return false;
+        }
         let (tx, rx) = bounded(1);
         let grace = self.shutdown_timeout + Duration::from_secs(1);
         let sent = self.shared.ctl.send_timeout(Ctl::Shutdown(tx), grace).is_ok();
@@ -407,16 +429,22 @@ impl Pipeline {
         if sent && rx.recv_timeout(left).is_ok() && crate::stop::join_by(thread, start + grace) {
             return true;
         }
-        // Waits for a report in progress, then bars any later one.
-        if let Ok(mut may) = self.shared.may_report.lock() {
-            *may = false;
-        }
+        self.bar_reports();
         crate::envoy_log!(
             crate::ffi::LogLevel::Warn,
             "envoy-obs: flush thread {name} did not stop within {} ms; left behind, it no longer reports",
             grace.as_millis()
         );
         false
+    }
+}
+
+impl Pipeline {
+    /// Waits for a report in progress, then bars any later one.
+    fn bar_reports(&self) {
+        if let Ok(mut may) = self.shared.may_report.lock() {
+            *may = false;
+        }
     }
 }
 
@@ -457,6 +485,10 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
         lower_own_priority();
         let mut next = Instant::now() + self.interval;
         loop {
+            if self.shared.closing.load(Relaxed) {
+                self.finish();
+                return;
+            }
             let wait = next.saturating_duration_since(Instant::now());
             let msg = if wait.is_zero() { Err(RecvTimeoutError::Timeout) } else { self.rx.recv_timeout(wait) };
             match msg {
@@ -881,6 +913,23 @@ mod tests {
         // The thread finishes its export, drains and exits: none of that may reach Envoy.
         std::thread::sleep(Duration::from_millis(2500));
         assert_eq!(reports.0.load(Relaxed), after);
+    }
+
+    /// Envoy destroys a config on the worker that drops its last reference: stopping there
+    /// must not wait for an export, yet the flush thread still ends by the deadline, and it
+    /// reports nothing once the config is gone.
+    #[test]
+    fn a_stop_on_another_thread_does_not_wait() {
+        let (p, exported, reports) = stuck_pipeline(true, Duration::from_secs(60));
+        let t = Instant::now();
+        let detached = std::thread::spawn(move || p.shutdown()).join().unwrap();
+        assert!(!detached && t.elapsed() < Duration::from_millis(100), "{:?}", t.elapsed());
+        let after = reports.0.load(Relaxed);
+        // 300 ms shutdown deadline: the export is cut short and the thread drains and exits.
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(exported.load(Relaxed), 1);
+        assert_eq!(reports.0.load(Relaxed), after);
+        assert_eq!(Arc::strong_count(&exported), 1, "the flush thread ended (dropping its exporter)");
     }
 
     #[test]
