@@ -335,38 +335,48 @@ def test_basic_auth(tmp_path):
 def test_hot_restart_hands_the_endpoint_to_the_new_epoch(tmp_path):
     """Envoy's hot restart: the new epoch starts while the old one still holds our endpoint's
     port, so the sink binds it with SO_REUSEPORT (as Envoy's own listeners do). Every scrape
-    across the handover is answered (503 only before an epoch's first flush), and once the old
-    epoch has exited the new one serves (`envoy_server_hot_restart_epoch` 1)."""
+    across the handover is answered (503 only before an epoch's first flush). Once the new epoch
+    has flushed, the old one stops accepting: every later scrape is the new epoch's
+    (`envoy_server_hot_restart_epoch` 1), though the old one runs on until its shutdown time —
+    counters never jump back to the old process's values."""
     e, _ = sink_envoy(tmp_path, {"address": f"127.0.0.1:{(port := free_port())}"})
     base_id = tmp_path / "base-id"
 
     def start(epoch: int) -> subprocess.Popen:
         cmd = [str(ENVOY_BIN), "-c", str(e.config_path), "--concurrency", "1", "-l", "info",
-               "--restart-epoch", str(epoch), "--drain-time-s", "1", "--parent-shutdown-time-s", "3"]
+               "--restart-epoch", str(epoch), "--drain-time-s", "1", "--parent-shutdown-time-s", "8"]
         cmd += ["--base-id", base_id.read_text().strip()] if epoch else ["--use-dynamic-base-id", "--base-id-path", str(base_id)]
         return subprocess.Popen(cmd, stdout=open(tmp_path / f"epoch{epoch}.log", "wb"), stderr=subprocess.STDOUT)
 
-    def status() -> tuple[int, str]:
+    def scrape() -> tuple[int, int | None]:
+        """Status and the answering process's restart epoch."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                return r.status, r.read().decode()
+                m = re.search(r"^envoy_server_hot_restart_epoch(?:\{[^}]*\})? (\d+)$", r.read().decode(), re.M)
+                return r.status, int(m.group(1)) if m else None
         except urllib.error.HTTPError as err:
-            return err.code, ""
+            return err.code, None
         except OSError:  # refused: nobody listening
-            return 0, ""
+            return 0, None
 
     procs = [start(0)]
     try:
-        poll_until(lambda: status()[0] == 200, timeout=20, what="epoch 0 serving")
+        poll_until(lambda: scrape() == (200, 0), timeout=20, what="epoch 0 serving")
         procs.append(start(1))
-        codes = set()
-        while procs[0].poll() is None:
+        before = []
+        while (got := scrape()) != (200, 1):
             assert procs[1].poll() is None, (tmp_path / "epoch1.log").read_text()[-3000:]
-            codes.add(status()[0])
+            before.append(got)
             time.sleep(0.05)
-        assert codes <= {200, 503}, codes
-        poll_until(lambda: status()[0] == 200, timeout=10, what="epoch 1 serving")
-        assert re.search(r"^envoy_server_hot_restart_epoch\{?[^ ]*\}? 1$", status()[1], re.M), status()[1][:2000]
+        assert {s for s, _ in before} <= {200, 503}, before
+        time.sleep(0.5)  # the old epoch has the hand-over message in hand
+        after = []
+        while procs[0].poll() is None:
+            after.append(scrape())
+            time.sleep(0.05)
+        assert len(after) > 20 and set(after) == {(200, 1)}, after
+        assert scrape() == (200, 1)
+        assert "took over the metrics endpoint" in (tmp_path / "epoch0.log").read_text()
     finally:
         for p in procs:
             if p.poll() is None:

@@ -440,6 +440,9 @@ struct Shared {
     /// Expected `Authorization` value, when configured.
     auth: Option<Vec<u8>>,
     stats: Arc<ServerStats>,
+    /// Signalled by every publish: a newer process takes the endpoint over once it has a
+    /// snapshot to serve.
+    published: tokio::sync::Notify,
 }
 
 /// Connections open at once; a connection beyond it is closed at once. Every connection is
@@ -472,6 +475,75 @@ fn bind_reusable(at: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     s.set_reuseport(true)?;
     s.bind(at)?;
     s.listen(1024)
+}
+
+/// Hot restart hand-over. The endpoint's owner, one per address and network namespace, holds
+/// the abstract Unix socket named here. A newer Envoy binds the same port (`SO_REUSEPORT`),
+/// and once its first snapshot is published it connects to the owner's socket, which then stops
+/// accepting. From then on every scrape reaches the newer process. Without the hand-over the
+/// kernel would split scrapes between both until the old process exits (up to
+/// `--parent-shutdown-time-s`), and counters would jump between the two processes' values.
+fn owner_name(addr: SocketAddr) -> String {
+    format!("envoy-obs-prometheus/{addr}")
+}
+
+fn owner_socket(addr: SocketAddr) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(owner_name(addr).as_bytes())
+}
+
+/// Becomes the endpoint's owner (after taking it over from an older process), then resolves
+/// when a newer process of the same user takes it over in turn.
+async fn ownership(addr: SocketAddr, sh: &Shared) {
+    let Ok(name) = owner_socket(addr) else { return std::future::pending().await };
+    let bind = || {
+        std::os::unix::net::UnixListener::bind_addr(&name)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::UnixListener::from_std)
+    };
+    let owner = match bind() {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            // An older process serves this endpoint: take over once there is a snapshot to serve.
+            sh.published.notified().await;
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect_addr(&name) {
+                use std::io::Write;
+                let _ = s.write_all(owner_name(addr).as_bytes());
+            }
+            loop {
+                match bind() {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        Err(_) => return std::future::pending().await,
+    };
+    let me = own_uid();
+    loop {
+        let Ok((mut s, _)) = owner.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        // Only a process of the same user naming this endpoint may take it (abstract sockets
+        // have no file permissions).
+        let same_user = s.peer_cred().is_ok_and(|c| c.uid() == me);
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(1), async {
+            use tokio::io::AsyncReadExt;
+            let _ = (&mut s).take(256).read_to_end(&mut got).await;
+        });
+        let _ = read.await;
+        if same_user && got == owner_name(addr).as_bytes() {
+            return;
+        }
+    }
+}
+
+/// This process's user id.
+fn own_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
 }
 
 /// The metrics listener and its thread (an event loop serving every connection); dropping it
@@ -513,16 +585,26 @@ impl Server {
             path: c.path.clone(),
             auth,
             stats,
+            published: tokio::sync::Notify::new(),
         });
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("obs-prom-http".into())
             .spawn(move || {
                 rt.block_on(async move {
                     tokio::select! {
-                        _ = serve(listener, sh) => {}
-                        _ = stopped => {}
+                        _ = serve(listener, sh.clone()) => {}
+                        _ = ownership(addr, &sh) => {
+                            envoy_obs_common::envoy_log!(
+                                envoy_obs_common::ffi::LogLevel::Info,
+                                "envoy-obs: a newer Envoy (hot restart) took over the metrics endpoint {addr}; \
+                                 this one stops accepting"
+                            );
+                            // Scrapes in flight finish; no new connection comes here any more.
+                            let _ = (&mut stopped).await;
+                        }
+                        _ = &mut stopped => {}
                     }
                 });
                 // Dropping the runtime here drops every connection still open.
@@ -545,6 +627,7 @@ impl Server {
                 l.prev = before;
             }
         }
+        self.shared.published.notify_one();
     }
 }
 
