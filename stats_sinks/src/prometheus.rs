@@ -375,8 +375,12 @@ pub fn render(s: &Stats, prev: Option<&Stats>, o: &Options, orders: &mut Orders,
                     (h.sum, h.count)
                 }
                 HistogramMode::Summary => {
-                    // The samples since the previous flush (all of them for a new histogram).
-                    let p = before.get(&Arc::as_ptr(&h.meta)).filter(|p| p.buckets.len() == h.buckets.len());
+                    // The samples since the previous flush: all of them for a new histogram, or
+                    // for one with fewer samples than then (removed and re-created, as counters
+                    // are read by Prometheus' own reset rule).
+                    let p = before
+                        .get(&Arc::as_ptr(&h.meta))
+                        .filter(|p| p.buckets.len() == h.buckets.len() && p.count <= h.count);
                     interval.clear();
                     interval.extend(
                         h.buckets
@@ -925,6 +929,11 @@ mod tests {
         assert!(t.contains("envoy_http_rq_time_sum{} 0\n") && t.contains("envoy_http_rq_time_count{} 0\n"), "{t}");
         // The first flush covers everything so far.
         assert!(text(&now, None).contains("envoy_http_rq_time_count{} 5\n"));
+        // Removed and re-created since (fewer samples than then): all of it is new, as for a
+        // counter reset — not a negative sum over a zero count.
+        let t = text(&prev, Some(&now));
+        assert!(t.contains("envoy_http_rq_time_sum{} 3\n") && t.contains("envoy_http_rq_time_count{} 2\n"), "{t}");
+        assert!(t.contains("envoy_http_rq_time{quantile=\"0\"} 0\n"), "{t}");
     }
 
     #[test]
