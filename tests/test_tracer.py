@@ -60,11 +60,20 @@ def ours_config(rx: OtlpReceiver, **extra) -> dict:
 
 
 def tracing_listener(name: str, port: int, provider: dict, sampling: float = 100,
-                     custom_tags: list | None = TAGS, start_child_span: bool = True) -> dict:
+                     custom_tags: list | None = TAGS, start_child_span: bool = True, egress: bool = False) -> dict:
+    """`/ok` to the upstream, `/down` to a dead one, `/direct` answered by Envoy, `/grpc<N>`
+    answered by Envoy with `grpc-status: N`. `egress`: an outbound listener (Envoy then names
+    the HCM's span `egress <host>`)."""
+    grpc = [{"match": {"prefix": f"/grpc{n}"}, "direct_response": {"status": 200},
+             "response_headers_to_add": [{"header": {"key": "grpc-status", "value": str(n)}}]} for n in (5, 14)]
     routes = [route("/ok", "backend", name="ok_route"), route("/down", "dead", name="down_route"),
-              {"match": {"prefix": "/direct"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]
-    return hcm_listener(name, port, routes, stat_prefix="ingress", http_filters=[router(start_child_span)],
-                        tracing=hcm_tracing(provider, sampling, custom_tags))
+              {"match": {"prefix": "/direct"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
+              *grpc]
+    lst = hcm_listener(name, port, routes, stat_prefix="ingress", http_filters=[router(start_child_span)],
+                       tracing=hcm_tracing(provider, sampling, custom_tags))
+    if egress:
+        lst["traffic_direction"] = "OUTBOUND"
+    return lst
 
 
 def tracing_envoy(tmp_path, up: EchoUpstream | None, listeners: dict[str, dict], builtin_rx: OtlpReceiver | None = None,
@@ -390,6 +399,48 @@ def test_parity_with_builtin_tracer(tmp_path):
             assert s["resource"]["service.name"] == "edge"
         assert {s["scope"] for s in b_spans} == {"envoy"}
         assert len({s["scope"] for s in o_spans}) == 1 and o_spans[0]["scope"]
+
+
+def test_parity_egress_span_kind_and_grpc_status(tmp_path):
+    """Span kind and status where Envoy's tracer derives them from more than `http.status_code`:
+    - an outbound listener's span (`egress <host>`) is a CLIENT one, with or without the
+      router's CLIENT child (`start_child_span`);
+    - `grpc.status_code` sets the status (gRPC semantic conventions): NotFound (5) is an error
+      on a client span only, Unavailable (14) on both; HTTP 200 alone is no error.
+    Same comparison as the parity test above, request by request, built-in against ours."""
+    grpc = ["-H", "content-type: application/grpc", "--http2-prior-knowledge"]
+    cases = {  # case: (listener pair, path, curl args)
+        "out_ok": ("out", "/ok", []),
+        "out_grpc5": ("out", "/grpc5", grpc),
+        "out_grpc14": ("out", "/grpc14", grpc),
+        "outchild_ok": ("outchild", "/ok", []),
+        "in_grpc5": ("in", "/grpc5", grpc),
+        "in_grpc14": ("in", "/grpc14", grpc),
+    }
+    with receivers("grpc", "grpc") as (theirs, mine), EchoUpstream() as up:
+        specs = {"out": {"egress": True, "start_child_span": False}, "outchild": {"egress": True}, "in": {}}
+        listeners = {f"{who}_{pair}": (builtin_tracer() if who == "builtin" else our_tracer(ours_config(mine)), kw)
+                     for pair, kw in specs.items() for who in ("builtin", "ours")}
+        e, ports = tracing_envoy(tmp_path, up, listeners, builtin_rx=theirs)
+        with e:
+            for name, (pair, path, args) in cases.items():
+                rid = str(uuid.uuid4())
+                for who in ("builtin", "ours"):
+                    get(ports[f"{who}_{pair}"], f"{path}?case={name}", "-H", f"x-request-id: {rid}", *args)
+            total = 1 + 1 + 1 + 2 + 1 + 1
+            theirs.wait_for(total, "traces")
+            mine.wait_for(total, "traces")
+            time.sleep(SETTLE)
+            b_cases, o_cases = by_case(theirs.spans()), by_case(mine.spans())
+    assert set(b_cases) == set(o_cases) == set(cases)
+    kinds = {name: sorted(s["kind"] for s in b_cases[name]) for name in cases}
+    assert kinds["out_ok"] == [CLIENT] and kinds["outchild_ok"] == [CLIENT, CLIENT], kinds
+    assert kinds["in_grpc5"] == [SERVER], kinds
+    errors = {name: root_of(b_cases[name])["status"].get("code") for name in cases}
+    assert errors["out_grpc5"] == errors["out_grpc14"] == errors["in_grpc14"] == 2, errors
+    assert errors["in_grpc5"] != 2 and errors["out_ok"] != 2, errors
+    diffs = [d for name in cases for d in shape_diff(name, shape(b_cases[name]), shape(o_cases[name]))]
+    assert not diffs, "ours differs from the built-in:\n" + "\n".join(diffs)
 
 
 def test_parity_unsampled_requests_export_nothing(tmp_path):

@@ -139,6 +139,11 @@ fn config_new_impl(handle: TracerHandle, name: &str, config: &[u8]) -> Result<Tr
     })
 }
 
+/// Whether Envoy's name for an HCM span says outbound traffic (`egress` or `egress <host>`).
+fn is_egress(operation: &[u8]) -> bool {
+    operation.strip_prefix(b"egress").is_some_and(|rest| rest.is_empty() || rest[0] == b' ')
+}
+
 /// This thread's queue slot (Envoy gives tracers no worker index): threads take slots in
 /// order of first use; a slot shared by two threads stays correct (see `pipeline`).
 fn slot() -> usize {
@@ -161,7 +166,11 @@ impl Tracer {
             None => traced && incoming.unwrap_or(true),
             Some(s) => s.decide(&trace_id, incoming),
         };
-        let kind = if operation == b"egress" { KIND_CLIENT } else { KIND_SERVER };
+        // Envoy names the HCM's span `ingress`, or `egress <host>` for outbound traffic. As in
+        // its OpenTelemetry tracer, an egress span is a CLIENT one (the router's children too).
+        // That tracer makes it SERVER when the HCM's tracing sets `spawn_upstream_span`, which
+        // the ABI does not show a tracer.
+        let kind = if is_egress(operation) { KIND_CLIENT } else { KIND_SERVER };
         let parent = remote.as_ref().map_or([0; 8], |r| r.span_id);
         let mut span = Span::new(trace_id, parent, sampled, kind, now_ns(), operation);
         if let Some(r) = remote {

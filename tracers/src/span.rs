@@ -129,8 +129,9 @@ pub struct Span {
     pub carry: Carry,
     /// Tags as encoded `Span.attributes` entries (field 9 `KeyValue`s), in the order set.
     tags: Vec<u8>,
-    /// The last `http.status_code` tag as a number (0: none, or not a number).
-    status_code: u32,
+    /// Status ERROR, as Envoy's OpenTelemetry tracer derives it from the status tags (see
+    /// [`Span::set_tag`]).
+    error: bool,
     /// Key signatures (one bit each, see [`signature`]) seen once, and seen again: the flush
     /// thread compares keys only when a signature repeated.
     keys_seen: u64,
@@ -157,7 +158,7 @@ impl Span {
             baggage: Vec::new(),
             carry: Carry::default(),
             tags: Vec::new(),
-            status_code: 0,
+            error: false,
             keys_seen: 0,
             keys_twice: 0,
             events: Vec::new(),
@@ -190,9 +191,26 @@ impl Span {
         }
         proto::kv_str(&mut self.tags, ATTRIBUTES, k, v);
         let sig = signature(k);
-        // (As an array compare: two words, no memcmp call.)
-        if sig == STATUS_SIGNATURE && <&[u8; 16]>::try_from(k).is_ok_and(|a| a == STATUS_CODE) {
-            self.status_code = decimal(v);
+        // Status as Envoy's OpenTelemetry tracer sets it, tag by tag with the span's kind then
+        // (OpenTelemetry's HTTP and gRPC semantic conventions): `http.status_code` makes it
+        // ERROR from 500, or from 400 on a client span, and never clears it; `grpc.status_code`
+        // sets it either way — ERROR for any code but OK on a client span, for Unknown,
+        // DeadlineExceeded, Unimplemented, Internal, Unavailable or DataLoss on others. The
+        // `error` tag alone (an upstream reset, status 0) leaves it unset.
+        // (Keys compared as arrays: two words, no memcmp call.)
+        if sig == STATUS_SIGNATURE || sig == GRPC_STATUS_SIGNATURE {
+            let client = self.kind == KIND_CLIENT;
+            match <&[u8; 16]>::try_from(k) {
+                Ok(a) if a == STATUS_CODE => {
+                    let code = decimal(v);
+                    self.error |= code >= 500 || (code >= 400 && client);
+                }
+                Ok(a) if a == GRPC_STATUS_CODE => {
+                    let code = decimal(v);
+                    self.error = if client { code != 0 } else { matches!(code, 2 | 4 | 12 | 13 | 14 | 15) };
+                }
+                _ => {}
+            }
         }
         let bit = 1u64 << sig;
         self.keys_twice |= self.keys_seen & bit;
@@ -253,7 +271,7 @@ impl Span {
             start_ns: self.start_ns,
             end_ns: end_ns.max(self.start_ns),
             keys_twice: self.keys_twice,
-            status_code: self.status_code,
+            error: self.error,
             name: self.name.as_bytes(),
             tracestate: &self.tracestate,
             tags: &self.tags,
@@ -284,19 +302,21 @@ pub struct Finished<'a> {
     end_ns: u64,
     /// [`Span`]'s `keys_twice`: zero when no two tag keys can be equal.
     keys_twice: u64,
-    /// [`Span`]'s `status_code`.
-    status_code: u32,
+    /// [`Span`]'s `error`.
+    error: bool,
     name: &'a [u8],
     tracestate: &'a [u8],
     tags: &'a [u8],
     events: &'a [u8],
 }
 
-/// The tag that sets a span's status (see [`Finished::is_error_status`]).
+/// The tags that set a span's status (see [`Span::set_tag`]).
 const STATUS_CODE: &[u8; 16] = b"http.status_code";
+const GRPC_STATUS_CODE: &[u8; 16] = b"grpc.status_code";
 
-/// [`signature`] of [`STATUS_CODE`]: `set_tag` compares only keys that have it.
+/// [`signature`]s of the status tags: `set_tag` compares only keys that have one of them.
 const STATUS_SIGNATURE: u32 = signature(STATUS_CODE);
+const GRPC_STATUS_SIGNATURE: u32 = signature(GRPC_STATUS_CODE);
 
 /// A status code as Envoy writes it (decimal digits); anything else is 0, "none".
 fn decimal(v: &[u8]) -> u32 {
@@ -326,7 +346,7 @@ impl<'a> Finished<'a> {
         fixed[34..42].copy_from_slice(&self.start_ns.to_le_bytes());
         fixed[42..50].copy_from_slice(&self.end_ns.to_le_bytes());
         fixed[50..58].copy_from_slice(&self.keys_twice.to_le_bytes());
-        fixed[58..62].copy_from_slice(&self.status_code.to_le_bytes());
+        fixed[58..62].copy_from_slice(&u32::from(self.error).to_le_bytes());
         let (name, ts, tags, ev) = (clip(self.name), clip(self.tracestate), clip(self.tags), clip(self.events));
         let len = |b: &[u8]| (b.len() as u32).to_le_bytes();
         let (nl, tl, gl, el) = (len(name), len(ts), len(tags), len(ev));
@@ -345,7 +365,7 @@ impl<'a> Finished<'a> {
         };
         let (name, tracestate, tags, events) = (part()?, part()?, part()?, part()?);
         let u64_at = |i: usize| u64::from_le_bytes(fixed[i..i + 8].try_into().unwrap_or([0; 8]));
-        let status_code = u32::from_le_bytes(fixed[58..62].try_into().unwrap_or([0; 4]));
+        let error = u32::from_le_bytes(fixed[58..62].try_into().unwrap_or([0; 4])) != 0;
         Some(Finished {
             trace_id: fixed[..16].try_into().ok()?,
             span_id: fixed[16..24].try_into().ok()?,
@@ -356,21 +376,12 @@ impl<'a> Finished<'a> {
             start_ns: u64_at(34),
             end_ns: u64_at(42),
             keys_twice: u64_at(50),
-            status_code,
+            error,
             name,
             tracestate,
             tags,
             events,
         })
-    }
-
-    /// Status ERROR as Envoy's OpenTelemetry tracer sets it: from the last `http.status_code`
-    /// tag, 5xx on server spans, 4xx and 5xx on client spans (OpenTelemetry's HTTP semantic
-    /// conventions). The `error` tag alone (e.g. upstream connection failure, status 0) leaves
-    /// it unset.
-    fn is_error_status(&self) -> bool {
-        let min = if self.kind == KIND_SERVER { 500 } else { 400 };
-        (min..600).contains(&self.status_code)
     }
 
     /// Encodes the body of an OTLP `Span` message.
@@ -423,7 +434,7 @@ impl<'a> Finished<'a> {
         // flags: W3C trace flags (sampled) + "has is_remote" (0x100) + is_remote (0x200).
         let remote = if self.remote_parent { 0x300 } else { 0x100 };
         proto::fixed32(out, 16, remote | u32::from(self.sampled));
-        if self.is_error_status() {
+        if self.error {
             proto::message(out, 15, |o| proto::uint(o, 3, 2));
         }
     }
@@ -557,6 +568,39 @@ mod tests {
         let mut out = Vec::new();
         s.encode(2, &mut out);
         assert!(out.windows(want.len()).any(|w| w == want));
+    }
+
+    /// Envoy's OpenTelemetry `Span::setTag`, tag by tag: HTTP codes only ever set ERROR, gRPC
+    /// codes set the status either way, each read with the span's kind.
+    #[test]
+    fn status_follows_envoys_rules_for_http_and_grpc_codes() {
+        let (h, g) = (&b"http.status_code"[..], &b"grpc.status_code"[..]);
+        type Tags<'a> = &'a [(&'a [u8], &'a [u8])];
+        let cases: [(u64, Tags, bool); 14] = [
+            (KIND_SERVER, &[(h, b"404")], false),
+            (KIND_SERVER, &[(h, b"503")], true),
+            (KIND_SERVER, &[(h, b"600")], true),
+            (KIND_SERVER, &[(h, b"503"), (h, b"200")], true),
+            (KIND_SERVER, &[(h, b"503"), (g, b"0")], false),
+            (KIND_SERVER, &[(h, b"200"), (g, b"14")], true),
+            (KIND_SERVER, &[(h, b"200"), (g, b"5")], false),
+            (KIND_SERVER, &[(g, b"2")], true),
+            (KIND_CLIENT, &[(h, b"404")], true),
+            (KIND_CLIENT, &[(h, b"0")], false),
+            (KIND_CLIENT, &[(h, b"200"), (g, b"5")], true),
+            (KIND_CLIENT, &[(h, b"503"), (g, b"0")], false),
+            (KIND_CLIENT, &[(g, b"unknown")], false),
+            (KIND_CLIENT, &[(b"error", b"true")], false),
+        ];
+        for (kind, tags, want) in cases {
+            let mut s = Span::new([1; 16], [0; 8], true, kind, 1, b"x");
+            for (k, v) in tags {
+                s.set_tag(k, v);
+            }
+            let mut out = Vec::new();
+            s.encode(2, &mut out);
+            assert_eq!(proto::get_bytes(&out, 15).is_some(), want, "kind {kind}, {tags:?}");
+        }
     }
 
     #[test]
