@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use envoy_obs_common::config::ConfigError;
 
-use envoy_obs_common::ffi::access_log::{timing, HeaderKind, Stream};
+use envoy_obs_common::ffi::access_log::{HeaderKind, Stream};
 
 use crate::format::{Ctx, RESPONSE_FLAGS};
 
@@ -152,7 +152,7 @@ impl Filter {
     pub fn keep<S: Stream>(&self, cx: &Ctx<'_, S>) -> bool {
         match self {
             Filter::Status(c) => c.holds(cx.stream.response_code() as u64),
-            Filter::Duration(c) => match cx.timing().get(timing::REQUEST_COMPLETE) {
+            Filter::Duration(c) => match cx.duration_ns() {
                 Some(ns) => c.holds((ns.max(0) / 1_000_000) as u64),
                 None => false,
             },
@@ -169,8 +169,12 @@ impl Filter {
                 if *threshold == u64::MAX {
                     return true;
                 }
-                let id = cx.header(HeaderKind::Request, b"x-request-id").unwrap_or(&[]);
-                stable_hash(id) <= *threshold
+                // Without an id (TCP proxy, `generate_request_id: false`) each record is drawn
+                // on its own, as Envoy's runtime filter falls back to a random value.
+                match cx.header(HeaderKind::Request, b"x-request-id").filter(|id| !id.is_empty()) {
+                    Some(id) => stable_hash(id) <= *threshold,
+                    None => envoy_obs_common::rand::rand64() <= *threshold,
+                }
             }
             Filter::And(v) => v.iter().all(|f| f.keep(cx)),
             Filter::Or(v) => v.iter().any(|f| f.keep(cx)),
@@ -213,6 +217,32 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(f.keep(&Ctx::new(&s, 6)), first);
         }
+    }
+
+    /// Records without an `x-request-id` (TCP proxy, `generate_request_id: false`) are each
+    /// drawn on their own: a fraction keeps that fraction of them, not all or none.
+    #[test]
+    fn sampling_without_a_request_id_keeps_the_fraction() {
+        let mut s = FakeStream::ok();
+        s.req.remove(b"x-request-id".as_slice());
+        for (fraction, lo, hi) in [(0.5, 4_500, 5_500), (0.95, 9_300, 9_700), (0.01, 50, 160)] {
+            let f = compile(serde_json::json!({ "sample": fraction })).unwrap();
+            let kept = (0..10_000).filter(|_| f.keep(&Ctx::new(&s, 6))).count();
+            assert!((lo..=hi).contains(&kept), "{fraction}: kept {kept} of 10000");
+        }
+    }
+
+    /// A record of a request still in progress (periodic, start of request) is filtered on its
+    /// duration so far, the `%DURATION%` it renders.
+    #[test]
+    fn duration_of_a_request_in_progress_is_its_duration_so_far() {
+        use envoy_obs_common::ffi::access_log::timing as t;
+        let mut s = FakeStream::ok();
+        s.timing.has[t::REQUEST_COMPLETE] = false;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+        s.timing.ns[0] = now - 2_000_000_000;
+        assert!(compile(serde_json::json!({"duration_ms": {"ge": 1000}})).unwrap().keep(&Ctx::new(&s, 6)));
+        assert!(!compile(serde_json::json!({"duration_ms": {"lt": 1000}})).unwrap().keep(&Ctx::new(&s, 6)));
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod hook;
 pub mod metrics;
 pub mod otlp;
 pub mod pipeline;
+pub mod rand;
 pub mod stop;
 pub mod timing;
 pub mod w3c;

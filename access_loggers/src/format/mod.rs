@@ -366,6 +366,18 @@ impl<'s, S: Stream> Ctx<'s, S> {
         table.borrow().get(name)
     }
 
+    /// `%DURATION%` in ns: the request's whole duration, or for one still in progress
+    /// (periodic and start-of-request records) its duration so far, as Envoy's
+    /// `currentDuration()` gives. The `duration_ms` filter reads the same.
+    pub fn duration_ns(&self) -> Option<i64> {
+        let tm = self.timing();
+        tm.get(t::REQUEST_COMPLETE).or_else(|| {
+            let start = tm.get(t::START_TIME_UNIX_NS)?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?;
+            Some((now.as_nanos() as i64 - start).max(0))
+        })
+    }
+
     /// Timing, fetched once.
     pub fn timing(&self) -> Timing {
         if let Some(t) = self.timing.get() {
@@ -464,13 +476,7 @@ impl Command {
             Op::Dur(d) => {
                 let tm = || cx.timing();
                 let v = match d {
-                    // A request still in progress (periodic and start-of-request records): its
-                    // duration so far, as Envoy's currentDuration() gives.
-                    Dur::Total => tm().get(t::REQUEST_COMPLETE).or_else(|| {
-                        let start = tm().get(t::START_TIME_UNIX_NS)?;
-                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?;
-                        Some((now.as_nanos() as i64 - start).max(0))
-                    }),
+                    Dur::Total => cx.duration_ns(),
                     Dur::Request => tm().get(t::LAST_DOWNSTREAM_RX),
                     Dur::RequestTx => tm().get(t::LAST_UPSTREAM_TX),
                     Dur::Response => tm().get(t::FIRST_UPSTREAM_RX),
