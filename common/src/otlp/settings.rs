@@ -259,27 +259,31 @@ pub fn resolve(
         let b = base.trim_end_matches('/');
         format!("{b}{}", signal.http_path())
     };
-    let endpoint = if let Some(e) = &cfg.endpoint {
+    let default_endpoint = |protocol| match protocol {
+        Protocol::Grpc => "http://localhost:4317".to_string(),
+        Protocol::HttpProtobuf => join_path("http://localhost:4318"),
+    };
+    // (The endpoint, and the variable it came from.)
+    let (endpoint, from_var) = if let Some(e) = &cfg.endpoint {
         let e = e.trim().to_string();
-        match protocol {
+        let e = match protocol {
             Protocol::Grpc => e,
             // Like the signal-specific variable, a URL with a path is used as given; a bare
             // `http://host:port` gets the signal's path.
             Protocol::HttpProtobuf if has_path(&e) => e,
             Protocol::HttpProtobuf => join_path(&e),
-        }
+        };
+        (e, None)
     } else if let Some(e) = sig_env("ENDPOINT") {
-        e.trim().to_string()
+        (e.trim().to_string(), Some(format!("OTEL_EXPORTER_OTLP_{s}_ENDPOINT")))
     } else if let Some(e) = gen_env("ENDPOINT") {
-        match protocol {
+        let e = match protocol {
             Protocol::Grpc => e.trim().to_string(),
             Protocol::HttpProtobuf => join_path(e.trim()),
-        }
+        };
+        (e, Some("OTEL_EXPORTER_OTLP_ENDPOINT".to_string()))
     } else {
-        match protocol {
-            Protocol::Grpc => "http://localhost:4317".to_string(),
-            Protocol::HttpProtobuf => join_path("http://localhost:4318"),
-        }
+        (default_endpoint(protocol), None)
     };
     // A gRPC endpoint may come without a scheme (`collector:4317`, the form gRPC clients take):
     // TLS unless OTEL_EXPORTER_OTLP_[<SIGNAL>_]INSECURE is true (OTLP exporter spec, `insecure`).
@@ -291,7 +295,17 @@ pub fn resolve(
     } else {
         endpoint
     };
-    check_endpoint(&endpoint, protocol)?;
+    // An endpoint from the environment that this protocol cannot use (a gRPC endpoint with a
+    // path, e.g. an HTTP URL while the protocol is left at grpc) is ignored like any other
+    // unusable variable; one in our own config rejects it.
+    let endpoint = match (check_endpoint(&endpoint, protocol), from_var) {
+        (Ok(()), _) => endpoint,
+        (Err(e), Some(var)) => {
+            ignore(&var, format!("{}; using {}", e.message, default_endpoint(protocol)));
+            default_endpoint(protocol)
+        }
+        (Err(e), None) => return Err(e),
+    };
     let tls = resolve_tls(cfg.tls.as_ref(), &endpoint, &sig_env, &gen_env)?;
 
     // Headers come whole from the most specific source that has any — config `headers`, else
@@ -305,8 +319,16 @@ pub fn resolve(
             .into_iter()
             .find_map(|var| env_nonempty(var).map(|v| (var, v)));
         if let Some((var, v)) = found {
-            match parse_kv_list(&v) {
-                Ok(list) => headers.extend(list.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v))),
+            // Every header checked as one from our config would be; an unusable one (a
+            // non-ASCII value, say) makes the variable ignored whole rather than the config
+            // rejected.
+            let list = parse_kv_list(&v).and_then(|list| {
+                let list: Vec<_> = list.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+                list.iter().try_for_each(|(k, v)| check_header(k, v).map_err(|m| format!("header {k:?}: {m}")))?;
+                Ok(list)
+            });
+            match list {
+                Ok(list) => headers.extend(list),
                 Err(m) => ignore(var, m),
             }
         }
@@ -467,7 +489,9 @@ fn check_header(k: &str, v: &str) -> Result<(), String> {
     if k.ends_with("-bin") {
         return Err("binary (-bin) metadata is not supported".into());
     }
-    if http::HeaderValue::from_str(v).is_err() {
+    // (Stricter than an HTTP header value, which may carry obs-text: gRPC metadata is ASCII,
+    // and a value it cannot take would be left out of every request without a word.)
+    if !v.bytes().all(|c| c == b'\t' || (0x20..0x7f).contains(&c)) {
         return Err("value must be printable ASCII".into());
     }
     Ok(())
@@ -633,6 +657,20 @@ mod tests {
         let s = resolve(&cfg("{}"), Signal::Logs, &e).unwrap();
         assert_eq!(s.timeout, Duration::from_millis(MAX_TIMEOUT_MS));
         assert_eq!(s.resource, vec![("my,key".into(), "v,1".into())]);
+        // A header value that decodes to non-ASCII, and an HTTP URL left to the default
+        // protocol (gRPC takes no path): ignored, not a rejected config.
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x=caf%C3%A9,y=1"),
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://c:4318/v1/logs"),
+        ]);
+        let s = resolve(&cfg("{}"), Signal::Logs, &e).unwrap();
+        assert!(s.headers.is_empty(), "{s:?}");
+        assert_eq!((s.protocol, s.endpoint.as_str()), (Protocol::Grpc, "http://localhost:4317"));
+        // The same values in our own config still reject it, naming the field.
+        let bad = resolve(&cfg(r#"{"endpoint":"http://c:4318/v1/logs"}"#), Signal::Logs, &env(&[]));
+        assert_eq!(bad.unwrap_err().field, "endpoint");
+        let bad = resolve(&cfg(r#"{"headers":{"x":"café"}}"#), Signal::Logs, &env(&[]));
+        assert_eq!(bad.unwrap_err().field, "headers.x");
     }
 
     #[test]
