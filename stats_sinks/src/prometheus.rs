@@ -223,7 +223,8 @@ fn families<'a, T>(
     keep: impl Fn(&T) -> bool,
     ty: &str,
     out: &mut Vec<u8>,
-    mut line: impl FnMut(&'a T, &str, &mut Vec<u8>),
+    // Writes one stat's samples; returns how many.
+    mut line: impl FnMut(&'a T, &str, &mut Vec<u8>) -> usize,
 ) -> usize {
     let mut series = 0;
     let mut current: Option<&str> = None;
@@ -244,8 +245,7 @@ fn families<'a, T>(
             out.push(b'\n');
             current = Some(name);
         }
-        line(t, name, out);
-        series += 1;
+        series += line(t, name, out);
     }
     if current.is_some() {
         out.push(b'\n');
@@ -315,6 +315,7 @@ fn numeric(items: &[crate::snapshot::Value], order: &mut Order, o: &Options, ty:
             sample(name, "", &v.meta.labels, None, out);
             out.extend_from_slice(num.format(v.value).as_bytes());
             out.push(b'\n');
+            1
         },
     )
 }
@@ -340,6 +341,7 @@ pub fn render(s: &Stats, prev: Option<&Stats>, o: &Options, orders: &mut Orders,
                 sample(name, "", &t.meta.labels, Some(("text_value", v.as_bytes())), out);
                 // Envoy 1.40's admin prints text readouts with the value 0.
                 out.extend_from_slice(b"0\n");
+                1
             },
         );
     }
@@ -404,6 +406,11 @@ pub fn render(s: &Stats, prev: Option<&Stats>, o: &Options, orders: &mut Orders,
             sample(name, "_count", labels, None, out);
             out.extend_from_slice(num.format(count).as_bytes());
             out.push(b'\n');
+            // Buckets and +Inf, or the quantiles; then _sum and _count.
+            2 + match o.mode {
+                HistogramMode::Histogram => h.buckets.len() + 1,
+                HistogramMode::Summary => QUANTILES.len(),
+            }
         },
     );
     n
@@ -1070,8 +1077,11 @@ mod tests {
             ..Stats::default()
         };
         let mut out = Vec::new();
-        assert_eq!(render(&s, None, &opts("{}"), &mut Orders::default(), &mut out), 4);
+        let series = render(&s, None, &opts("{}"), &mut Orders::default(), &mut out);
         let text = String::from_utf8(out).unwrap();
+        // Every sample line: 3 counters, 3 buckets, +Inf, _sum and _count.
+        assert_eq!(series, 9);
+        assert_eq!(series, text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count());
         let want = "# TYPE envoy_cluster_upstream_rq_total counter\n\
             envoy_cluster_upstream_rq_total{envoy_cluster_name=\"a\"} 3\n\
             envoy_cluster_upstream_rq_total{envoy_cluster_name=\"b\"} 7\n\n\
