@@ -451,9 +451,9 @@ struct Shared {
     /// Expected `Authorization` value, when configured.
     auth: Option<Vec<u8>>,
     stats: Arc<ServerStats>,
-    /// Signalled by every publish: a newer process takes the endpoint over once it has a
-    /// snapshot to serve.
-    published: tokio::sync::Notify,
+    /// True from the first publish on: a newer process takes the endpoint over (and accepts
+    /// connections) once it has a snapshot to serve.
+    published: tokio::sync::watch::Sender<bool>,
 }
 
 /// Connections open at once; a connection beyond it is closed at once. Every connection is
@@ -503,32 +503,58 @@ fn owner_socket(addr: SocketAddr) -> std::io::Result<std::os::unix::net::SocketA
     std::os::unix::net::SocketAddr::from_abstract_name(owner_name(addr).as_bytes())
 }
 
+/// Who owns the endpoint when ours starts.
+enum Claim {
+    /// We do.
+    Owner(tokio::net::UnixListener),
+    /// An older process of this address (hot restart).
+    Older,
+    /// No hand-over possible (no abstract socket): we just serve.
+    Unavailable,
+}
+
+/// Binds the owner socket, if free. Call inside the endpoint's runtime.
+fn claim(addr: SocketAddr) -> Claim {
+    let Ok(name) = owner_socket(addr) else { return Claim::Unavailable };
+    match bind_owner(&name) {
+        Ok(l) => Claim::Owner(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Claim::Older,
+        Err(_) => Claim::Unavailable,
+    }
+}
+
+fn bind_owner(name: &std::os::unix::net::SocketAddr) -> std::io::Result<tokio::net::UnixListener> {
+    std::os::unix::net::UnixListener::bind_addr(name)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::UnixListener::from_std)
+}
+
+/// Resolves once a snapshot has been published.
+async fn first_publish(sh: &Shared) {
+    let _ = sh.published.subscribe().wait_for(|p| *p).await;
+}
+
 /// Becomes the endpoint's owner (after taking it over from an older process), then resolves
 /// when a newer process of the same user takes it over in turn.
-async fn ownership(addr: SocketAddr, sh: &Shared) {
-    let Ok(name) = owner_socket(addr) else { return std::future::pending().await };
-    let bind = || {
-        std::os::unix::net::UnixListener::bind_addr(&name)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .and_then(tokio::net::UnixListener::from_std)
-    };
-    let owner = match bind() {
-        Ok(l) => l,
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            // An older process serves this endpoint: take over once there is a snapshot to serve.
-            sh.published.notified().await;
+async fn ownership(addr: SocketAddr, sh: &Shared, claim: Claim) {
+    let owner = match claim {
+        Claim::Owner(l) => l,
+        Claim::Older => {
+            let Ok(name) = owner_socket(addr) else { return std::future::pending().await };
+            // Take over once there is a snapshot to serve.
+            first_publish(sh).await;
             if let Ok(mut s) = std::os::unix::net::UnixStream::connect_addr(&name) {
                 use std::io::Write;
                 let _ = s.write_all(owner_name(addr).as_bytes());
             }
             loop {
-                match bind() {
+                match bind_owner(&name) {
                     Ok(l) => break l,
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
         }
-        Err(_) => return std::future::pending().await,
+        Claim::Unavailable => return std::future::pending().await,
     };
     let me = own_uid();
     loop {
@@ -596,7 +622,7 @@ impl Server {
             path: c.path.clone(),
             auth,
             stats,
-            published: tokio::sync::Notify::new(),
+            published: tokio::sync::watch::Sender::new(false),
         });
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let sh = shared.clone();
@@ -604,9 +630,20 @@ impl Server {
             .name("obs-prom-http".into())
             .spawn(move || {
                 rt.block_on(async move {
+                    let claim = claim(addr);
+                    // Taking over from an older process: connections the kernel hands us wait
+                    // in our queue until we have a snapshot, rather than get a 503 while the
+                    // older process still answers the others.
+                    let taking_over = matches!(claim, Claim::Older);
+                    let serving = async {
+                        if taking_over {
+                            first_publish(&sh).await;
+                        }
+                        serve(listener, sh.clone()).await
+                    };
                     tokio::select! {
-                        _ = serve(listener, sh.clone()) => {}
-                        _ = ownership(addr, &sh) => {
+                        _ = serving => {}
+                        _ = ownership(addr, &sh, claim) => {
                             envoy_obs_common::envoy_log!(
                                 envoy_obs_common::ffi::LogLevel::Info,
                                 "envoy-obs: a newer Envoy (hot restart) took over the metrics endpoint {addr}; \
@@ -638,7 +675,7 @@ impl Server {
                 l.prev = before;
             }
         }
-        self.shared.published.notify_one();
+        self.shared.published.send_replace(true);
     }
 }
 
