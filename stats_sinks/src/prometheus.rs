@@ -162,9 +162,17 @@ fn labels(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
     s
 }
 
-/// The name-derived data of one stat.
+/// The name-derived data of one stat. As Envoy's admin: a stat in the custom namespace Wasm
+/// registers (`wasmcustom.`, which only Wasm extensions create) keeps its own name, without
+/// the `envoy_` prefix, and is left out when that name is not a valid Prometheus name (it
+/// starts with a digit); every other stat becomes `envoy_<sanitized name>`. (Dynamic modules'
+/// namespaces are stripped only behind a runtime flag that is off by default, and the ABI does
+/// not tell a sink whether it is on.)
 pub fn meta(name: Vec<u8>, extracted: Vec<u8>, tags: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {
-    let prom_name = Some(format!("envoy_{}", sanitize(&extracted)));
+    let prom_name = match extracted.strip_prefix(b"wasmcustom.") {
+        Some(own) => Some(sanitize(own)).filter(|n| n.bytes().next().is_some_and(|c| !c.is_ascii_digit())),
+        None => Some(format!("envoy_{}", sanitize(&extracted))),
+    };
     let labels = labels(&tags);
     Meta { name, extracted, tags, prom_name, labels }
 }
@@ -1216,6 +1224,12 @@ mod tests {
     fn labels_are_escaped_and_names_sanitised() {
         let mm = meta(b"a".to_vec(), b"a.b-c".to_vec(), vec![(b"x.y".to_vec(), b"q\"\\\n".to_vec())]);
         assert_eq!(mm.prom_name.as_deref(), Some("envoy_a_b_c"));
+        // Wasm's custom namespace, as the admin prints it: the name alone, or nothing.
+        let wasm = |n: &str| meta(n.into(), n.into(), Vec::new()).prom_name;
+        assert_eq!(wasm("wasmcustom.my_filter.hits").as_deref(), Some("my_filter_hits"));
+        assert_eq!(wasm("wasmcustom.9lives"), None);
+        assert_eq!(wasm("wasmcustom."), None);
+        assert_eq!(wasm("wasmcustomer.x").as_deref(), Some("envoy_wasmcustomer_x"));
         assert_eq!(mm.labels, "x_y=\"q\\\"\\\\\\n\"");
         let mut v = Vec::new();
         fmt_g32(0.5, &mut v);
