@@ -84,6 +84,10 @@ FORMAT = {
     "mixed": "[%START_TIME%] %REQ(:METHOD)% %RESPONSE_CODE% %RESPONSE_FLAGS% x=%REQ(X-NOPE)%",
     "lit": "literal",
     "num": 5,
+    # (Integer literals are doubles in Envoy's Struct: 100000 prints as 1e+05, 123456 as is.)
+    "num_round": 100000,
+    "num_neg": -3000000,
+    "num_plain": 123456,
     "flt": 2.5,
     "yes": True,
     "nested": {"code": "%RESPONSE_CODE%", "deeper": {"proto": "%PROTOCOL%", "lit": "x"}},

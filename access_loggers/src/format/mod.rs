@@ -822,6 +822,31 @@ fn write_f64(f: f64, out: &mut Vec<u8>) -> bool {
     true
 }
 
+/// An integer literal of `json_format` as Envoy 1.40 prints it: the Struct holds it as a
+/// double, written through `std::to_chars`, the shorter of its plain and scientific forms
+/// (plain on a tie). So `123456` stays, but `100000` is `1e+05` and `-3000000` is `-3e+06`;
+/// only numbers with five or more trailing zeros (or past 2^53) differ from plain digits.
+/// (Numeric operators such as `%BYTES_SENT%` print plain digits: checked against the binary.)
+pub fn json_int(n: i128, out: &mut Vec<u8>) {
+    const EXACT: i128 = 1 << 53;
+    if n == 0 || (n % 100_000 != 0 && n.abs() < EXACT) {
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        return;
+    }
+    use std::io::Write;
+    let f = n as f64;
+    let plain = format!("{f}");
+    let sci = format!("{f:e}");
+    let sci = match sci.split_once('e') {
+        Some((mantissa, exp)) => {
+            let (sign, digits) = exp.strip_prefix('-').map_or(('+', exp), |d| ('-', d));
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+        None => sci,
+    };
+    let _ = write!(out, "{}", if sci.len() < plain.len() { sci } else { plain });
+}
+
 fn write_json_val(v: &Val<'_>, out: &mut Vec<u8>) {
     match v {
         Val::Null => out.extend_from_slice(b"null"),
@@ -1196,6 +1221,11 @@ fn compile_map(
                 ))
             }
             serde_json::Value::Null => Node::Null,
+            serde_json::Value::Number(n) if n.as_i64().is_some() || n.as_u64().is_some() => {
+                let mut lit = Vec::new();
+                json_int(n.as_i64().map_or_else(|| i128::from(n.as_u64().unwrap_or(0)), i128::from), &mut lit);
+                Node::Lit(lit)
+            }
             other => Node::Lit(other.to_string().into_bytes()),
         };
         out.push((key, node));

@@ -362,3 +362,25 @@ fn bulk_fetch_captures_what_single_lookups_capture() {
     assert_eq!((v["alt"].as_str(), v["alt_hit"].as_str(), v["resp"].as_str()), (Some("/ok"), Some("/ok"), Some("r -")));
     assert_eq!(v["trace"], "4bf92f3577b34da6a3ce929d0e0e4736/00f067aa0ba902b7");
 }
+
+/// Integers as Envoy 1.40 types them in JSON (a double through std::to_chars).
+#[test]
+fn integers_print_as_envoys_doubles() {
+    for (n, want) in [
+        (0i128, "0"),
+        (7, "7"),
+        (10_000, "10000"),
+        (123_456, "123456"),
+        (100_000, "1e+05"),
+        (1_000_000, "1e+06"),
+        (1_500_000, "1500000"),
+        (12_000_000, "1.2e+07"),
+        (-100_000, "-1e+05"),
+        (-3_000_000, "-3e+06"),
+        (100_000_000_000_000_000_000, "1e+20"),
+    ] {
+        let mut out = Vec::new();
+        super::json_int(n, &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), want, "{n}");
+    }
+}
