@@ -25,6 +25,9 @@ FORMAT = {
     "utf": "%REQ(X-UTF)%",
     "utf_cut": "%REQ(X-UTF):5%",
     "utf_split": "%REQ(X-UTF2):3%",
+    # Each value escaped on its own: the invalid one byte by byte, the valid one and the text
+    # around them kept as UTF-8.
+    "utf_mixed": "ü %REQ(X-UTF2)% %REQ(X-UTF)%",
     "uhn": "%UPSTREAM_HOST_NAME%",
     "pct": "100%% of %%PROTOCOL%%",
     "rep": "%REQ(X-REP)%",
@@ -152,6 +155,7 @@ def test_same_records_as_builtin_json_format(tmp_path):
     assert all(r["pct"] == "100% of %PROTOCOL%" for r in recs)
     assert any(r["uhn"] and r["uhn"].startswith("127.0.0.1:") for r in recs), "a STATIC host is named by its address"
     assert any(r["utf"] == 'caf\u00e9 "\u00c3\u00a9"' and r["utf_split"] == "na\u00c3" for r in recs)
+    assert any(r["utf_mixed"] == 'ü naïve caf\u00e9 "\u00c3\u00a9"' for r in recs)
     assert all(r["env"] == "from-env" for r in recs)
 
 

@@ -264,6 +264,28 @@ impl Template {
         }
     }
 
+    /// [`Template::write_text`] as the inside of a JSON string. Each value is escaped on its
+    /// own, as Envoy does: a value that is not valid UTF-8 gets every byte from 0x80 up as
+    /// `\u00XX`, while the text and the other values around it keep their UTF-8.
+    pub fn write_json_text<'a>(
+        &'a self,
+        vals: &mut Decoder<'a>,
+        omit_empty: bool,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) {
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => escape_into(t, out),
+                Part::Cmd(c) => {
+                    scratch.clear();
+                    c.write_text(vals.next(c), omit_empty, scratch);
+                    escape_into(scratch, out);
+                }
+            }
+        }
+    }
+
     /// The commands, in order.
     fn commands(&self) -> impl Iterator<Item = &Command> {
         self.parts.iter().filter_map(|p| match p {
@@ -1295,10 +1317,8 @@ impl JsonPlan {
                 Node::Text(t) => {
                     // Mixed text is always a string; with omit_empty, unavailable parts print
                     // nothing instead of "-" (Envoy keeps the key even when it ends up "").
-                    scratch.clear();
-                    t.write_text(vals, self.omit_empty, scratch);
                     out.push(b'"');
-                    escape_into(scratch, out);
+                    t.write_json_text(vals, self.omit_empty, scratch, out);
                     out.push(b'"');
                     true
                 }
