@@ -92,6 +92,7 @@ FORMAT = {
     "num_neg": -3000000,
     "num_plain": 123456,
     "flt": 2.5,
+    "list": ["%REQ(:METHOD)%", 100000, "%REQ(X-NOPE)%", {"k": "%RESPONSE_CODE%"}, ["x %PROTOCOL%"], None],
     "yes": True,
     "nested": {"code": "%RESPONSE_CODE%", "deeper": {"proto": "%PROTOCOL%", "lit": "x"}},
 }
@@ -166,6 +167,9 @@ OMIT_FORMAT = {
     "only_commands": "%REQ(X-NOPE)%%REQ(X-NOPE2)%",
     "all_gone": {"inner": "%REQ(X-NOPE)%"},
     "partly": {"gone": "%REQ(X-NOPE)%", "kept": 1, "flags": "%RESPONSE_FLAGS%"},
+    "list": ["%REQ(:METHOD)%", 1, "%REQ(X-NOPE)%", {"k": "%REQ(X-NOPE)%"}, ["%RESPONSE_CODE%"], None, "a %REQ(X-NOPE)%"],
+    "list_emptied": ["%REQ(X-NOPE)%"],
+    "list_empty": [],
     "empty_literal": "",
     "literal_null": None,
     "null_map": {"x": None},

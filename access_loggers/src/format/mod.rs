@@ -1155,6 +1155,10 @@ enum Node {
     Typed(Command),
     Text(Template),
     Map(Vec<(Vec<u8>, Node)>),
+    /// A list, as Envoy's json_format takes one: its elements render like map values; under
+    /// `omit_empty_values` unavailable elements (and emptied maps) are left out, and the list
+    /// stays even when that leaves it empty.
+    List(Vec<Node>),
 }
 
 /// A compiled `json_format` map.
@@ -1200,12 +1204,17 @@ impl Command {
 
 fn flatten(entries: &[(Vec<u8>, Node)], program: &mut Program) {
     for (_, node) in entries {
-        match node {
-            Node::Lit(_) | Node::Null => {}
-            Node::Typed(c) => program.push(c),
-            Node::Text(t) => program.push_template(t),
-            Node::Map(m) => flatten(m, program),
-        }
+        flatten_node(node, program);
+    }
+}
+
+fn flatten_node(node: &Node, program: &mut Program) {
+    match node {
+        Node::Lit(_) | Node::Null => {}
+        Node::Typed(c) => program.push(c),
+        Node::Text(t) => program.push_template(t),
+        Node::Map(m) => flatten(m, program),
+        Node::List(l) => l.iter().for_each(|n| flatten_node(n, program)),
     }
 }
 
@@ -1222,37 +1231,41 @@ fn compile_map(
         let mut key = vec![b','];
         quoted(k.as_bytes(), &mut key);
         key.push(b':');
-        let node = match v {
-            serde_json::Value::String(s) => {
-                let t = Template::compile(s).map_err(|e| ConfigError::new(&here, e))?;
-                if let Some(c) = t.single() {
-                    Node::Typed(c.clone())
-                } else if let Some(text) = t.literal() {
-                    let mut lit = Vec::new();
-                    quoted(&text, &mut lit);
-                    Node::Lit(lit)
-                } else {
-                    Node::Text(t)
-                }
-            }
-            serde_json::Value::Object(m) => Node::Map(compile_map(m, &here)?),
-            serde_json::Value::Array(_) => {
-                return Err(ConfigError::new(
-                    &here,
-                    "lists are not supported (values are strings, numbers, booleans or maps)",
-                ))
-            }
-            serde_json::Value::Null => Node::Null,
-            serde_json::Value::Number(n) if n.as_i64().is_some() || n.as_u64().is_some() => {
-                let mut lit = Vec::new();
-                json_int(n.as_i64().map_or_else(|| i128::from(n.as_u64().unwrap_or(0)), i128::from), &mut lit);
-                Node::Lit(lit)
-            }
-            other => Node::Lit(other.to_string().into_bytes()),
-        };
-        out.push((key, node));
+        out.push((key, compile_node(v, &here)?));
     }
     Ok(out)
+}
+
+fn compile_node(v: &serde_json::Value, here: &str) -> Result<Node, ConfigError> {
+    Ok(match v {
+        serde_json::Value::String(s) => {
+            let t = Template::compile(s).map_err(|e| ConfigError::new(here, e))?;
+            if let Some(c) = t.single() {
+                Node::Typed(c.clone())
+            } else if let Some(text) = t.literal() {
+                let mut lit = Vec::new();
+                quoted(&text, &mut lit);
+                Node::Lit(lit)
+            } else {
+                Node::Text(t)
+            }
+        }
+        serde_json::Value::Object(m) => Node::Map(compile_map(m, here)?),
+        serde_json::Value::Array(items) => Node::List(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| compile_node(v, &format!("{here}[{i}]")))
+                .collect::<Result<_, _>>()?,
+        ),
+        serde_json::Value::Null => Node::Null,
+        serde_json::Value::Number(n) if n.as_i64().is_some() || n.as_u64().is_some() => {
+            let mut lit = Vec::new();
+            json_int(n.as_i64().map_or_else(|| i128::from(n.as_u64().unwrap_or(0)), i128::from), &mut lit);
+            Node::Lit(lit)
+        }
+        other => Node::Lit(other.to_string().into_bytes()),
+    })
 }
 
 impl JsonPlan {
@@ -1303,27 +1316,7 @@ impl JsonPlan {
             let mark = out.len();
             // Keys are stored pre-rendered as `,"key":`; the first one written drops the comma.
             out.extend_from_slice(if any { key } else { &key[1..] });
-            let wrote = match node {
-                Node::Null if self.omit_empty => false,
-                Node::Null => {
-                    out.extend_from_slice(b"null");
-                    true
-                }
-                Node::Lit(l) => {
-                    out.extend_from_slice(l);
-                    true
-                }
-                Node::Typed(c) => c.render_json(vals, self.omit_empty, out),
-                Node::Text(t) => {
-                    // Mixed text is always a string; with omit_empty, unavailable parts print
-                    // nothing instead of "-" (Envoy keeps the key even when it ends up "").
-                    out.push(b'"');
-                    t.write_json_text(vals, self.omit_empty, scratch, out);
-                    out.push(b'"');
-                    true
-                }
-                Node::Map(m) => self.render_map(m, vals, scratch, out) || !self.omit_empty,
-            };
+            let wrote = self.render_node(node, vals, scratch, out);
             if wrote {
                 any = true;
             } else {
@@ -1332,6 +1325,54 @@ impl JsonPlan {
         }
         out.push(b'}');
         any
+    }
+
+    /// Writes one map value or list element; false when it is left out (`omit_empty_values`).
+    fn render_node<'a>(
+        &'a self,
+        node: &'a Node,
+        vals: &mut Decoder<'a>,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        match node {
+            Node::Null if self.omit_empty => false,
+            Node::Null => {
+                out.extend_from_slice(b"null");
+                true
+            }
+            Node::Lit(l) => {
+                out.extend_from_slice(l);
+                true
+            }
+            Node::Typed(c) => c.render_json(vals, self.omit_empty, out),
+            Node::Text(t) => {
+                // Mixed text is always a string; with omit_empty, unavailable parts print
+                // nothing instead of "-" (Envoy keeps the key even when it ends up "").
+                out.push(b'"');
+                t.write_json_text(vals, self.omit_empty, scratch, out);
+                out.push(b'"');
+                true
+            }
+            Node::Map(m) => self.render_map(m, vals, scratch, out) || !self.omit_empty,
+            Node::List(items) => {
+                out.push(b'[');
+                let mut any = false;
+                for item in items {
+                    let mark = out.len();
+                    if any {
+                        out.push(b',');
+                    }
+                    if self.render_node(item, vals, scratch, out) {
+                        any = true;
+                    } else {
+                        out.truncate(mark);
+                    }
+                }
+                out.push(b']');
+                true
+            }
+        }
     }
 }
 

@@ -277,8 +277,8 @@ fn bad_formats_are_rejected_with_the_operator_named() {
         let e = JsonPlan::compile(serde_json::json!({"k": f}).as_object().unwrap(), false).unwrap_err();
         assert!(e.message.contains(needle) && e.field == "json_format.k", "{f}: {e}");
     }
-    let e = JsonPlan::compile(serde_json::json!({"k": [1]}).as_object().unwrap(), false).unwrap_err();
-    assert!(e.message.contains("lists"), "{e}");
+    let e = JsonPlan::compile(serde_json::json!({"k": [1, {"m": "%NOPE%"}]}).as_object().unwrap(), false).unwrap_err();
+    assert_eq!(e.field, "json_format.k[1].m", "{e}");
     // Keys are the user's: one holding ": " or dots is named whole, not split at the first ": ".
     let e = JsonPlan::compile(serde_json::json!({"a: b": {"c.d": "%NOPE%"}}).as_object().unwrap(), false).unwrap_err();
     assert_eq!(e.field, "json_format.a: b.c.d", "{e}");
@@ -383,4 +383,21 @@ fn integers_print_as_envoys_doubles() {
         super::json_int(n, &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), want, "{n}");
     }
+}
+
+/// Lists as Envoy 1.40 renders them (checked on the binary): elements like map values; with
+/// omit_empty_values unavailable elements and emptied maps are left out, the list stays.
+#[test]
+fn lists_render_like_envoys() {
+    let fmt = serde_json::json!({
+        "l": ["%REQ(:METHOD)%", 1, "x", "%REQ(X-NOPE)%", {"k": "%REQ(X-NOPE)%"}, ["%RESPONSE_CODE%"], null, "a %REQ(X-NOPE)%"],
+        "e": [],
+        "n": ["%REQ(X-NOPE)%"],
+    });
+    let s = FakeStream::ok();
+    assert_eq!(
+        render(fmt.clone(), false, &s),
+        serde_json::json!({"e": [], "l": ["GET", 1, "x", null, {"k": null}, [200], null, "a -"], "n": [null]})
+    );
+    assert_eq!(render(fmt, true, &s), serde_json::json!({"e": [], "l": ["GET", 1, "x", [200], "a "], "n": []}));
 }
