@@ -143,6 +143,8 @@ enum Op {
     },
     StartTime(TimeFormat),
     Str(StrField),
+    /// `%RESPONSE_CODE_DETAILS(ALLOW_WHITESPACES)%`: the details as they are.
+    StrRaw(StrField),
     Num(Num),
     Dur(Dur),
     Addr(AddrField, AddrForm),
@@ -462,6 +464,7 @@ impl Command {
                 Some(ns) => Val::Time(ns, f),
                 None => Val::Null,
             },
+            Op::StrRaw(f) => s.string(*f).map_or(Val::Null, Val::S),
             Op::Str(f) => match (f, s.string(*f)) {
                 // Envoy prints an absent local reply body as "", not null.
                 (StrField::LocalReplyBody, None) => Val::S(b""),
@@ -474,6 +477,24 @@ impl Command {
                     if v.contains(&b' ') =>
                 {
                     Val::Owned(v.iter().map(|&c| if c == b' ' { b'_' } else { c }).collect())
+                }
+                // Whitespace becomes '_' (StringUtil::replaceAllEmptySpace) unless the operator
+                // says ALLOW_WHITESPACES.
+                (StrField::ResponseCodeDetails, Some(v))
+                    if v.iter().any(u8::is_ascii_whitespace) || v.contains(&0x0b) =>
+                {
+                    Val::Owned(v.iter().map(|&c| if c.is_ascii_whitespace() || c == 0x0b { b'_' } else { c }).collect())
+                }
+                // An SNI with characters a hostname cannot have: each one becomes '_' and the
+                // whole is marked `invalid:` (StringUtil::sanitizeInvalidHostname).
+                (StrField::RequestedServerName, Some(v))
+                    if !v.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-') =>
+                {
+                    let mut o = b"invalid:".to_vec();
+                    o.extend(
+                        v.iter().map(|&c| if c.is_ascii_alphanumeric() || c == b'.' || c == b'-' { c } else { b'_' }),
+                    );
+                    Val::Owned(o)
                 }
                 (_, v) => v.map_or(Val::Null, Val::S),
             },
@@ -1051,6 +1072,9 @@ fn str_op(name: &str) -> Option<StrField> {
 }
 
 fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
+    if name == "RESPONSE_CODE_DETAILS" && arg == Some("ALLOW_WHITESPACES") {
+        return Ok(Op::StrRaw(StrField::ResponseCodeDetails));
+    }
     if let Some(f) = str_op(name) {
         return no_arg(name, arg, Op::Str(f));
     }

@@ -401,3 +401,26 @@ fn lists_render_like_envoys() {
     );
     assert_eq!(render(fmt, true, &s), serde_json::json!({"e": [], "l": ["GET", 1, "x", [200], "a "], "n": []}));
 }
+
+/// Values Envoy's formatter rewrites: response code details with whitespace (unless
+/// ALLOW_WHITESPACES), and an SNI that is not a valid hostname.
+#[test]
+fn code_details_and_sni_are_sanitized_like_envoys() {
+    let mut s = FakeStream::ok();
+    s.strings.retain(|(f, _)| !matches!(f, StrField::ResponseCodeDetails | StrField::RequestedServerName));
+    s.strings.push((StrField::ResponseCodeDetails, b"blocked by\tpolicy\x0b".to_vec()));
+    s.strings.push((StrField::RequestedServerName, b"my_host.corp".to_vec()));
+    let v = render(
+        serde_json::json!({"d": "%RESPONSE_CODE_DETAILS%", "raw": "%RESPONSE_CODE_DETAILS(ALLOW_WHITESPACES)%",
+                           "sni": "%REQUESTED_SERVER_NAME%"}),
+        false,
+        &s,
+    );
+    assert_eq!(
+        v,
+        serde_json::json!({"d": "blocked_by_policy_", "raw": "blocked by\tpolicy\u{b}", "sni": "invalid:my_host.corp"})
+    );
+    s.strings.retain(|(f, _)| *f != StrField::RequestedServerName);
+    s.strings.push((StrField::RequestedServerName, b"api.example-1.com".to_vec()));
+    assert_eq!(render(serde_json::json!({"sni": "%REQUESTED_SERVER_NAME%"}), false, &s)["sni"], "api.example-1.com");
+}
