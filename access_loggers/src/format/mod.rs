@@ -983,7 +983,19 @@ fn parse_command(s: &str, i: usize) -> Result<(Command, usize), String> {
     }
     // Envoy 1.40 takes a length only on these (checked on the binary: `%PROTOCOL:4%` and the
     // like reject the config).
-    if max_len.is_some() && !matches!(name, "REQ" | "RESP" | "TRAILER" | "DYNAMIC_METADATA" | "ENVIRONMENT") {
+    if max_len.is_some()
+        && !matches!(
+            name,
+            "REQ"
+                | "RESP"
+                | "TRAILER"
+                | "REQUEST_HEADER"
+                | "RESPONSE_HEADER"
+                | "RESPONSE_TRAILER"
+                | "DYNAMIC_METADATA"
+                | "ENVIRONMENT"
+        )
+    {
         return Err(format!("operator %{name}% takes no length (:N)"));
     }
     let op = make_op(name, arg)?;
@@ -1087,9 +1099,10 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
     let num = |n| no_arg(name, arg, Op::Num(n));
     let dur = |d| no_arg(name, arg, Op::Dur(d));
     match name {
-        "REQ" => header_op(name, HeaderKind::Request, arg),
-        "RESP" => header_op(name, HeaderKind::Response, arg),
-        "TRAILER" => header_op(name, HeaderKind::ResponseTrailer, arg),
+        // (The long names are Envoy's aliases of the short ones.)
+        "REQ" | "REQUEST_HEADER" => header_op(name, HeaderKind::Request, arg),
+        "RESP" | "RESPONSE_HEADER" => header_op(name, HeaderKind::Response, arg),
+        "TRAILER" | "RESPONSE_TRAILER" => header_op(name, HeaderKind::ResponseTrailer, arg),
         "START_TIME" => Ok(Op::StartTime(time_fmt(name, arg)?)),
         "RESPONSE_CODE" => num(Num::ResponseCode),
         "RESPONSE_FLAGS" => no_arg(name, arg, Op::Flags { long: false }),

@@ -424,3 +424,18 @@ fn code_details_and_sni_are_sanitized_like_envoys() {
     s.strings.push((StrField::RequestedServerName, b"api.example-1.com".to_vec()));
     assert_eq!(render(serde_json::json!({"sni": "%REQUESTED_SERVER_NAME%"}), false, &s)["sni"], "api.example-1.com");
 }
+
+/// Envoy's long names for the header operators.
+#[test]
+fn header_operator_aliases() {
+    let s = FakeStream::ok();
+    let short =
+        render(serde_json::json!({"a": "%REQ(:METHOD)%", "b": "%RESP(X-NONE)%", "c": "%TRAILER(X-T):2%"}), false, &s);
+    let long = render(
+        serde_json::json!({"a": "%REQUEST_HEADER(:METHOD)%", "b": "%RESPONSE_HEADER(X-NONE)%", "c": "%RESPONSE_TRAILER(X-T):2%"}),
+        false,
+        &s,
+    );
+    assert_eq!(short, long);
+    assert_eq!(long["a"], "GET");
+}
