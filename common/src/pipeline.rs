@@ -403,6 +403,13 @@ impl Pipeline {
         self.stop()
     }
 
+    /// Waits for a report in progress, then bars any later one.
+    fn bar_reports(&self) {
+        if let Ok(mut may) = self.shared.may_report.lock() {
+            *may = false;
+        }
+    }
+
     fn stop(&mut self) -> bool {
         let Some(thread) = self.thread.take() else { return true };
         let start = Instant::now();
@@ -436,15 +443,6 @@ impl Pipeline {
             grace.as_millis()
         );
         false
-    }
-}
-
-impl Pipeline {
-    /// Waits for a report in progress, then bars any later one.
-    fn bar_reports(&self) {
-        if let Ok(mut may) = self.shared.may_report.lock() {
-            *may = false;
-        }
     }
 }
 
@@ -925,11 +923,15 @@ mod tests {
         let detached = std::thread::spawn(move || p.shutdown()).join().unwrap();
         assert!(!detached && t.elapsed() < Duration::from_millis(100), "{:?}", t.elapsed());
         let after = reports.0.load(Relaxed);
-        // 300 ms shutdown deadline: the export is cut short and the thread drains and exits.
-        std::thread::sleep(Duration::from_millis(800));
+        // 300 ms shutdown deadline: the export is cut short, and the thread drains and exits
+        // (dropping its exporter, the other holder of `exported`).
+        let t = Instant::now();
+        while Arc::strong_count(&exported) > 1 {
+            assert!(t.elapsed() < Duration::from_secs(5), "the flush thread did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(exported.load(Relaxed), 1);
         assert_eq!(reports.0.load(Relaxed), after);
-        assert_eq!(Arc::strong_count(&exported), 1, "the flush thread ended (dropping its exporter)");
     }
 
     #[test]
