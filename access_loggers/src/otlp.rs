@@ -194,6 +194,7 @@ pub struct OtlpPlan {
     start: Command,
     code: Command,
     traceparent: Command,
+    log_type: Command,
     body: Node,
     attributes: Vec<(String, Node)>,
     /// Every operator above, in the order `encode` reads them back.
@@ -206,10 +207,15 @@ fn command(s: &str) -> Command {
     Template::compile(s).ok().and_then(|t| t.single().cloned()).unwrap_or_else(|| unreachable!("{s}"))
 }
 
-/// Severity from the response code: 5xx and no response at all → ERROR, 4xx → WARN, else INFO.
-pub fn severity(code: u64) -> (u64, &'static str) {
+/// Severity from the response code: 5xx → ERROR, 4xx → WARN, else INFO; no response at all
+/// is an ERROR only on a record of an HTTP stream's end (`DownstreamEnd`, `UpstreamEnd`). A
+/// TCP or UDP session, or a start-of-request or periodic record, has no response code to go by:
+/// UNSPECIFIED (0, no text), as Envoy's own logger sends for every record.
+pub fn severity(code: u64, log_type: &[u8]) -> (u64, &'static str) {
     match code {
-        500.. | 0 => (17, "ERROR"),
+        0 if matches!(log_type, b"DownstreamEnd" | b"UpstreamEnd" | b"NotSet") => (17, "ERROR"),
+        0 => (0, ""),
+        500.. => (17, "ERROR"),
         400..=499 => (13, "WARN"),
         _ => (9, "INFO"),
     }
@@ -222,16 +228,20 @@ impl OtlpPlan {
             None => Node::compile(&serde_json::Value::String(DEFAULT_BODY.into()), "body", false)?,
         };
         let attributes = compile_map(&c.attributes, "attributes", c.typed_values)?;
-        let (start, code, traceparent) =
-            (command("%START_TIME%"), command("%RESPONSE_CODE%"), command("%REQ(TRACEPARENT)%"));
+        let (start, code, traceparent, log_type) = (
+            command("%START_TIME%"),
+            command("%RESPONSE_CODE%"),
+            command("%REQ(TRACEPARENT)%"),
+            command("%ACCESS_LOG_TYPE%"),
+        );
         let mut program = Program::default();
-        for c in [&start, &code, &traceparent] {
+        for c in [&start, &code, &traceparent, &log_type] {
             program.push(c);
         }
         body.flatten(&mut program);
         attributes.iter().for_each(|(_, n)| n.flatten(&mut program));
         let bulk = BulkHeaders::for_lookups(program.header_lookups());
-        Ok(OtlpPlan { start, code, traceparent, body, attributes, program, bulk })
+        Ok(OtlpPlan { start, code, traceparent, log_type, body, attributes, program, bulk })
     }
 
     /// Encodes one captured record as the body of a `LogRecord`.
@@ -245,10 +255,15 @@ impl OtlpPlan {
             Val::U(c) => c,
             _ => 0,
         };
-        let (num, text) = severity(code);
+        let traceparent = d.next(&self.traceparent);
+        let log_type = match d.next(&self.log_type) {
+            Val::S(t) => t,
+            _ => b"NotSet",
+        };
+        let (num, text) = severity(code, log_type);
         proto::uint(out, 2, num);
         proto::bytes(out, 3, text.as_bytes());
-        if let Val::S(tp) = d.next(&self.traceparent) {
+        if let Val::S(tp) = traceparent {
             if let Some((trace, span, flags)) = parse_traceparent(tp) {
                 proto::fixed32(out, 8, u32::from(flags));
                 proto::bytes(out, 9, &trace);
@@ -471,9 +486,16 @@ mod tests {
 
     #[test]
     fn severity_mapping() {
-        assert_eq!(severity(200).1, "INFO");
-        assert_eq!(severity(404).1, "WARN");
-        assert_eq!(severity(503).1, "ERROR");
-        assert_eq!(severity(0).1, "ERROR");
+        let end = b"DownstreamEnd".as_slice();
+        assert_eq!(severity(200, end), (9, "INFO"));
+        assert_eq!(severity(404, end), (13, "WARN"));
+        assert_eq!(severity(503, end), (17, "ERROR"));
+        assert_eq!(severity(0, end), (17, "ERROR"), "an HTTP stream that ended without a response");
+        assert_eq!(severity(0, b"UpstreamEnd"), (17, "ERROR"));
+        // Nothing to go by: a TCP session, a request still in progress.
+        for t in ["TcpConnectionEnd", "DownstreamStart", "DownstreamPeriodic", "UdpSessionEnd"] {
+            assert_eq!(severity(0, t.as_bytes()), (0, ""), "{t}");
+        }
+        assert_eq!(severity(200, b"DownstreamPeriodic"), (9, "INFO"));
     }
 }
