@@ -305,11 +305,12 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Com
     let config: OtlpLoggerConfig = parse(&rest)?;
     check_common(config.flush_interval_ms, config.queue_capacity, &config.stat_prefix)?;
     let mut settings = otlp::resolve(&otlp_cfg, Signal::Logs, env)?;
-    if let Some(name) = &config.log_name {
-        if !settings.resource.iter().any(|(k, _)| k == "log_name") {
-            settings.resource.push(("log_name".into(), name.clone()));
-            settings.resource.sort();
-        }
+    // `log_name` beats the environment, and a `log_name` in our own `resource_attributes`
+    // beats it (the order Envoy's logger applies them in).
+    if let Some(name) = config.log_name.as_ref().filter(|_| !otlp_cfg.resource_attributes.contains_key("log_name")) {
+        settings.resource.retain(|(k, _)| k != "log_name");
+        settings.resource.push(("log_name".into(), name.clone()));
+        settings.resource.sort();
     }
     let plan = OtlpPlan::compile(&config)?;
     let filter = compile_filter(&config.filter)?;
@@ -482,6 +483,21 @@ mod tests {
             (e.field.as_str(), e.message.as_str()),
             ("attributes.http: x.y", "null is not a value; leave the key out")
         );
+    }
+
+    /// `log_name` beats OTEL_RESOURCE_ATTRIBUTES; a `log_name` in our `resource_attributes`
+    /// beats `log_name`.
+    #[test]
+    fn log_name_precedence() {
+        let env = |k: &str| (k == "OTEL_RESOURCE_ATTRIBUTES").then(|| "log_name=from-env,team=a".to_string());
+        let log_name = |c: &Compiled| c.settings.resource.iter().find(|(k, _)| k == "log_name").map(|(_, v)| v.clone());
+        let c = compile(br#"{"log_name":"edge"}"#, &env).unwrap();
+        assert_eq!(log_name(&c).as_deref(), Some("edge"));
+        assert!(c.settings.resource.iter().any(|(k, v)| k == "team" && v == "a"));
+        let c = compile(br#"{"log_name":"edge","resource_attributes":{"log_name":"explicit"}}"#, &env).unwrap();
+        assert_eq!(log_name(&c).as_deref(), Some("explicit"));
+        let c = compile(br#"{}"#, &env).unwrap();
+        assert_eq!(log_name(&c).as_deref(), Some("from-env"));
     }
 
     #[test]
