@@ -372,14 +372,15 @@ def test_hot_restart_hands_the_endpoint_to_the_new_epoch(tmp_path):
         # Until then the old epoch answers; a connection the kernel gives the new one waits
         # for its first flush instead of getting a 503.
         assert set(before) <= {(200, 0)}, before
-        time.sleep(0.5)  # the old epoch has the hand-over message in hand
+        # The old epoch logs when it stops accepting: from then on only the new one answers.
+        poll_until(lambda: "took over the metrics endpoint" in (tmp_path / "epoch0.log").read_text(),
+                   timeout=10, what="the old epoch handed the endpoint over")
         after = []
         while procs[0].poll() is None:
             after.append(scrape())
             time.sleep(0.05)
         assert len(after) > 20 and set(after) == {(200, 1)}, after
         assert scrape() == (200, 1)
-        assert "took over the metrics endpoint" in (tmp_path / "epoch0.log").read_text()
     finally:
         for p in procs:
             if p.poll() is None:

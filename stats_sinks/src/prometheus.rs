@@ -515,8 +515,8 @@ fn owner_socket(addr: SocketAddr) -> std::io::Result<std::os::unix::net::SocketA
 enum Claim {
     /// We do.
     Owner(tokio::net::UnixListener),
-    /// An older process of this address (hot restart).
-    Older,
+    /// An older process of this address (hot restart) holds the owner socket, named so.
+    Older(std::os::unix::net::SocketAddr),
     /// No hand-over possible (no abstract socket): we just serve.
     Unavailable,
 }
@@ -526,7 +526,7 @@ fn claim(addr: SocketAddr) -> Claim {
     let Ok(name) = owner_socket(addr) else { return Claim::Unavailable };
     match bind_owner(&name) {
         Ok(l) => Claim::Owner(l),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Claim::Older,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Claim::Older(name),
         Err(_) => Claim::Unavailable,
     }
 }
@@ -547,8 +547,7 @@ async fn first_publish(sh: &Shared) {
 async fn ownership(addr: SocketAddr, sh: &Shared, claim: Claim) {
     let owner = match claim {
         Claim::Owner(l) => l,
-        Claim::Older => {
-            let Ok(name) = owner_socket(addr) else { return std::future::pending().await };
+        Claim::Older(name) => {
             // Take over once there is a snapshot to serve.
             first_publish(sh).await;
             if let Ok(mut s) = std::os::unix::net::UnixStream::connect_addr(&name) {
@@ -642,7 +641,7 @@ impl Server {
                     // Taking over from an older process: connections the kernel hands us wait
                     // in our queue until we have a snapshot, rather than get a 503 while the
                     // older process still answers the others.
-                    let taking_over = matches!(claim, Claim::Older);
+                    let taking_over = matches!(claim, Claim::Older(_));
                     let serving = async {
                         if taking_over {
                             first_publish(&sh).await;
