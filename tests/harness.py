@@ -67,11 +67,19 @@ def hcm_listener(name: str, port: int, routes: list, access_log: list | None = N
                                             "typed_config": hcm}]}]}
 
 
+# Holds a request until its body has arrived, as a real server reads it before answering.
+BUFFER = {"name": "envoy.filters.http.buffer",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                           "max_request_bytes": 16 << 20}}
+
+
 def direct_response_listener(name: str, port: int, body: str = "hello\n") -> dict:
-    """A real HTTP upstream: an Envoy listener answering 200 with a fixed body."""
+    """A real HTTP upstream: an Envoy listener answering 200 with a fixed body once it has read
+    the whole request. Answering before the body is in would end the front's stream early, a
+    race an HTTP/2 client can see as a stream error (curl exit 92)."""
     return hcm_listener(name, port, [{"match": {"prefix": "/"},
                                       "direct_response": {"status": 200, "body": {"inline_string": body}}}],
-                        stat_prefix=f"{name}_up")
+                        stat_prefix=f"{name}_up", http_filters=[BUFFER, ROUTER])
 
 
 def route(prefix: str, cluster: str, name: str | None = None) -> dict:
