@@ -227,3 +227,109 @@ def test_dynamic_metadata_like_builtin(tmp_path):
     a, b = read_json_lines(builtin), read_json_lines(ours)
     assert a == b
     assert a[0]["str"] == "checkout" and a[0]["num"] == 42 and a[0]["flag"] is True
+
+
+DERIVED_FORMAT = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "g": "%GRPC_STATUS%",
+    "g_snake": "%GRPC_STATUS(SNAKE_STRING)%",
+    "g_num": "%GRPC_STATUS(NUMBER)%",
+    "g_number": "%GRPC_STATUS_NUMBER%",
+    "g_text": "g=%GRPC_STATUS(CAMEL_STRING)% n=%GRPC_STATUS_NUMBER%",
+    "qa": "%QUERY_PARAM(a)%",
+    "qc": "%QUERY_PARAM(c)%",
+    "qd": "%QUERY_PARAM(d)%",
+    "qe": "%QUERY_PARAM(e)%",
+    "q_decoded_name": "%QUERY_PARAM(a&)%",
+    "q_bad_escape": "%QUERY_PARAM(bad)%",
+    "q_eq": "%QUERY_PARAM(f)%",
+    "q_cut": "%QUERY_PARAM(e):3%",
+    "q_missing": "%QUERY_PARAM(z)%",
+    "q_text": "a=%QUERY_PARAM(a)% z=%QUERY_PARAM(z)%",
+    "path": "%PATH%",
+    "path_nq": "%PATH(NQ)%",
+    "path_orig": "%PATH(WQ:ORIG)%",
+    "path_nq_path": "%PATH(NQ:PATH)%",
+    "path_cut": "%PATH(NQ:PATH):4%",
+    "rwq": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "rwq_cut": "%REQ_WITHOUT_QUERY(:PATH):3%",
+    "start_local": "%START_TIME_LOCAL%",
+    "start_local_f": "%START_TIME_LOCAL(%F %T %z %Ez %Z %s)%",
+    "start_utc_z": "%START_TIME(%z %Z)%",
+    "emit": "%EMIT_TIME%",
+    "emit_local": "%EMIT_TIME_LOCAL(%z|%Z)%",
+}
+
+
+def test_grpc_status_query_path_and_local_times_like_builtin(tmp_path):
+    """The operators derived from headers (gRPC status from trailers, headers or the HTTP code;
+    query parameters; the path with and without its query) and the local-time ones, against the
+    built-in on gRPC and plain traffic, with Envoy in a half-hour time zone. REQ_WITHOUT_QUERY
+    is an extension in Envoy (`envoy.formatter.req_without_query`), enabled for the built-in."""
+    from grpc_upstream import GrpcUpstream
+    from otlp_receiver import h2_cluster
+
+    front, up, up503, dead = free_port(), free_port(), free_port(), free_port()
+    logs, builtin, ours = paired_loggers(tmp_path, DERIVED_FORMAT)
+    logs[0]["typed_config"]["log_format"]["formatters"] = [{
+        "name": "envoy.formatter.req_without_query",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"}}]
+
+    def status_header(prefix, value):
+        return {"match": {"prefix": prefix}, "direct_response": {"status": 200},
+                "response_headers_to_add": [{"header": {"key": "grpc-status", "value": value}}]}
+
+    routes = [route("/t.S/", "grpc"), status_header("/hdr", "7"), status_header("/bad", "abc"),
+              status_header("/big", "99"), {"match": {"prefix": "/e429"}, "direct_response": {"status": 429}},
+              route("/u503", "backend503"), route("/dead", "dead"), route("/", "backend")]
+    up503_listener = hcm_listener("up503", up503, [{"match": {"prefix": "/"}, "direct_response": {"status": 503}}],
+                                  stat_prefix="up503")
+    # gRPC calls carry a message only to the gRPC server; the rest are header-only POSTs, since
+    # an HTTP/2 body still in flight when Envoy answers itself ends the stream with an error.
+    msg = tmp_path / "empty.msg"
+    msg.write_bytes(b"\0\0\0\0\0")
+    grpc_head = ["--http2-prior-knowledge", "-X", "POST", "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    grpc_h = [*grpc_head, "--data-binary", f"@{msg}"]
+    query = "/q?a=1&b=2&a=3&c=&d&e=x%20y+z&%61%26=amp&bad=%zz%4&f=a=b"
+    with GrpcUpstream() as g:
+        res = {"listeners": [hcm_listener("front", front, routes, access_log=logs), direct_response_listener("up", up),
+                             up503_listener],
+               "clusters": [static_cluster("backend", up), static_cluster("backend503", up503),
+                            static_cluster("dead", dead), h2_cluster("grpc", g.port)]}
+        base = f"http://127.0.0.1:{front}"
+        with Envoy(tmp_path, res, concurrency=1, env={"TZ": "Asia/Kolkata"}) as e:
+            requests = [
+                (query, []), (query, ["-H", "x-envoy-original-path: /orig/p?o=1"]), ("/plain", []),
+                ("/hdr", []), ("/dead", []),
+                *[(p, grpc_h) for p in ("/t.S/Ok", "/t.S/C5", "/t.S/C1", "/t.S/C16")],
+                *[(p, grpc_head) for p in ("/hdr", "/bad", "/big", "/e429", "/u503", "/dead", "/plain")],
+                ("/t.S/C5", ["--http2-prior-knowledge", "-H", "content-type: application/grpc-web",
+                             "--data-binary", f"@{msg}"]),
+                ("/t.S/C14", [x.replace("grpc", "grpc+proto") if x.startswith("content-type") else x for x in grpc_h]),
+            ]
+            for path, args in requests:
+                curl(base + path, *args)
+            wait_lines(len(requests), builtin, ours)
+            assert e.quit() == 0
+    a, b = records_by_id(builtin), records_by_id(ours)
+    assert len(a) == len(requests) and a.keys() == b.keys()
+    for rid, x in a.items():
+        y = b[rid]
+        assert x.keys() == y.keys(), rid
+        for k in x:
+            if k == "emit":
+                assert abs(start_ms(x[k]) - start_ms(y[k])) <= 5, (rid, k, x[k], y[k])
+            elif k == "start_local":
+                assert x[k][:19] == y[k][:19] and x[k][-5:] == y[k][-5:] == "+0530", (rid, k, x[k], y[k])
+            else:
+                assert type(x[k]) is type(y[k]) and x[k] == y[k], (rid, k, x[k], y[k])
+    recs = list(a.values())
+    # The traffic reached every source of a gRPC status, and the parts of a query.
+    assert {r["g"] for r in recs} >= {None, "OK", "NotFound", "Canceled", "Unauthenticated", "PermissionDenied",
+                                      "-1", "99", "Unavailable", "Unknown"}, recs
+    assert any(r["g_snake"] == "CANCELLED" for r in recs) and any(r["g_num"] == -1 for r in recs)
+    assert [r["g"] for r in recs if r["path"].startswith("/t.S/C")][-2:] == [None, "Unavailable"], "grpc-web, grpc+proto"
+    assert any(r["qe"] == "x y+z" and r["q_decoded_name"] == "amp" and r["q_bad_escape"] == "%zz%4" for r in recs)
+    assert any(r["path_orig"] == "/orig/p?o=1" and r["rwq"] == "/orig/p" for r in recs)
+    assert all(r["start_local_f"].split(" ")[2:5] == ["+0530", "+05:30", "IST"] for r in recs)
+    assert all(r["start_utc_z"] == "+0000 UTC" and r["emit_local"] == "+0530|IST" for r in recs)

@@ -14,9 +14,11 @@ use envoy_obs_common::ffi::access_log::{
 use envoy_obs_common::config::ConfigError;
 
 pub mod escape;
+mod request;
 pub mod time;
 
 use escape::{escape_into, quoted};
+use request::{GrpcForm, PathSrc};
 use time::TimeFormat;
 
 /// A value an operator produced for one record.
@@ -162,6 +164,19 @@ enum Op {
     Trace(TraceField),
     /// The selected upstream host's address (`ip:port`), known even when the connect failed.
     UpstreamHost,
+    /// `%GRPC_STATUS(...)%` and `%GRPC_STATUS_NUMBER%`.
+    GrpcStatus(GrpcForm),
+    /// `%QUERY_PARAM(key)%`: the first value of `key` in `:path`'s query, percent-decoded.
+    QueryParam(Vec<u8>),
+    /// `%PATH(WQ|NQ:ORIG|PATH|ORIG_OR_PATH)%`.
+    Path {
+        strip_query: bool,
+        src: PathSrc,
+    },
+    /// `%REQ_WITHOUT_QUERY(X?Y)%`: a request header up to its first `?`.
+    HeaderNoQuery(Vec<Vec<u8>>),
+    /// `%EMIT_TIME%` / `%EMIT_TIME_LOCAL%`: when the record is logged.
+    EmitTime(TimeFormat),
 }
 
 /// One `%COMMAND(arg):N%`.
@@ -198,9 +213,6 @@ const UNSERVABLE: &[&str] = &[
     "COMMON_DURATION",
     "CUSTOM_FLAGS",
     "STREAM_INFO_REQ",
-    "QUERY_PARAM",
-    "PATH",
-    "REQ_WITHOUT_QUERY",
 ];
 
 impl Template {
@@ -581,6 +593,42 @@ impl Command {
                 .header(HeaderKind::Request, b"traceparent")
                 .and_then(|v| traceparent_id(v, *f))
                 .map_or(Val::Null, Val::S),
+            Op::GrpcStatus(form) => match grpc_status(cx) {
+                None => Val::Null,
+                Some(code) if *form == GrpcForm::Number => Val::I(code),
+                Some(code) => match request::grpc_name(code, *form) {
+                    Some(name) => Val::S(name.as_bytes()),
+                    None => Val::Owned(itoa::Buffer::new().format(code).as_bytes().to_vec()),
+                },
+            },
+            Op::QueryParam(key) => {
+                match cx.header(HeaderKind::Request, b":path").and_then(|p| request::query_param(p, key)) {
+                    None => Val::Null,
+                    Some(std::borrow::Cow::Borrowed(v)) => Val::S(v),
+                    Some(std::borrow::Cow::Owned(v)) => Val::Owned(v),
+                }
+            }
+            Op::Path { strip_query, src } => {
+                let orig = || cx.header(HeaderKind::Request, b"x-envoy-original-path").filter(|v| !v.is_empty());
+                let path = || cx.header(HeaderKind::Request, b":path");
+                let v = match src {
+                    PathSrc::Orig => orig(),
+                    PathSrc::Path => path(),
+                    PathSrc::OrigOrPath => orig().or_else(path),
+                };
+                match v.map(|v| if *strip_query { request::strip_query(v) } else { v }) {
+                    Some(v) if !v.is_empty() => Val::S(v),
+                    _ => Val::Null,
+                }
+            }
+            Op::HeaderNoQuery(names) => names
+                .iter()
+                .find_map(|n| cx.header(HeaderKind::Request, n))
+                .map_or(Val::Null, |v| Val::S(request::strip_query(v))),
+            Op::EmitTime(f) => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                now.map_or(Val::Null, |d| Val::Time(d.as_nanos() as i64, f))
+            }
         }
     }
 
@@ -796,7 +844,7 @@ impl<'a> Decoder<'a> {
             tag::TIME => {
                 let ns = self.u64()? as i64;
                 match &cmd.op {
-                    Op::StartTime(f) | Op::Cert(_, f) => Val::Time(ns, f),
+                    Op::StartTime(f) | Op::Cert(_, f) | Op::EmitTime(f) => Val::Time(ns, f),
                     _ => Val::Null,
                 }
             }
@@ -994,6 +1042,9 @@ fn parse_command(s: &str, i: usize) -> Result<(Command, usize), String> {
                 | "RESPONSE_TRAILER"
                 | "DYNAMIC_METADATA"
                 | "ENVIRONMENT"
+                | "QUERY_PARAM"
+                | "PATH"
+                | "REQ_WITHOUT_QUERY"
         )
     {
         return Err(format!("operator %{name}% takes no length (:N)"));
@@ -1010,16 +1061,27 @@ fn no_arg(name: &str, arg: Option<&str>, op: Op) -> Result<Op, String> {
 }
 
 fn header_op(name: &str, kind: HeaderKind, arg: Option<&str>) -> Result<Op, String> {
+    Ok(Op::Header { kind, names: header_names(name, arg)? })
+}
+
+/// The `HEADER` or `HEADER?ALTERNATIVE` argument of a header operator, lower-cased.
+fn header_names(name: &str, arg: Option<&str>) -> Result<Vec<Vec<u8>>, String> {
     let arg = arg.filter(|a| !a.is_empty()).ok_or_else(|| format!("operator %{name}(...)% needs a header name"))?;
     let names: Vec<Vec<u8>> = arg.split('?').map(|h| h.trim().to_ascii_lowercase().into_bytes()).collect();
     if names.len() > 2 || names.iter().any(|n| n.is_empty()) {
         return Err(format!("operator %{name}({arg})%: expected HEADER or HEADER?ALTERNATIVE"));
     }
-    Ok(Op::Header { kind, names })
+    Ok(names)
 }
 
 fn time_fmt(name: &str, arg: Option<&str>) -> Result<TimeFormat, String> {
     TimeFormat::compile(arg.filter(|a| !a.is_empty()).unwrap_or(time::DEFAULT)).map_err(|e| format!("%{name}%: {e}"))
+}
+
+/// A time format of a `_LOCAL` operator: rendered in the local zone, with Envoy's local default.
+fn local_time_fmt(name: &str, arg: Option<&str>) -> Result<TimeFormat, String> {
+    let f = arg.filter(|a| !a.is_empty()).unwrap_or(time::DEFAULT_LOCAL);
+    Ok(TimeFormat::compile(f).map_err(|e| format!("%{name}%: {e}"))?.local())
 }
 
 fn addr_op(name: &str) -> Option<Op> {
@@ -1104,6 +1166,20 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
         "RESP" | "RESPONSE_HEADER" => header_op(name, HeaderKind::Response, arg),
         "TRAILER" | "RESPONSE_TRAILER" => header_op(name, HeaderKind::ResponseTrailer, arg),
         "START_TIME" => Ok(Op::StartTime(time_fmt(name, arg)?)),
+        "START_TIME_LOCAL" => Ok(Op::StartTime(local_time_fmt(name, arg)?)),
+        "EMIT_TIME" => Ok(Op::EmitTime(time_fmt(name, arg)?)),
+        "EMIT_TIME_LOCAL" => Ok(Op::EmitTime(local_time_fmt(name, arg)?)),
+        "GRPC_STATUS" => Ok(Op::GrpcStatus(GrpcForm::parse(arg)?)),
+        "GRPC_STATUS_NUMBER" => no_arg(name, arg, Op::GrpcStatus(GrpcForm::Number)),
+        "QUERY_PARAM" => match arg.filter(|a| !a.is_empty()) {
+            Some(key) => Ok(Op::QueryParam(key.as_bytes().to_vec())),
+            None => Err("operator %QUERY_PARAM(...)% needs a parameter name".into()),
+        },
+        "PATH" => {
+            let (strip_query, src) = request::parse_path_arg(arg)?;
+            Ok(Op::Path { strip_query, src })
+        }
+        "REQ_WITHOUT_QUERY" => Ok(Op::HeaderNoQuery(header_names(name, arg)?)),
         "RESPONSE_CODE" => num(Num::ResponseCode),
         "RESPONSE_FLAGS" => no_arg(name, arg, Op::Flags { long: false }),
         "RESPONSE_FLAGS_LONG" => no_arg(name, arg, Op::Flags { long: true }),
@@ -1233,7 +1309,12 @@ impl Command {
         match &self.op {
             Op::Header { kind: HeaderKind::Request, names } => (names.len(), 0),
             Op::Header { kind: HeaderKind::Response, names } => (0, names.len()),
-            Op::Trace(_) => (1, 0),
+            Op::Trace(_) | Op::QueryParam(_) => (1, 0),
+            Op::HeaderNoQuery(names) => (names.len(), 0),
+            Op::Path { src: PathSrc::OrigOrPath, .. } => (2, 0),
+            Op::Path { .. } => (1, 0),
+            // :path and content-type, then grpc-status (the trailers are read one by one).
+            Op::GrpcStatus(_) => (2, 1),
             _ => (0, 0),
         }
     }
@@ -1415,3 +1496,19 @@ impl JsonPlan {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// The gRPC status of a gRPC request (Envoy's `GrpcStatusFormatter`): the `grpc-status` of
+/// the response trailers, else of the response headers, else the one the HTTP response code
+/// maps to; `None` for a request that is not gRPC or has no response yet.
+fn grpc_status<S: Stream>(cx: &Ctx<'_, S>) -> Option<i64> {
+    let req = |n: &[u8]| cx.header(HeaderKind::Request, n);
+    if !request::is_grpc_request(req(b":path"), req(b"content-type")) {
+        return None;
+    }
+    request::parse_grpc_status(cx.header(HeaderKind::ResponseTrailer, b"grpc-status"))
+        .or_else(|| request::parse_grpc_status(cx.header(HeaderKind::Response, b"grpc-status")))
+        .or_else(|| match cx.stream.response_code() {
+            0 => None,
+            code => Some(request::http_to_grpc_status(code)),
+        })
+}

@@ -3,10 +3,14 @@
 //! Supports Envoy's extensions (`%s` epoch seconds, `%f`/`%1f`..`%9f`/`%*f` fractional seconds)
 //! and what Envoy's formatter takes from absl (`%E1S`..`%E9S`, `%E*S`, `%E*f`, `%Ez`, `%E`/`%O`
 //! modifiers) besides the strftime conversions, each checked against Envoy 1.40's output.
-//! Times are UTC, as in Envoy. An unsupported conversion rejects the config.
+//! Times are UTC, as in Envoy, except the `_LOCAL` operators' ([`TimeFormat::local`]): those
+//! render in the process's local time zone (`TZ`, else `/etc/localtime`), as Envoy's
+//! `absl::LocalTimeZone()` does. An unsupported conversion rejects the config.
 
 /// Envoy's default `%START_TIME%` format.
 pub const DEFAULT: &str = "%Y-%m-%dT%H:%M:%E3SZ";
+/// Envoy's default format of the `_LOCAL` operators (`AccessLogDateTimeFormatter`).
+pub const DEFAULT_LOCAL: &str = "%Y-%m-%dT%H:%M:%E3S%z";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Tok {
@@ -68,6 +72,63 @@ pub struct TimeFormat {
     frac_tail: bool,
     /// Identity for the prefix cache (clones share it: same tokens, same output).
     id: u64,
+    /// Rendered in the local time zone rather than UTC.
+    local: bool,
+}
+
+/// A UTC offset and the zone's abbreviation, for one second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Zone {
+    /// Seconds east of UTC.
+    off: i64,
+    name: [u8; 15],
+    name_len: u8,
+}
+
+impl Zone {
+    const UTC: Zone = Zone { off: 0, name: *b"UTC\0\0\0\0\0\0\0\0\0\0\0\0", name_len: 3 };
+
+    fn name(&self) -> &[u8] {
+        &self.name[..self.name_len as usize]
+    }
+
+    /// The local zone at `secs` (libc's `localtime_r`, which reads `TZ` or `/etc/localtime`
+    /// once per process). Cached per thread for the last second asked: records mostly share
+    /// their second.
+    fn local(secs: i64) -> Zone {
+        thread_local! {
+            static LAST: std::cell::Cell<(i64, Zone)> = const { std::cell::Cell::new((i64::MIN, Zone::UTC)) };
+        }
+        let (at, z) = LAST.with(|c| c.get());
+        if at == secs {
+            return z;
+        }
+        let z = Zone::lookup(secs).unwrap_or(Zone::UTC);
+        LAST.with(|c| c.set((secs, z)));
+        z
+    }
+
+    // time_t and tm_gmtoff are i64 on the 64-bit targets Envoy ships for, not everywhere.
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    fn lookup(secs: i64) -> Option<Zone> {
+        let t: libc::time_t = secs.try_into().ok()?;
+        let mut tm = std::mem::MaybeUninit::<libc::tm>::zeroed();
+        // SAFETY: both pointers are valid for the call; localtime_r fills `tm` or returns NULL.
+        if unsafe { libc::localtime_r(&t, tm.as_mut_ptr()) }.is_null() {
+            return None;
+        }
+        // SAFETY: localtime_r returned non-NULL, so `tm` is initialised.
+        let tm = unsafe { tm.assume_init() };
+        let mut z = Zone { off: tm.tm_gmtoff as i64, name: [0; 15], name_len: 0 };
+        if !tm.tm_zone.is_null() {
+            // SAFETY: tm_zone points at a NUL-terminated abbreviation owned by libc.
+            let name = unsafe { std::ffi::CStr::from_ptr(tm.tm_zone) }.to_bytes();
+            let n = name.len().min(z.name.len());
+            z.name[..n].copy_from_slice(&name[..n]);
+            z.name_len = n as u8;
+        }
+        Some(z)
+    }
 }
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -228,13 +289,27 @@ impl TimeFormat {
             .unwrap_or(toks.len());
         let frac_tail = toks[split..].iter().all(|t| matches!(t, Tok::Frac(_) | Tok::FracTrim { .. } | Tok::Lit(_)));
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(TimeFormat { toks, split, frac_tail, id })
+        Ok(TimeFormat { toks, split, frac_tail, id, local: false })
+    }
+
+    /// This format in the local time zone (`%START_TIME_LOCAL%` and the like).
+    pub fn local(mut self) -> TimeFormat {
+        self.local = true;
+        self
+    }
+
+    fn zone(&self, unix_ns: i64) -> Zone {
+        if self.local {
+            Zone::local(unix_ns.div_euclid(1_000_000_000))
+        } else {
+            Zone::UTC
+        }
     }
 
     /// Appends the UTC rendering of `unix_ns` to `out`.
     pub fn write(&self, unix_ns: i64, out: &mut Vec<u8>) {
         if self.split == 0 {
-            return self.write_toks(&self.toks, unix_ns, out);
+            return self.write_toks(&self.toks, unix_ns, self.zone(unix_ns), out);
         }
         let secs = unix_ns.div_euclid(1_000_000_000);
         let key = self.id;
@@ -253,7 +328,7 @@ impl TimeFormat {
             let e = &mut c[slot];
             if e.1 != secs {
                 e.2.clear();
-                self.write_toks(&self.toks[..self.split], unix_ns, &mut e.2);
+                self.write_toks(&self.toks[..self.split], unix_ns, self.zone(unix_ns), &mut e.2);
                 e.1 = secs;
             }
             out.extend_from_slice(&e.2);
@@ -270,17 +345,19 @@ impl TimeFormat {
                 }
             }
         } else if hit {
-            self.write_toks(&self.toks[self.split..], unix_ns, out);
+            self.write_toks(&self.toks[self.split..], unix_ns, self.zone(unix_ns), out);
         } else {
-            self.write_toks(&self.toks, unix_ns, out);
+            self.write_toks(&self.toks, unix_ns, self.zone(unix_ns), out);
         }
     }
 
-    fn write_toks(&self, toks: &[Tok], unix_ns: i64, out: &mut Vec<u8>) {
+    fn write_toks(&self, toks: &[Tok], unix_ns: i64, zone: Zone, out: &mut Vec<u8>) {
         let secs = unix_ns.div_euclid(1_000_000_000);
         let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
-        let days = secs.div_euclid(86_400);
-        let sod = secs.rem_euclid(86_400) as u32;
+        // The wall clock of the zone; `%s` stays the epoch's.
+        let wall = secs + zone.off;
+        let days = wall.div_euclid(86_400);
+        let sod = wall.rem_euclid(86_400) as u32;
         // The calendar date only for tokens that need it (the cached-prefix path renders just
         // the sub-second tail).
         let needs_date = toks.iter().any(|t| {
@@ -349,7 +426,7 @@ impl TimeFormat {
                     }
                     pad(out, h as u64, 1)
                 }
-                Tok::TzOffsetColon => out.extend_from_slice(b"+00:00"),
+                Tok::TzOffsetColon => write_offset(out, zone.off, true),
                 Tok::Epoch => {
                     let mut b = itoa::Buffer::new();
                     out.extend_from_slice(b.format(secs).as_bytes());
@@ -360,11 +437,22 @@ impl TimeFormat {
                 Tok::MonthShort => out.extend_from_slice(MON_SHORT[(m - 1) as usize].as_bytes()),
                 Tok::MonthLong => out.extend_from_slice(MON_LONG[(m - 1) as usize].as_bytes()),
                 Tok::AmPm => out.extend_from_slice(if hh < 12 { b"AM" } else { b"PM" }),
-                Tok::TzOffset => out.extend_from_slice(b"+0000"),
-                Tok::TzName => out.extend_from_slice(b"UTC"),
+                Tok::TzOffset => write_offset(out, zone.off, false),
+                Tok::TzName => out.extend_from_slice(zone.name()),
             }
         }
     }
+}
+
+/// `+hhmm` (`%z`) or `+hh:mm` (`%Ez`), as absl prints an offset.
+fn write_offset(out: &mut Vec<u8>, off: i64, colon: bool) {
+    out.push(if off < 0 { b'-' } else { b'+' });
+    let m = off.unsigned_abs() / 60;
+    pad(out, m / 60, 2);
+    if colon {
+        out.push(b':');
+    }
+    pad(out, m % 60, 2);
 }
 
 fn pad(out: &mut Vec<u8>, v: u64, width: usize) {
@@ -562,12 +650,35 @@ mod tests {
                 for _ in 0..5000 {
                     let (mut a, mut b) = (Vec::new(), Vec::new());
                     f.write(ns, &mut a);
-                    f.write_toks(&f.toks, ns, &mut b);
+                    f.write_toks(&f.toks, ns, Zone::UTC, &mut b);
                     assert_eq!(a, b, "{spec} at {ns}");
                     ns += 997_000_001; // crosses seconds, minutes and days
                 }
             }
         }
+    }
+
+    #[test]
+    fn zones_shift_the_wall_clock_but_not_the_epoch() {
+        let ns = 1_795_463_003_304_123_456; // 2026-11-23T19:43:23.304Z
+        let mut est = Zone { off: -5 * 3600, name: [0; 15], name_len: 3 };
+        est.name[..3].copy_from_slice(b"EST");
+        let mut ist = Zone { off: 5 * 3600 + 1800, ..est };
+        ist.name[..3].copy_from_slice(b"IST");
+        let f = TimeFormat::compile(&format!("{DEFAULT_LOCAL}|%Ez|%Z|%s|%F")).unwrap();
+        let render = |z: Zone| {
+            let mut out = Vec::new();
+            f.write_toks(&f.toks, ns, z, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(render(est), "2026-11-23T14:43:23.304-0500|-05:00|EST|1795463003|2026-11-23");
+        assert_eq!(render(ist), "2026-11-24T01:13:23.304+0530|+05:30|IST|1795463003|2026-11-24");
+        assert_eq!(render(Zone::UTC), "2026-11-23T19:43:23.304+0000|+00:00|UTC|1795463003|2026-11-23");
+        // The local default renders the process's zone; this test's process runs in UTC
+        // unless TZ says otherwise, so only the shape is checked.
+        let mut out = Vec::new();
+        TimeFormat::compile(DEFAULT_LOCAL).unwrap().local().write(ns, &mut out);
+        assert_eq!(out.len(), "2026-11-23T19:43:23.304+0000".len(), "{}", String::from_utf8_lossy(&out));
     }
 
     #[test]
