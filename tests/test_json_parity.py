@@ -56,6 +56,14 @@ FORMAT = {
     "rsdur": "%RESPONSE_DURATION%",
     "rstx": "%RESPONSE_TX_DURATION%",
     "pool": "%UPSTREAM_CONNECTION_POOL_READY_DURATION%",
+    "cd_total": "%COMMON_DURATION(DS_RX_BEG:DS_TX_END)%",
+    "cd_upstream_us": "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)%",
+    "cd_rx_ns": "%COMMON_DURATION(DS_RX_BEG:DS_RX_END:ns)%",
+    "cd_response_ns": "%COMMON_DURATION(US_RX_BEG:DS_TX_BEG:ns)%",
+    "cd_backwards": "%COMMON_DURATION(DS_TX_END:DS_RX_BEG:ms)%",
+    "cd_up_tx": "%COMMON_DURATION(US_TX_END:US_RX_BEG:ms)%",
+    "handshake": "%DOWNSTREAM_HANDSHAKE_DURATION%",
+    "roundtrip": "%ROUNDTRIP_DURATION%",
     "route": "%ROUTE_NAME%",
     "cluster": "%UPSTREAM_CLUSTER%",
     "uhost": "%UPSTREAM_HOST%",
@@ -96,7 +104,7 @@ FORMAT = {
     "yes": True,
     "nested": {"code": "%RESPONSE_CODE%", "deeper": {"proto": "%PROTOCOL%", "lit": "x"}},
 }
-TIME_FIELDS = {"dur", "rqdur", "rqtx", "rsdur", "rstx", "pool"}
+TIME_FIELDS = {"dur", "rqdur", "rqtx", "rsdur", "rstx", "pool", "cd_total", "cd_up_tx"}
 
 
 def start_ms(s: str) -> float:

@@ -27,6 +27,7 @@ TLS_FORMAT = {
     "ja3": "%TLS_JA3_FINGERPRINT%",
     "ja4": "%TLS_JA4_FINGERPRINT%",
     "mixed": "%DOWNSTREAM_TLS_VERSION% via %REQUESTED_SERVER_NAME%",
+    "handshake": "%DOWNSTREAM_HANDSHAKE_DURATION%",
 }
 
 

@@ -135,6 +135,11 @@ enum Dur {
     Response,
     ResponseTx,
     PoolReady,
+    /// `%DOWNSTREAM_HANDSHAKE_DURATION%`: the downstream TLS handshake's completion, from the
+    /// request's start (negative on a connection that was set up before the request).
+    Handshake,
+    /// `%ROUNDTRIP_DURATION%`: the last downstream ack (HTTP/3), from the request's start.
+    Roundtrip,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -177,6 +182,13 @@ enum Op {
     HeaderNoQuery(Vec<Vec<u8>>),
     /// `%EMIT_TIME%` / `%EMIT_TIME_LOCAL%`: when the record is logged.
     EmitTime(TimeFormat),
+    /// `%COMMON_DURATION(START:END:PRECISION)%`: between two of the stream's time points
+    /// (timing indices; 0 is the request's start), in units of `div` ns.
+    CommonDur {
+        beg: usize,
+        end: usize,
+        div: i64,
+    },
 }
 
 /// One `%COMMAND(arg):N%`.
@@ -208,9 +220,6 @@ const UNSERVABLE: &[&str] = &[
     "UPSTREAM_METADATA",
     "ROUTE_METADATA",
     "VIRTUAL_CLUSTER_NAME",
-    "DOWNSTREAM_HANDSHAKE_DURATION",
-    "ROUNDTRIP_DURATION",
-    "COMMON_DURATION",
     "CUSTOM_FLAGS",
     "STREAM_INFO_REQ",
 ];
@@ -543,8 +552,19 @@ impl Command {
                         }
                     }
                     Dur::PoolReady => s.pool_ready_ns(),
+                    Dur::Handshake => tm().get(t::DOWNSTREAM_HANDSHAKE_COMPLETE),
+                    Dur::Roundtrip => tm().get(t::LAST_DOWNSTREAM_ACK),
                 };
                 v.map_or(Val::Null, ms)
+            }
+            Op::CommonDur { beg, end, div } => {
+                let tm = cx.timing();
+                // Index 0 holds the absolute start; the others are offsets from it.
+                let point = |i: usize| if i == t::START_TIME_UNIX_NS { tm.get(i).map(|_| 0) } else { tm.get(i) };
+                match (point(*beg), point(*end)) {
+                    (Some(b), Some(e)) if e >= b => Val::I((e - b) / div),
+                    _ => Val::Null,
+                }
             }
             // Envoy records the upstream remote address when a connection is handed over, at the
             // same time as the local one; the ABI answers from the selected host even when the
@@ -1201,6 +1221,9 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
         "RESPONSE_DURATION" => dur(Dur::Response),
         "RESPONSE_TX_DURATION" => dur(Dur::ResponseTx),
         "UPSTREAM_CONNECTION_POOL_READY_DURATION" => dur(Dur::PoolReady),
+        "DOWNSTREAM_HANDSHAKE_DURATION" => dur(Dur::Handshake),
+        "ROUNDTRIP_DURATION" => dur(Dur::Roundtrip),
+        "COMMON_DURATION" => common_duration(arg.unwrap_or("")),
         "ACCESS_LOG_TYPE" => no_arg(name, arg, Op::AccessLogType),
         "TRACE_ID" => no_arg(name, arg, Op::Trace(TraceField::TraceId)),
         "SPAN_ID" => no_arg(name, arg, Op::Trace(TraceField::SpanId)),
@@ -1246,6 +1269,41 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
         )),
         _ => Err(format!("unknown command operator %{name}%")),
     }
+}
+
+/// `%COMMON_DURATION(START:END[:ms|us|ns])%` with Envoy's named time points. A custom time
+/// point (one a filter records under its own name) is not visible through the 1.40 ABI.
+fn common_duration(arg: &str) -> Result<Op, String> {
+    let parts: Vec<&str> = arg.split(':').collect();
+    if !(2..=3).contains(&parts.len()) {
+        return Err(format!("operator %COMMON_DURATION({arg})%: expected START:END[:PRECISION]"));
+    }
+    let point = |name: &str| {
+        Ok(match name {
+            "DS_RX_BEG" => t::START_TIME_UNIX_NS,
+            "DS_RX_END" => t::LAST_DOWNSTREAM_RX,
+            "US_TX_BEG" => t::FIRST_UPSTREAM_TX,
+            "US_TX_END" => t::LAST_UPSTREAM_TX,
+            "US_RX_BEG" => t::FIRST_UPSTREAM_RX,
+            "US_RX_END" => t::LAST_UPSTREAM_RX,
+            "DS_TX_BEG" => t::FIRST_DOWNSTREAM_TX,
+            "DS_TX_END" => t::LAST_DOWNSTREAM_TX,
+            other => {
+                return Err(format!(
+                    "operator %COMMON_DURATION({arg})%: time point {other:?} is not one of DS_RX_BEG, DS_RX_END, \
+                     US_TX_BEG, US_TX_END, US_RX_BEG, US_RX_END, DS_TX_BEG, DS_TX_END (a filter's custom time \
+                     points cannot be read through the 1.40 ABI)"
+                ))
+            }
+        })
+    };
+    let div = match parts.get(2).copied().unwrap_or("ms") {
+        "ms" => 1_000_000,
+        "us" => 1_000,
+        "ns" => 1,
+        other => return Err(format!("operator %COMMON_DURATION({arg})%: precision {other:?} is not ms, us or ns")),
+    };
+    Ok(Op::CommonDur { beg: point(parts[0])?, end: point(parts[1])?, div })
 }
 
 fn hostname() -> Option<Vec<u8>> {

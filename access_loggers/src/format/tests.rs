@@ -272,6 +272,16 @@ fn bad_formats_are_rejected_with_the_operator_named() {
         ("%REQ(a", "')'"),
         ("%PROTOCOL:4%", "no length"),
         ("%START_TIME:4%", "no length"),
+        ("%GRPC_STATUS(LOWER)%", "CAMEL_STRING, SNAKE_STRING or NUMBER"),
+        ("%GRPC_STATUS_NUMBER(NUMBER)%", "takes no argument"),
+        ("%GRPC_STATUS:2%", "no length"),
+        ("%QUERY_PARAM%", "QUERY_PARAM"),
+        ("%PATH(XQ)%", "'XQ'"),
+        ("%REQ_WITHOUT_QUERY(a?b?c)%", "HEADER?ALTERNATIVE"),
+        ("%EMIT_TIME_LOCAL(%Q)%", "%Q"),
+        ("%COMMON_DURATION(DS_RX_BEG)%", "START:END"),
+        ("%COMMON_DURATION(DS_RX_BEG:MY_FILTER_TIME)%", "MY_FILTER_TIME"),
+        ("%COMMON_DURATION(DS_RX_BEG:DS_TX_END:s)%", "precision"),
     ];
     for (f, needle) in cases {
         let e = JsonPlan::compile(serde_json::json!({"k": f}).as_object().unwrap(), false).unwrap_err();

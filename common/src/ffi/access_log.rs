@@ -219,10 +219,15 @@ impl<'s> HeaderTable<'s> {
 #[allow(missing_docs)]
 pub mod timing {
     pub const START_TIME_UNIX_NS: usize = 0;
+    pub const DOWNSTREAM_HANDSHAKE_COMPLETE: usize = 3;
     pub const LAST_DOWNSTREAM_RX: usize = 5;
+    pub const FIRST_UPSTREAM_TX: usize = 9;
     pub const LAST_UPSTREAM_TX: usize = 10;
     pub const FIRST_UPSTREAM_RX: usize = 11;
+    pub const LAST_UPSTREAM_RX: usize = 13;
+    pub const FIRST_DOWNSTREAM_TX: usize = 14;
     pub const LAST_DOWNSTREAM_TX: usize = 15;
+    pub const LAST_DOWNSTREAM_ACK: usize = 16;
     pub const REQUEST_COMPLETE: usize = 17;
 }
 
