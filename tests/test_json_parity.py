@@ -5,9 +5,10 @@ equal after JSON parsing: same keys, same values, same types.
 Stated tolerance for time-dependent fields: START_TIME values and the millisecond durations
 may differ by at most 1 ms (both loggers read the same stream info, so in practice they are equal)."""
 import datetime
+import re
 
-from harness import (Envoy, curl, direct_response_listener, free_port, hcm_listener, paired_loggers, read_json_lines,
-                     records_by_id, route, static_cluster, wait_lines)
+from harness import (Envoy, curl, direct_response_listener, free_port, hcm_listener, paired_loggers, poll_until,
+                     read_json_lines, records_by_id, route, static_cluster, wait_lines)
 
 FORMAT = {
     "start": "%START_TIME%",
@@ -29,6 +30,8 @@ FORMAT = {
     # around them kept as UTF-8.
     "utf_mixed": "ü %REQ(X-UTF2)% %REQ(X-UTF)%",
     "uhn": "%UPSTREAM_HOST_NAME%",
+    "uhn_np": "%UPSTREAM_HOST_NAME_WITHOUT_PORT%",
+    "uid": "%UNIQUE_ID%",
     "pct": "100%% of %%PROTOCOL%%",
     "rep": "%REQ(X-REP)%",
     "missing": "%REQ(X-NOPE)%",
@@ -114,15 +117,22 @@ def start_ms(s: str) -> float:
 def test_same_records_as_builtin_json_format(tmp_path):
     front, up, dead = free_port(), free_port(), free_port()
     logs, builtin, ours = paired_loggers(tmp_path, FORMAT)
+    # A STRICT_DNS host is named by its hostname (a STATIC one by its address).
+    dns = {**static_cluster("dns", up), "type": "STRICT_DNS", "dns_lookup_family": "V4_ONLY"}
+    dns["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"] = {
+        "address": {"socket_address": {"address": "localhost", "port_value": up}}, "hostname": "localhost:1234"}
     retry = route("/retry", "dead", name="r_retry")
     retry["route"]["retry_policy"] = {"retry_on": "connect-failure", "num_retries": 1}
     res = {"listeners": [hcm_listener("front", front, [route("/ok", "backend", name="r_ok"),
-                                                       route("/dead", "dead", name="r_dead"), retry],
+                                                       route("/dead", "dead", name="r_dead"), retry,
+                                                       route("/dns", "dns", name="r_dns")],
                                       access_log=logs),
                          direct_response_listener("up", up)],
-           "clusters": [static_cluster("backend", up), static_cluster("dead", dead)]}
+           "clusters": [static_cluster("backend", up), static_cluster("dead", dead), dns]}
     base = f"http://127.0.0.1:{front}"
     with Envoy(tmp_path, res, concurrency=2, env={"OBS_PARITY_ENV": "from-env"}) as e:
+        poll_until(lambda: e.stats("cluster.dns.membership_healthy").get("cluster.dns.membership_healthy") == 1,
+                   what="the DNS cluster resolved")
         codes = [
             curl(f"{base}/ok", "-H", "x-rep: a", "-H", "x-rep: b", "-A", "parity-agent/1.0").stdout,
             curl(f"{base}/ok", "-H", "x-long: " + "L" * 300).stdout,
@@ -136,8 +146,9 @@ def test_same_records_as_builtin_json_format(tmp_path):
             curl(f"{base}/ok?q=1", http2=True).stdout,
             curl(f"{base}/ok", "-d", "h2 body", "-H", "x-rep: one", "-H", "x-rep: two", http2=True).stdout,
             curl(f"{base}/nope", http2=True).stdout,
+            curl(f"{base}/dns").stdout,
         ]
-        assert codes == ["200", "200", "200", "404", "503", "503", "200", "200", "200", "404"]
+        assert codes == ["200", "200", "200", "404", "503", "503", "200", "200", "200", "404", "200"]
         wait_lines(len(codes), builtin, ours)
         assert e.quit() == 0
     a, b = records_by_id(builtin), records_by_id(ours)
@@ -150,6 +161,9 @@ def test_same_records_as_builtin_json_format(tmp_path):
                 assert type(x[k]) is type(y[k]) and abs(x[k] - y[k]) <= 1, (rid, k, x[k], y[k])
             elif k == "start":
                 assert abs(start_ms(x[k]) - start_ms(y[k])) <= 1, (rid, k, x[k], y[k])
+            elif k == "uid":  # random per record, in the same form
+                assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", u)
+                           for u in (x[k], y[k])) and x[k] != y[k], (rid, x[k], y[k])
             elif k in ("mixed", "start_f", "start_s", "start_clock"):
                 assert x[k][:4] == y[k][:4] and len(x[k]) == len(y[k]), (rid, k, x[k], y[k])
             else:
@@ -163,6 +177,8 @@ def test_same_records_as_builtin_json_format(tmp_path):
     assert any(r["flags"] == "URX,UF" for r in recs), "flags in the order Envoy set them"
     assert all(r["pct"] == "100% of %PROTOCOL%" for r in recs)
     assert any(r["uhn"] and r["uhn"].startswith("127.0.0.1:") for r in recs), "a STATIC host is named by its address"
+    assert any(r["uhn"] == "localhost:1234" and r["uhn_np"] == "localhost" for r in recs), "a DNS host by its name"
+    assert any(r["uhn_np"] == "127.0.0.1" for r in recs)
     assert any(r["utf"] == 'caf\u00e9 "\u00c3\u00a9"' and r["utf_split"] == "na\u00c3" for r in recs)
     assert any(r["utf_mixed"] == 'ü naïve caf\u00e9 "\u00c3\u00a9"' for r in recs)
     assert all(r["env"] == "from-env" for r in recs)

@@ -182,6 +182,10 @@ enum Op {
     HeaderNoQuery(Vec<Vec<u8>>),
     /// `%EMIT_TIME%` / `%EMIT_TIME_LOCAL%`: when the record is logged.
     EmitTime(TimeFormat),
+    /// `%UPSTREAM_HOST_NAME_WITHOUT_PORT%`.
+    UpstreamHostNameNoPort,
+    /// `%UNIQUE_ID%`: a random (version 4) UUID per record.
+    UniqueId,
     /// `%COMMON_DURATION(START:END:PRECISION)%`: between two of the stream's time points
     /// (timing indices; 0 is the request's start), in units of `div` ns.
     CommonDur {
@@ -556,6 +560,20 @@ impl Command {
                     Dur::Roundtrip => tm().get(t::LAST_DOWNSTREAM_ACK),
                 };
                 v.map_or(Val::Null, ms)
+            }
+            // The hostname, or the host's address when it has none, without its port
+            // (Envoy's HeaderUtility::stripPortFromHost).
+            Op::UpstreamHostNameNoPort => match s.string(StrField::UpstreamHostName) {
+                None => Val::Null,
+                Some(b"") => match s.address(AddrField::UpstreamRemote) {
+                    None => Val::Null,
+                    Some((ip, _)) if ip.contains(&b':') => Val::Owned([b"[", ip, b"]"].concat()),
+                    Some((ip, _)) => Val::S(ip),
+                },
+                Some(h) => Val::S(request::strip_port(h)),
+            },
+            Op::UniqueId => {
+                Val::Owned(request::uuid4(envoy_obs_common::rand::rand64(), envoy_obs_common::rand::rand64()))
             }
             Op::CommonDur { beg, end, div } => {
                 let tm = cx.timing();
@@ -1222,6 +1240,8 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
         "RESPONSE_TX_DURATION" => dur(Dur::ResponseTx),
         "UPSTREAM_CONNECTION_POOL_READY_DURATION" => dur(Dur::PoolReady),
         "DOWNSTREAM_HANDSHAKE_DURATION" => dur(Dur::Handshake),
+        "UPSTREAM_HOST_NAME_WITHOUT_PORT" => no_arg(name, arg, Op::UpstreamHostNameNoPort),
+        "UNIQUE_ID" => no_arg(name, arg, Op::UniqueId),
         "ROUNDTRIP_DURATION" => dur(Dur::Roundtrip),
         "COMMON_DURATION" => common_duration(arg.unwrap_or("")),
         "ACCESS_LOG_TYPE" => no_arg(name, arg, Op::AccessLogType),

@@ -200,6 +200,34 @@ pub fn parse_path_arg(arg: Option<&str>) -> Result<(bool, PathSrc), String> {
     Ok((strip, src))
 }
 
+/// A host without its port (Envoy's `HeaderUtility::getPortStart`): up to the last `:`
+/// unless that `:` sits inside an IPv6 literal's brackets.
+pub fn strip_port(host: &[u8]) -> &[u8] {
+    match host.iter().rposition(|&c| c == b':') {
+        Some(i) if host.iter().rposition(|&c| c == b']').is_none_or(|j| j < i) => &host[..i],
+        _ => host,
+    }
+}
+
+/// A version 4 UUID from 128 random bits, in the 8-4-4-4-12 lower-case form Envoy prints.
+pub fn uuid4(hi: u64, lo: u64) -> Vec<u8> {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&hi.to_be_bytes());
+    b[8..].copy_from_slice(&lo.to_be_bytes());
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push(b'-');
+        }
+        out.push(HEX[(byte >> 4) as usize]);
+        out.push(HEX[(byte & 15) as usize]);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +277,19 @@ mod tests {
         assert_eq!(strip_query(b"/a/b?x=1?y"), b"/a/b");
         assert_eq!(strip_query(b"/a#f"), b"/a#f");
         assert_eq!(percent_decode(b"%41%4a%"), Cow::<[u8]>::Owned(b"AJ%".to_vec()));
+    }
+
+    #[test]
+    fn ports_strip_and_uuids_have_their_shape() {
+        assert_eq!(strip_port(b"example.com:443"), b"example.com");
+        assert_eq!(strip_port(b"example.com"), b"example.com");
+        assert_eq!(strip_port(b"10.0.0.1:80"), b"10.0.0.1");
+        assert_eq!(strip_port(b"[::1]:80"), b"[::1]");
+        assert_eq!(strip_port(b"[::1]"), b"[::1]");
+        let u = String::from_utf8(uuid4(u64::MAX, 0)).unwrap();
+        assert_eq!(u, "ffffffff-ffff-4fff-8000-000000000000");
+        let u = String::from_utf8(uuid4(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210)).unwrap();
+        assert_eq!(u, "01234567-89ab-4def-bedc-ba9876543210");
     }
 
     #[test]
