@@ -277,6 +277,15 @@ DERIVED_FORMAT = {
     "path_cut": "%PATH(NQ:PATH):4%",
     "rwq": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
     "rwq_cut": "%REQ_WITHOUT_QUERY(:PATH):3%",
+    "route": "%ROUTE_NAME%",  # the routes here have no name
+    "co_sni_or_authority": '%COALESCE({"operators": ["REQUESTED_SERVER_NAME", {"command": "REQ", "param": ":authority"}]})%',
+    "co_number": '%COALESCE({"operators": [{"command": "REQ", "param": "x-nope"}, "GRPC_STATUS_NUMBER", "RESPONSE_CODE"]})%',
+    # An empty value counts as a value in Envoy 1.40 (later versions pass over it).
+    "co_empty": '%COALESCE({"operators": ["LOCAL_REPLY_BODY", "PROTOCOL"]})%',
+    "co_cut": '%COALESCE({"operators": [{"command": "QUERY_PARAM", "param": "e", "max_length": 4}]}):3%',
+    "co_time": '%COALESCE({"operators": [{"command": "START_TIME", "param": "%s"}]})%',
+    "co_none": '%COALESCE({"operators": [{"command": "REQ", "param": "x-nope"}]})%',
+    "co_text": 'route=%COALESCE({"operators": ["ROUTE_NAME", {"command": "QUERY_PARAM", "param": "a"}]})%',
     "start_local": "%START_TIME_LOCAL%",
     "start_local_f": "%START_TIME_LOCAL(%F %T %z %Ez %Z %s)%",
     "start_utc_z": "%START_TIME(%z %Z)%",

@@ -184,6 +184,10 @@ enum Op {
     EmitTime(TimeFormat),
     /// `%UPSTREAM_HOST_NAME_WITHOUT_PORT%`.
     UpstreamHostNameNoPort,
+    /// `%COALESCE({"operators": [...]})%`: the first operator's value that is available. An
+    /// empty string counts as available, as Envoy 1.40 has it (checked on its binary; later
+    /// Envoy versions pass over empty strings too).
+    Coalesce(Vec<Command>),
     /// `%UNIQUE_ID%`: a random (version 4) UUID per record.
     UniqueId,
     /// `%COMMON_DURATION(START:END:PRECISION)%`: between two of the stream's time points
@@ -493,6 +497,16 @@ impl Command {
             Op::Str(f) => match (f, s.string(*f)) {
                 // Envoy prints an absent local reply body as "", not null.
                 (StrField::LocalReplyBody, None) => Val::S(b""),
+                // Envoy's formatter has these as unavailable when empty (a route without a
+                // name, most often).
+                (
+                    StrField::RouteName
+                    | StrField::UpstreamCluster
+                    | StrField::RequestedServerName
+                    | StrField::UpstreamTransportFailureReason
+                    | StrField::DownstreamTransportFailureReason,
+                    Some(b""),
+                ) => Val::Null,
                 // A host without a hostname (a STATIC endpoint) is named by its address.
                 (StrField::UpstreamHostName, Some(b"")) => {
                     s.address(AddrField::UpstreamRemote).map_or(Val::Null, |(ip, port)| Val::Addr(ip, port))
@@ -572,6 +586,9 @@ impl Command {
                 },
                 Some(h) => Val::S(request::strip_port(h)),
             },
+            Op::Coalesce(cmds) => {
+                cmds.iter().map(|c| c.eval_capped(cx)).find(|v| !matches!(v, Val::Null)).unwrap_or(Val::Null)
+            }
             Op::UniqueId => {
                 Val::Owned(request::uuid4(envoy_obs_common::rand::rand64(), envoy_obs_common::rand::rand64()))
             }
@@ -667,6 +684,25 @@ impl Command {
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
                 now.map_or(Val::Null, |d| Val::Time(d.as_nanos() as i64, f))
             }
+        }
+    }
+
+    /// Evaluates as a `COALESCE` candidate: its own `max_length` applied to strings, and times
+    /// and flags rendered to text now (the captured record keeps only the outer operator's
+    /// rendering options).
+    fn eval_capped<'a, S: Stream>(&'a self, cx: &'a Ctx<'_, S>) -> Val<'a> {
+        match self.eval(cx) {
+            v @ (Val::Time(..) | Val::Flags(..)) => {
+                let mut out = Vec::new();
+                self.write_text(v, false, &mut out);
+                Val::Owned(out)
+            }
+            Val::S(b) => Val::S(&b[..self.max_len.map_or(b.len(), |m| m.min(b.len()))]),
+            Val::Owned(mut b) => {
+                b.truncate(self.max_len.unwrap_or(usize::MAX));
+                Val::Owned(b)
+            }
+            v => v,
         }
     }
 
@@ -1067,6 +1103,11 @@ fn parse_command(s: &str, i: usize) -> Result<(Command, usize), String> {
     if j >= b.len() || b[j] != b'%' {
         return Err(format!("invalid command %{name}... in {s:?}: missing closing '%'"));
     }
+    Ok((command(name, arg, max_len)?, j + 1))
+}
+
+/// One operator with its argument and length, checked as Envoy checks them.
+fn command(name: &str, arg: Option<&str>, max_len: Option<usize>) -> Result<Command, String> {
     // Envoy 1.40 takes a length only on these (checked on the binary: `%PROTOCOL:4%` and the
     // like reject the config).
     if max_len.is_some()
@@ -1083,12 +1124,51 @@ fn parse_command(s: &str, i: usize) -> Result<(Command, usize), String> {
                 | "QUERY_PARAM"
                 | "PATH"
                 | "REQ_WITHOUT_QUERY"
+                | "COALESCE"
         )
     {
         return Err(format!("operator %{name}% takes no length (:N)"));
     }
-    let op = make_op(name, arg)?;
-    Ok((Command { op, max_len }, j + 1))
+    Ok(Command { op: make_op(name, arg)?, max_len })
+}
+
+/// `%COALESCE(...)%`'s JSON argument (Envoy's `CoalesceFormatter::create`): `operators`, a
+/// non-empty list of command names or `{"command", "param", "max_length"}` objects.
+fn coalesce(arg: &str) -> Result<Op, String> {
+    let err = |m: String| format!("operator %COALESCE%: {m}");
+    let json: serde_json::Value =
+        serde_json::from_str(arg).map_err(|e| err(format!("its argument is not JSON ({e})")))?;
+    let ops = json
+        .get("operators")
+        .and_then(|o| o.as_array())
+        .filter(|o| !o.is_empty())
+        .ok_or_else(|| err("the argument needs a non-empty 'operators' list".into()))?;
+    let entry = |(i, e): (usize, &serde_json::Value)| {
+        let at = |m: String| err(format!("operators[{i}]: {m}"));
+        match e {
+            serde_json::Value::String(name) => command(name, None, None).map_err(at),
+            serde_json::Value::Object(o) => {
+                let name =
+                    o.get("command").and_then(|c| c.as_str()).ok_or_else(|| at("needs a 'command' string".into()))?;
+                let param = match o.get("param") {
+                    None => None,
+                    Some(p) => Some(p.as_str().ok_or_else(|| at("'param' must be a string".into()))?),
+                };
+                let max_len = match o.get("max_length") {
+                    None => None,
+                    Some(m) => Some(
+                        m.as_u64()
+                            .filter(|&m| m > 0)
+                            .and_then(|m| usize::try_from(m).ok())
+                            .ok_or_else(|| at("'max_length' must be a positive integer".into()))?,
+                    ),
+                };
+                command(name, param.filter(|p| !p.is_empty()), max_len).map_err(at)
+            }
+            _ => Err(at("must be a command name or an object with a 'command'".into())),
+        }
+    };
+    Ok(Op::Coalesce(ops.iter().enumerate().map(entry).collect::<Result<_, _>>()?))
 }
 
 fn no_arg(name: &str, arg: Option<&str>, op: Op) -> Result<Op, String> {
@@ -1242,6 +1322,7 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
         "DOWNSTREAM_HANDSHAKE_DURATION" => dur(Dur::Handshake),
         "UPSTREAM_HOST_NAME_WITHOUT_PORT" => no_arg(name, arg, Op::UpstreamHostNameNoPort),
         "UNIQUE_ID" => no_arg(name, arg, Op::UniqueId),
+        "COALESCE" => coalesce(arg.unwrap_or("")),
         "ROUNDTRIP_DURATION" => dur(Dur::Roundtrip),
         "COMMON_DURATION" => common_duration(arg.unwrap_or("")),
         "ACCESS_LOG_TYPE" => no_arg(name, arg, Op::AccessLogType),
@@ -1393,6 +1474,10 @@ impl Command {
             Op::Path { .. } => (1, 0),
             // :path and content-type, then grpc-status (the trailers are read one by one).
             Op::GrpcStatus(_) => (2, 1),
+            Op::Coalesce(cmds) => cmds.iter().fold((0, 0), |a, c| {
+                let (q, r) = c.header_lookups();
+                (a.0 + q, a.1 + r)
+            }),
             _ => (0, 0),
         }
     }

@@ -282,6 +282,12 @@ fn bad_formats_are_rejected_with_the_operator_named() {
         ("%COMMON_DURATION(DS_RX_BEG)%", "START:END"),
         ("%COMMON_DURATION(DS_RX_BEG:MY_FILTER_TIME)%", "MY_FILTER_TIME"),
         ("%COMMON_DURATION(DS_RX_BEG:DS_TX_END:s)%", "precision"),
+        ("%COALESCE(nope)%", "not JSON"),
+        (r#"%COALESCE({"operators": []})%"#, "non-empty 'operators'"),
+        (r#"%COALESCE({"operators": ["PROTOCOL", "NOPE"]})%"#, "operators[1]: unknown command operator %NOPE%"),
+        (r#"%COALESCE({"operators": [{"command": "REQ"}]})%"#, "needs a header name"),
+        (r#"%COALESCE({"operators": [{"command": "REQ", "param": "a", "max_length": 0}]})%"#, "positive"),
+        (r#"%COALESCE({"operators": [{"command": "PROTOCOL", "max_length": 2}]})%"#, "no length"),
     ];
     for (f, needle) in cases {
         let e = JsonPlan::compile(serde_json::json!({"k": f}).as_object().unwrap(), false).unwrap_err();
