@@ -237,11 +237,11 @@ class Envoy:
             self._log.close()
 
 
-def curl(url: str, *args: str, http2: bool = False) -> subprocess.CompletedProcess:
+def curl(url: str, *args: str, http2: bool = False, check: bool = True) -> subprocess.CompletedProcess:
     cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"]
     if http2:
         cmd.append("--http2-prior-knowledge")
-    return subprocess.run(cmd + list(args) + [url], capture_output=True, text=True, check=True)
+    return subprocess.run(cmd + list(args) + [url], capture_output=True, text=True, check=check)
 
 
 def h2load(url: str, n: int, clients: int = 8, cpu: int | None = None, timeout: float = 600,

@@ -306,6 +306,16 @@ DERIVED_FORMAT = {
 }
 
 
+def all_operator_loggers(tmp_path):
+    """The built-in and our logger with both maps; the built-in gets the extension that serves
+    REQ_WITHOUT_QUERY."""
+    logs, builtin, ours = paired_loggers(tmp_path, {**FORMAT, **DERIVED_FORMAT})
+    logs[0]["typed_config"]["log_format"]["formatters"] = [{
+        "name": "envoy.formatter.req_without_query",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"}}]
+    return logs, builtin, ours
+
+
 def test_grpc_status_query_path_and_local_times_like_builtin(tmp_path):
     """The operators derived from headers (gRPC status from trailers, headers or the HTTP code;
     query parameters; the path with and without its query) and the local-time ones, against the
@@ -316,10 +326,7 @@ def test_grpc_status_query_path_and_local_times_like_builtin(tmp_path):
 
     front, up, up503, dead = free_port(), free_port(), free_port(), free_port()
     # With the whole main map too: these routes have no names, some answer themselves.
-    logs, builtin, ours = paired_loggers(tmp_path, {**FORMAT, **DERIVED_FORMAT})
-    logs[0]["typed_config"]["log_format"]["formatters"] = [{
-        "name": "envoy.formatter.req_without_query",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"}}]
+    logs, builtin, ours = all_operator_loggers(tmp_path)
 
     def status_header(prefix, value):
         return {"match": {"prefix": prefix}, "direct_response": {"status": 200},
@@ -370,3 +377,34 @@ def test_grpc_status_query_path_and_local_times_like_builtin(tmp_path):
     assert any(r["path_orig"] == "/orig/p?o=1" and r["rwq"] == "/orig/p" for r in recs)
     assert all(r["start_local_f"].split(" ")[2:5] == ["+0530", "+05:30", "IST"] for r in recs)
     assert all(r["start_utc_z"] == "+0000 UTC" and r["emit_local"] == "+0530|IST" for r in recs)
+
+
+def test_tcp_proxy_records_like_builtin(tmp_path):
+    """The same maps on a TCP proxy's access log (Envoy's TcpConnectionEnd records): HTTP-only
+    operators unavailable, bytes, addresses and hosts of the connection, and the flags of a
+    connection that failed in the order the TCP proxy sets them (`UF,URX`)."""
+    logs, builtin, ours = all_operator_loggers(tmp_path)
+    tcp, tcp_dead, up, dead = free_port(), free_port(), free_port(), free_port()
+
+    def tcp_listener(name, port, cluster):
+        proxy = {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                 "stat_prefix": name, "cluster": cluster, "access_log": logs}
+        return {"name": name, "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy}]}]}
+
+    res = {"listeners": [tcp_listener("tcp", tcp, "backend"), tcp_listener("tcp_dead", tcp_dead, "dead"),
+                         direct_response_listener("up", up)],
+           "clusters": [static_cluster("backend", up), static_cluster("dead", dead)]}
+    with Envoy(tmp_path, res, env={"OBS_PARITY_ENV": "from-env"}) as e:
+        curl(f"http://127.0.0.1:{tcp}/through?a=1", "-H", "x-request-id: not-seen-by-a-tcp-proxy")
+        curl(f"http://127.0.0.1:{tcp}/again", http2=True)
+        assert curl(f"http://127.0.0.1:{tcp_dead}/x", check=False).returncode != 0
+        wait_lines(3, builtin, ours)
+        assert e.quit() == 0
+    a = {r["cid"]: {**r, "request_id": str(r["cid"])} for r in read_json_lines(builtin)}
+    b = {r["cid"]: {**r, "request_id": str(r["cid"])} for r in read_json_lines(ours)}
+    assert_same_records(a, b, 3)
+    recs = list(a.values())
+    assert {r["alt"] for r in recs} == {"TcpConnectionEnd"} and all(r["method"] is None for r in recs)
+    assert sorted(r["flags"] for r in recs) == ["-", "-", "UF,URX"]
+    assert all(r["brx"] > 0 for r in recs if r["flags"] == "-")

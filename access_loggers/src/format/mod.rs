@@ -613,7 +613,7 @@ impl Command {
                     AddrForm::Port => Val::U(port as u64),
                 },
             },
-            Op::Flags { long } => Val::Flags(s.response_flags(), *long),
+            Op::Flags { long } => Val::Flags(flags_of(cx), *long),
             // The ABI's upstream remote address reports the selected host (one cheap call;
             // the `upstream.address` attribute costs Envoy a string build).
             Op::UpstreamHost => {
@@ -959,12 +959,30 @@ fn write_addr(ip: &[u8], port: u32, out: &mut Vec<u8>) {
 /// a bitmask, so these go first and the rest follow in bit order.
 const FLAGS_SET_FIRST: [usize; 2] = [15, 7];
 
+/// Marks a captured flag set of a TCP proxy's record (a bit no response flag uses). The TCP
+/// proxy sets the failure before the retry limit (`UF,URX`), so its flags print in bit order.
+const FLAGS_TCP: u64 = 1 << 63;
+
+/// The response flags of the record, marked with [`FLAGS_TCP`] when a TCP proxy logs it.
+fn flags_of<S: Stream>(cx: &Ctx<'_, S>) -> u64 {
+    let bits = cx.stream.response_flags() & !FLAGS_TCP;
+    // ACCESS_LOG_TYPES 1..=3: TcpUpstreamConnected, TcpPeriodic, TcpConnectionEnd.
+    if (1..=3).contains(&cx.log_type) {
+        bits | FLAGS_TCP
+    } else {
+        bits
+    }
+}
+
 fn write_flags(bits: u64, long: bool, out: &mut Vec<u8>) {
+    let tcp = bits & FLAGS_TCP != 0;
+    let bits = bits & !FLAGS_TCP;
     if bits == 0 {
         out.push(b'-');
         return;
     }
-    let order = FLAGS_SET_FIRST.into_iter().chain((0..RESPONSE_FLAGS.len()).filter(|i| !FLAGS_SET_FIRST.contains(i)));
+    let first: &[usize] = if tcp { &[] } else { &FLAGS_SET_FIRST };
+    let order = first.iter().copied().chain((0..RESPONSE_FLAGS.len()).filter(|i| !first.contains(i)));
     let mut first = true;
     for i in order {
         if bits & (1u64 << i) != 0 {

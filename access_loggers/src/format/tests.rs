@@ -111,10 +111,15 @@ impl Stream for FakeStream {
 }
 
 pub(crate) fn render(fmt: serde_json::Value, omit: bool, s: &FakeStream) -> serde_json::Value {
+    render_as(fmt, omit, s, 6)
+}
+
+/// [`render`] for a record of Envoy's access log type `log_type` (6: DownstreamEnd).
+pub(crate) fn render_as(fmt: serde_json::Value, omit: bool, s: &FakeStream, log_type: u32) -> serde_json::Value {
     let plan = JsonPlan::compile(fmt.as_object().unwrap(), omit).unwrap();
     let (mut rec, mut scratch, mut out) = (Vec::new(), Vec::new(), Vec::new());
     let bulk = plan.bulk_headers();
-    plan.capture(&Ctx::with_bulk(s, 6, bulk), &mut rec);
+    plan.capture(&Ctx::with_bulk(s, log_type, bulk), &mut rec);
     plan.render(&rec, &mut scratch, &mut out);
     // Every prefix of a record (a torn or corrupt buffer) still renders valid JSON.
     for cut in (0..rec.len()).step_by((rec.len() / 300).max(1)) {
@@ -181,6 +186,9 @@ fn truncation_flags_and_omit_empty() {
         v,
         serde_json::json!({"ua": "curl/", "f": "URX,UF", "fl": "UpstreamRetryLimitExceeded,UpstreamConnectionFailure", "t": "x"})
     );
+    // A TCP proxy sets the failure before the retry limit (TcpConnectionEnd records).
+    let v = render_as(serde_json::json!({"f": "%RESPONSE_FLAGS%", "t": "%RESPONSE_FLAGS% x"}), true, &s, 3);
+    assert_eq!(v, serde_json::json!({"f": "UF,URX", "t": "UF,URX x"}));
     let v = render(serde_json::json!({"e": "", "lrb": "%LOCAL_REPLY_BODY%", "two": "%REQ(X-A)%%REQ(X-B)%"}), true, &s);
     assert_eq!(v, serde_json::json!({"e": "", "lrb": "", "two": ""}));
     // A literal null goes too, and a map it leaves empty (Envoy 1.40, checked on the binary);
