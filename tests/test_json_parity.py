@@ -7,7 +7,7 @@ may differ by at most 1 ms (both loggers read the same stream info, so in practi
 import datetime
 import re
 
-from harness import (Envoy, curl, direct_response_listener, free_port, hcm_listener, paired_loggers, poll_until,
+from harness import (ROUTER, Envoy, curl, direct_response_listener, free_port, hcm_listener, paired_loggers, poll_until,
                      read_json_lines, records_by_id, route, static_cluster, wait_lines)
 
 FORMAT = {
@@ -408,3 +408,36 @@ def test_tcp_proxy_records_like_builtin(tmp_path):
     assert {r["alt"] for r in recs} == {"TcpConnectionEnd"} and all(r["method"] is None for r in recs)
     assert sorted(r["flags"] for r in recs) == ["-", "-", "UF,URX"]
     assert all(r["brx"] > 0 for r in recs if r["flags"] == "-")
+
+
+def test_start_and_upstream_records_like_builtin(tmp_path):
+    """Records of the other HTTP log types: DownstreamStart (the HCM's
+    `flush_access_log_on_new_request`) beside DownstreamEnd, and the router's `upstream_log`
+    (UpstreamEnd), each with both maps against the built-in."""
+    (tmp_path / "up").mkdir()
+    logs, builtin, ours = all_operator_loggers(tmp_path)
+    ulogs, ubuiltin, uours = all_operator_loggers(tmp_path / "up")
+    front, up = free_port(), free_port()
+    router = {**ROUTER, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                                         "upstream_log": ulogs}}
+    res = {"listeners": [hcm_listener("front", front, [route("/", "backend", name="r")], access_log=logs,
+                                      http_filters=[router],
+                                      access_log_options={"flush_access_log_on_new_request": True}),
+                         direct_response_listener("up", up)],
+           "clusters": [static_cluster("backend", up)]}
+    with Envoy(tmp_path, res, env={"OBS_PARITY_ENV": "from-env"}) as e:
+        curl(f"http://127.0.0.1:{front}/x?a=1")
+        curl(f"http://127.0.0.1:{front}/y", "-d", "body", http2=True)
+        wait_lines(4, builtin, ours)
+        wait_lines(2, ubuiltin, uours)
+        assert e.quit() == 0
+
+    def keyed(path):
+        return {f'{r["request_id"]} {r["alt"]}': r for r in read_json_lines(path)}
+
+    a, b = keyed(builtin), keyed(ours)
+    assert_same_records(a, b, 4)
+    assert sorted(r["alt"] for r in a.values()) == ["DownstreamEnd"] * 2 + ["DownstreamStart"] * 2
+    a, b = keyed(ubuiltin), keyed(uours)
+    assert_same_records(a, b, 2)
+    assert {r["alt"] for r in a.values()} == {"UpstreamEnd"}
