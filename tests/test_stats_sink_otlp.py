@@ -98,6 +98,47 @@ def test_same_metrics_as_the_builtin_open_telemetry_sink(tmp_path, deltas):
     assert gauges["obs_sink.otlp.exports_ok"] >= 3 and gauges["obs_sink.otlp.exports_failed"] == 0
 
 
+@pytest.mark.parametrize("deltas", [False, True])
+def test_counters_reset_by_the_admin(tmp_path, deltas):
+    """`POST /reset_counters` between flushes. Cumulative: the counter that went down gets a new
+    start time after the last reported point (OTLP metrics data model: state lost, new fixed
+    start); the others keep theirs. Delta: more requests after the reset than before still count
+    in full, since Envoy's own latched increase is used (the difference to the last export
+    would say 10 of 60)."""
+    from otlp_receiver import flatten_metrics
+    front, up = free_port(), free_port()
+    with OtlpReceiver("grpc") as rx:
+        ours = our_sink({"endpoint": rx.endpoint, "report_counters_as_deltas": deltas}, name="otlp")
+        res = {"listeners": [hcm_listener("front", front, [route("/", "backend")]), direct_response_listener("up", up)],
+               "clusters": [static_cluster("backend", up)]}
+        name, attrs = "cluster.upstream_rq_total", {"envoy.cluster_name": "backend"}
+
+        def points():
+            return [p for p in flatten_metrics(rx.requests("metrics")) if p["name"] == name and p["attributes"] == attrs]
+
+        with Envoy(tmp_path, res, extra_bootstrap={"stats_sinks": [ours], "stats_flush_interval": "1s"}) as e:
+            h2load(f"http://127.0.0.1:{front}/x", 50, clients=2)
+            poll_until(lambda: sum(p["value"] for p in points()) == 50 if deltas else
+                       any(p["value"] == 50 for p in points()), timeout=15, what="50 requests exported")
+            before = points()
+            e.admin("/reset_counters", method="POST")
+            h2load(f"http://127.0.0.1:{front}/x", 60, clients=2)
+            poll_until(lambda: sum(p["value"] for p in points()) == 110 if deltas else
+                       points()[-1]["value"] == 60, timeout=15, what="60 more requests exported")
+            after = points()[len(before):]
+    if deltas:
+        assert sum(p["value"] for p in after) == 60, after
+    else:
+        # The first point after the reset (60, or fewer if the requests spanned two flushes:
+        # Envoy counted more since its last flush than the value rose) and every later one
+        # start after the last point before the reset; all before it share one start.
+        seq = before + after
+        i = next(i for i, p in enumerate(seq) if p["value"] != 50)
+        assert seq[i - 1]["value"] == 50
+        assert all(p["start_time_unix_nano"] >= seq[i - 1]["time_unix_nano"] for p in seq[i:]), seq[i - 1:]
+        assert len({p["start_time_unix_nano"] for p in seq[:i]}) == 1
+
+
 def test_collector_down_then_back_while_the_prometheus_endpoint_keeps_answering(tmp_path):
     front, up, mport = free_port(), free_port(), free_port()
     with OtlpReceiver("grpc") as rx:

@@ -109,7 +109,10 @@ fn config_new_impl(handle: SinkHandle, name: &str, config: &[u8]) -> Result<Sink
 
 impl OtlpMetricsSink {
     fn flush(&self, snap: &Snapshot<'_>) {
-        if let (Some(sink), Ok(mut cache)) = (&self.sink, self.cache.lock()) {
+        // The cache holds only data derived from names: after a panic while it was held (caught
+        // by the hook) it is still usable, and flushes must not stop silently.
+        if let Some(sink) = &self.sink {
+            let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             sink.publish(cache.read(snap, false, now_ns()));
             let (s, e, h) = (&sink.stats, &self.export, self.handle);
             let [ok, failed, skipped, points, points_failed] = self.gauges;
@@ -126,7 +129,8 @@ impl PromSink {
     fn flush(&self, snap: &Snapshot<'_>) {
         let t0 = Instant::now();
         let now = now_ns();
-        if let (Some(server), Ok(mut cache)) = (&self.server, self.cache.lock()) {
+        if let Some(server) = &self.server {
+            let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             server.publish(cache.read(snap, self.texts, now));
         }
         let h = &self.health;

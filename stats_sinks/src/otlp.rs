@@ -128,12 +128,12 @@ impl OtlpSink {
 
     /// Hands over a snapshot (main thread): replaces one still waiting.
     pub fn publish(&self, s: Stats) {
-        if let Ok(mut n) = self.inbox.next.lock() {
-            if n.replace(Arc::new(s)).is_some() {
-                self.stats.snapshots_skipped.fetch_add(1, Relaxed);
-            }
-            self.inbox.cv.notify_one();
+        // The slot holds plain data: a panic elsewhere while holding it leaves nothing broken.
+        let mut n = self.inbox.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if n.replace(Arc::new(s)).is_some() {
+            self.stats.snapshots_skipped.fetch_add(1, Relaxed);
         }
+        self.inbox.cv.notify_one();
     }
 }
 
@@ -155,12 +155,30 @@ impl Drop for OtlpSink {
     }
 }
 
-/// Cumulative values last exported, by full name, for deltas.
+/// Cumulative values last exported, by full name, for deltas; with each series' cumulative
+/// start time.
 #[derive(Default)]
 struct Last {
     time_ns: u64,
-    counters: HashMap<Vec<u8>, u64>,
-    histograms: HashMap<Vec<u8>, (u64, f64, Vec<u64>)>,
+    /// (value, start)
+    counters: HashMap<Vec<u8>, (u64, u64)>,
+    /// (count, sum, per-bucket counts, start)
+    histograms: HashMap<Vec<u8>, (u64, f64, Vec<u64>, u64)>,
+}
+
+impl Last {
+    /// The cumulative start time of a series (OTLP metrics data model, CUMULATIVE): the sink's
+    /// start on the first export; for a series first seen later, or one that was reset since
+    /// (`reset`: a stat re-created, `/reset_counters`), the previous export's time — the
+    /// spec's "new fixed start time following the last reported measurement"; else what it was.
+    fn start(last: Option<&Last>, sink_start: u64, prev: Option<(u64, u64)>, reset: bool) -> u64 {
+        match (last, prev) {
+            (None, _) => sink_start,
+            (Some(l), None) => l.time_ns,
+            (Some(l), Some(_)) if reset => l.time_ns,
+            (Some(_), Some((_, start))) => start,
+        }
+    }
 }
 
 struct Worker {
@@ -176,11 +194,11 @@ impl Worker {
     fn run(&mut self, inbox: &Inbox) {
         loop {
             let next = {
-                let Ok(mut g) = inbox.next.lock() else { return };
+                let mut g = inbox.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 while g.is_none() && !inbox.stop.load(Relaxed) {
                     g = match inbox.cv.wait_timeout(g, Duration::from_millis(500)) {
                         Ok((g, _)) => g,
-                        Err(_) => return,
+                        Err(poisoned) => poisoned.into_inner().0,
                     };
                 }
                 g.take()
@@ -188,7 +206,11 @@ impl Worker {
             // Stopping: one last export, bounded by the deadline Drop set before asking.
             let stopping = inbox.stop.load(Relaxed);
             if let Some(s) = next {
-                self.export(&s);
+                // A panic in one export must not end the thread: later snapshots would only
+                // pile up as skipped. It counts as a failed export.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.export(&s))).is_err() {
+                    self.stats.exports_failed.fetch_add(1, Relaxed);
+                }
             }
             if stopping {
                 return;
@@ -204,12 +226,23 @@ impl Worker {
         let mut name = String::new();
         // Envoy's sinks export only stats marked "used"; the 1.40 ABI does not expose the flag, so:
         // counters that ever counted (cumulative > 0), histograms with samples, and every gauge.
+        let last = self.last.as_ref();
         for v in s.counters.iter().filter(|v| v.value > 0) {
-            let prev = self.last.as_ref().and_then(|l| l.counters.get(&v.meta.name).copied()).unwrap_or(0);
-            next.counters.insert(v.meta.name.clone(), v.value);
-            let (value, start) =
-                if c.report_counters_as_deltas { (delta(v.value, prev), delta_start) } else { (v.value, cum_start) };
-            // As Envoy's sink: with deltas, a counter that did not move is not sent.
+            let prev = last.and_then(|l| l.counters.get(&v.meta.name).copied());
+            // Reset since the last export: it went down, or Envoy counted more since its last
+            // flush than the value rose since our last export.
+            let reset = prev.is_some_and(|(p, _)| v.value < p || v.value - p < v.delta);
+            let series_start = Last::start(last, cum_start, prev, reset);
+            next.counters.insert(v.meta.name.clone(), (v.value, series_start));
+            // The increase since the last export; at least Envoy's own latched increase since
+            // its last flush, which also counts what came before a reset within the interval.
+            let (value, start) = if c.report_counters_as_deltas {
+                (delta(v.value, prev.map_or(0, |p| p.0)).max(v.delta), delta_start)
+            } else {
+                (v.value, series_start)
+            };
+            // As Envoy 1.40's sink (checked against it): with deltas, a counter that did not
+            // move is not sent.
             if c.report_counters_as_deltas && value == 0 {
                 continue;
             }
@@ -242,13 +275,15 @@ impl Worker {
             }
             counts.push(h.count.saturating_sub(below));
             let (mut count, mut sum, mut per_bucket) = (h.count, h.sum, counts.clone());
-            let mut start = cum_start;
+            let prev = last.and_then(|l| l.histograms.get(&h.meta.name));
+            let series_start =
+                Last::start(last, cum_start, prev.map(|p| (p.0, p.3)), prev.is_some_and(|p| h.count < p.0));
+            let mut start = series_start;
             if c.report_histograms_as_deltas {
                 start = delta_start;
                 // A histogram with fewer samples than last time was re-created: all of it is new
                 // (as for counters, see `delta`).
-                let last = self.last.as_ref().and_then(|l| l.histograms.get(&h.meta.name));
-                if let Some((pc, ps, pb)) = last.filter(|(pc, _, _)| *pc <= h.count) {
+                if let Some((pc, ps, pb, _)) = prev.filter(|p| p.0 <= h.count) {
                     count -= pc;
                     sum -= ps;
                     for (b, p) in per_bucket.iter_mut().zip(pb) {
@@ -256,7 +291,7 @@ impl Worker {
                     }
                 }
             }
-            next.histograms.insert(h.meta.name.clone(), (h.count, h.sum, counts));
+            next.histograms.insert(h.meta.name.clone(), (h.count, h.sum, counts, series_start));
             if c.report_histograms_as_deltas && count == 0 {
                 continue;
             }
