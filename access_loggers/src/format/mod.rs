@@ -647,7 +647,9 @@ impl Command {
                 cmds.iter().map(|c| c.eval_capped(cx)).find(|v| !matches!(v, Val::Null)).unwrap_or(Val::Null)
             }
             Rare::UniqueId => {
-                Val::Owned(request::uuid4(envoy_obs_common::rand::rand64(), envoy_obs_common::rand::rand64()))
+                let mut b = [0u8; 16];
+                envoy_obs_common::rand::fill_random(&mut b);
+                Val::Owned(request::uuid4(b))
             }
             Rare::CommonDur { beg, end, div } => {
                 let tm = cx.timing();
@@ -681,8 +683,10 @@ impl Command {
                     PathSrc::Path => path(),
                     PathSrc::OrigOrPath => orig().or_else(path),
                 };
-                match v.map(|v| if *strip_query { request::strip_query(v) } else { v }) {
-                    Some(v) if !v.is_empty() => Val::S(v),
+                // Empty is unavailable before the query is cut off (Envoy's PathFormatter): a
+                // path of only a query prints as "".
+                match v {
+                    Some(v) if !v.is_empty() => Val::S(if *strip_query { request::strip_query(v) } else { v }),
                     _ => Val::Null,
                 }
             }
@@ -779,7 +783,10 @@ impl Command {
         let start = out.len();
         write_text_val(&v, omit_empty, out);
         if let Some(max) = self.max_len {
-            if is_stringish(&v) && out.len() - start > max {
+            // COALESCE cuts its text whatever the value's type (`c=%COALESCE(...):1%` of a 200
+            // prints `c=2` in Envoy 1.40); the others cut strings only.
+            let cut_any = matches!(&self.op, Op::Rare(r) if matches!(**r, Rare::Coalesce(_)));
+            if (cut_any || is_stringish(&v)) && out.len() - start > max {
                 out.truncate(start + max);
             }
         }
@@ -1205,7 +1212,8 @@ fn coalesce(arg: &str) -> Result<Op, String> {
 
 fn no_arg(name: &str, arg: Option<&str>, op: Op) -> Result<Op, String> {
     match arg {
-        None => Ok(op),
+        // `%UNIQUE_ID()%` too: Envoy takes empty parentheses as no argument.
+        None | Some("") => Ok(op),
         Some(_) => Err(format!("operator %{name}% takes no argument")),
     }
 }
@@ -1415,6 +1423,10 @@ fn common_duration(arg: &str) -> Result<Op, String> {
         Ok(match name {
             "DS_RX_BEG" => t::START_TIME_UNIX_NS,
             "DS_RX_END" => t::LAST_DOWNSTREAM_RX,
+            "US_CX_BEG" => t::UPSTREAM_CONNECT_START,
+            "US_CX_END" => t::UPSTREAM_CONNECT_COMPLETE,
+            "US_HS_END" => t::UPSTREAM_HANDSHAKE_COMPLETE,
+            "US_RX_BODY_BEG" => t::FIRST_UPSTREAM_RX_BODY,
             "US_TX_BEG" => t::FIRST_UPSTREAM_TX,
             "US_TX_END" => t::LAST_UPSTREAM_TX,
             "US_RX_BEG" => t::FIRST_UPSTREAM_RX,
@@ -1424,8 +1436,8 @@ fn common_duration(arg: &str) -> Result<Op, String> {
             other => {
                 return Err(format!(
                     "operator %COMMON_DURATION({arg})%: time point {other:?} is not one of DS_RX_BEG, DS_RX_END, \
-                     US_TX_BEG, US_TX_END, US_RX_BEG, US_RX_END, DS_TX_BEG, DS_TX_END (a filter's custom time \
-                     points cannot be read through the 1.40 ABI)"
+                     US_CX_BEG, US_CX_END, US_HS_END, US_TX_BEG, US_TX_END, US_RX_BEG, US_RX_BODY_BEG, US_RX_END, \
+                     DS_TX_BEG, DS_TX_END (a filter's custom time points cannot be read through the 1.40 ABI)"
                 ))
             }
         })

@@ -75,6 +75,8 @@ const SNAKE: [&str; 17] = [
 /// The name of `code` in `form`'s table, `None` for a code outside it (Envoy then prints the
 /// number as a string).
 pub fn grpc_name(code: i64, form: GrpcForm) -> Option<&'static str> {
+    // Envoy casts to absl::StatusCode (an int) for the snake names: the low 32 bits count.
+    let code = if form == GrpcForm::Snake { i64::from(code as i32) } else { code };
     let i = usize::try_from(code).ok()?;
     match form {
         GrpcForm::Camel => CAMEL.get(i).copied(),
@@ -209,11 +211,8 @@ pub fn strip_port(host: &[u8]) -> &[u8] {
     }
 }
 
-/// A version 4 UUID from 128 random bits, in the 8-4-4-4-12 lower-case form Envoy prints.
-pub fn uuid4(hi: u64, lo: u64) -> Vec<u8> {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&hi.to_be_bytes());
-    b[8..].copy_from_slice(&lo.to_be_bytes());
+/// A version 4 UUID from 16 random bytes, in the 8-4-4-4-12 lower-case form Envoy prints.
+pub fn uuid4(mut b: [u8; 16]) -> Vec<u8> {
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -249,6 +248,8 @@ mod tests {
         assert_eq!(grpc_name(16, GrpcForm::Snake), Some("UNAUTHENTICATED"));
         assert_eq!(grpc_name(17, GrpcForm::Camel), None);
         assert_eq!(grpc_name(-1, GrpcForm::Camel), None);
+        assert_eq!(grpc_name(4_294_967_297, GrpcForm::Snake), Some("CANCELLED"));
+        assert_eq!(grpc_name(4_294_967_297, GrpcForm::Camel), None);
         assert!(is_grpc_request(Some(b"/a"), Some(b"application/grpc")));
         assert!(is_grpc_request(Some(b"/a"), Some(b"application/grpc+proto")));
         assert!(!is_grpc_request(Some(b"/a"), Some(b"application/grpc-web")));
@@ -286,9 +287,10 @@ mod tests {
         assert_eq!(strip_port(b"10.0.0.1:80"), b"10.0.0.1");
         assert_eq!(strip_port(b"[::1]:80"), b"[::1]");
         assert_eq!(strip_port(b"[::1]"), b"[::1]");
-        let u = String::from_utf8(uuid4(u64::MAX, 0)).unwrap();
+        let u = String::from_utf8(uuid4([[0xff; 8], [0; 8]].concat().try_into().unwrap())).unwrap();
         assert_eq!(u, "ffffffff-ffff-4fff-8000-000000000000");
-        let u = String::from_utf8(uuid4(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210)).unwrap();
+        let b = [0x0123_4567_89ab_cdef_u64.to_be_bytes(), 0xfedc_ba98_7654_3210_u64.to_be_bytes()].concat();
+        let u = String::from_utf8(uuid4(b.try_into().unwrap())).unwrap();
         assert_eq!(u, "01234567-89ab-4def-bedc-ba9876543210");
     }
 

@@ -295,6 +295,8 @@ impl TimeFormat {
     /// This format in the local time zone (`%START_TIME_LOCAL%` and the like).
     pub fn local(mut self) -> TimeFormat {
         self.local = true;
+        // Its own identity in the per-second prefix cache: a UTC rendering must never serve it.
+        self.id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self
     }
 

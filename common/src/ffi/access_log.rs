@@ -221,9 +221,13 @@ pub mod timing {
     pub const START_TIME_UNIX_NS: usize = 0;
     pub const DOWNSTREAM_HANDSHAKE_COMPLETE: usize = 3;
     pub const LAST_DOWNSTREAM_RX: usize = 5;
+    pub const UPSTREAM_CONNECT_START: usize = 6;
+    pub const UPSTREAM_CONNECT_COMPLETE: usize = 7;
+    pub const UPSTREAM_HANDSHAKE_COMPLETE: usize = 8;
     pub const FIRST_UPSTREAM_TX: usize = 9;
     pub const LAST_UPSTREAM_TX: usize = 10;
     pub const FIRST_UPSTREAM_RX: usize = 11;
+    pub const FIRST_UPSTREAM_RX_BODY: usize = 12;
     pub const LAST_UPSTREAM_RX: usize = 13;
     pub const FIRST_DOWNSTREAM_TX: usize = 14;
     pub const LAST_DOWNSTREAM_TX: usize = 15;
