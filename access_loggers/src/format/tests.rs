@@ -290,6 +290,8 @@ fn bad_formats_are_rejected_with_the_operator_named() {
         ("%COMMON_DURATION(DS_RX_BEG)%", "START:END"),
         ("%COMMON_DURATION(DS_RX_BEG:MY_FILTER_TIME)%", "MY_FILTER_TIME"),
         ("%COMMON_DURATION(DS_RX_BEG:DS_TX_END:s)%", "precision"),
+        ("%DOWNSTREAM_PEER_IP_SAN%", "cannot serve it"),
+        ("%UPSTREAM_HEADER_BYTES_SENT%", "cannot serve it"),
         ("%COALESCE(nope)%", "not JSON"),
         (r#"%COALESCE({"operators": []})%"#, "non-empty 'operators'"),
         (r#"%COALESCE({"operators": ["PROTOCOL", "NOPE"]})%"#, "operators[1]: unknown command operator %NOPE%"),
