@@ -60,7 +60,8 @@ def ours_config(rx: OtlpReceiver, **extra) -> dict:
 
 
 def tracing_listener(name: str, port: int, provider: dict, sampling: float = 100,
-                     custom_tags: list | None = TAGS, start_child_span: bool = True, egress: bool = False) -> dict:
+                     custom_tags: list | None = TAGS, start_child_span: bool = True, egress: bool = False,
+                     filters: list | None = None) -> dict:
     """`/ok` to the upstream, `/down` to a dead one, `/direct` answered by Envoy, `/grpc<N>`
     answered by Envoy with `grpc-status: N`. `egress`: an outbound listener (Envoy then names
     the HCM's span `egress <host>`)."""
@@ -69,7 +70,7 @@ def tracing_listener(name: str, port: int, provider: dict, sampling: float = 100
     routes = [route("/ok", "backend", name="ok_route"), route("/down", "dead", name="down_route"),
               {"match": {"prefix": "/direct"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
               *grpc]
-    lst = hcm_listener(name, port, routes, stat_prefix="ingress", http_filters=[router(start_child_span)],
+    lst = hcm_listener(name, port, routes, stat_prefix="ingress", http_filters=[*(filters or []), router(start_child_span)],
                        tracing=hcm_tracing(provider, sampling, custom_tags))
     if egress:
         lst["traffic_direction"] = "OUTBOUND"
@@ -472,6 +473,27 @@ def test_parity_unsampled_requests_export_nothing(tmp_path):
             assert parse_traceparent(ups[f"{kind}:zero"].get("traceparent"))[2] == "00"
 
 
+def test_incoming_not_sampled_survives_a_route_refresh(tmp_path):
+    """A filter that clears the route cache makes Envoy refresh its tracing decision and hand it
+    to spans that use the local decision. An incoming `-00` decided this trace, so the refresh
+    (random_sampling 100) must not turn it sampled: nothing exported, `-00` upstream. A request
+    that brought no decision still follows Envoy's."""
+    lua = {"name": "envoy.filters.http.lua", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string":
+                                "function envoy_on_request(h) h:clearRouteCache() end"}}}
+    with OtlpReceiver("grpc") as rx, EchoUpstream() as up:
+        e, ports = tracing_envoy(tmp_path, up, {"ours": (our_tracer(ours_config(rx)), {"filters": [lua]})})
+        with e:
+            get(ports["ours"], "/ok?case=tp00", "-H", f"traceparent: {tp(flags='00')}", case="tp00")
+            get(ports["ours"], "/ok?case=plain", case="plain")
+            rx.wait_for(2, "traces")
+            time.sleep(SETTLE)
+            cases = by_case(rx.spans())
+        assert set(cases) == {"plain"}, "the refresh turned an incoming -00 into a sampled trace"
+        assert parse_traceparent(upstream_by_case(up)["tp00"]["traceparent"])[2] == "00"
+
+
 # ----------------------------------------------------------------------------- 2. B3
 
 def test_b3_single_and_multi_are_continued_and_injected(tmp_path):
@@ -670,7 +692,6 @@ BAD = {
     "bad root ratio": ({"sampler": {"type": "parent_based", "root": {"type": "trace_id_ratio", "ratio": -1}}}, {},
                        "field `sampler.root.ratio`"),
     "unknown propagator": ({"propagators": ["tracecontext", "jaeger"]}, {}, "field `propagators"),
-    "unknown propagator in OTEL_PROPAGATORS": ({}, {"OTEL_PROPAGATORS": "tracecontext,xray"}, "field `propagators"),
     "bad endpoint": ({"endpoint": "ftp://localhost:4317"}, {}, "field `endpoint`"),
     "unknown key": ({"endpoint": "http://127.0.0.1:4317", "bogus": True}, {}, "field `bogus`"),
 }
@@ -732,16 +753,18 @@ def test_transports_headers_and_resource(tmp_path, protocol, compression):
 
 def test_service_name_and_propagators_from_environment(tmp_path):
     """service_name unset: OTEL_SERVICE_NAME, else Envoy's default "unknown_service:envoy".
-    propagators unset: OTEL_PROPAGATORS."""
+    propagators unset: OTEL_PROPAGATORS, its names in any case, and one only the applications'
+    SDKs know (`xray`) ignored with a warning (OpenTelemetry's environment spec), not fatal."""
     with OtlpReceiver("grpc") as rx, EchoUpstream() as up:
         cfg = ours_config(rx)
         del cfg["service_name"]
         e, ports = tracing_envoy(tmp_path / "env", up, {"o": our_tracer(cfg)},
-                                 env={"OTEL_SERVICE_NAME": "from-env", "OTEL_PROPAGATORS": "b3multi"})
+                                 env={"OTEL_SERVICE_NAME": "from-env", "OTEL_PROPAGATORS": "B3Multi,xray"})
         with e:
             get(ports["o"], "/ok?case=env", "-H", f"X-B3-TraceId: {B3_TRACE}", "-H", f"X-B3-SpanId: {B3_SPAN}",
                 "-H", "X-B3-Sampled: 1", case="env")
             spans = rx.wait_for(2, "traces")
+            assert 'OTEL_PROPAGATORS: ignoring "xray"' in e.log()
         assert {s["resource"]["service.name"] for s in spans} == {"from-env"}
         root = root_of(spans)
         assert (root["trace_id"], root["parent_span_id"]) == (B3_TRACE, B3_SPAN)

@@ -89,7 +89,9 @@ pub enum Sampler {
     AlwaysOn,
     /// No.
     AlwaysOff,
-    /// Yes when the trace id's low 63 bits are below this threshold.
+    /// Yes when the trace id's last 8 bytes, shifted right by one, are below this threshold
+    /// (`ratio` x 2^63): the test of the OpenTelemetry SDKs (Go's and Rust's
+    /// `TraceIdRatioBased`), so services sample the same traces at the same ratio.
     Ratio(u64),
     /// The parent's flag when there is one, else the root sampler.
     ParentBased(Box<Sampler>),
@@ -139,7 +141,7 @@ impl Sampler {
             Sampler::AlwaysOff => false,
             Sampler::Ratio(t) => {
                 let low = u64::from_be_bytes(trace_id[8..].try_into().unwrap_or([0; 8]));
-                (low & (u64::MAX >> 1)) < *t
+                (low >> 1) < *t
             }
             Sampler::ParentBased(root) => match parent_sampled {
                 Some(s) => s,
@@ -203,14 +205,28 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Com
         Some(p) => p.clone(),
         None => match env("OTEL_PROPAGATORS").filter(|v| !v.trim().is_empty()) {
             Some(v) if v.trim() == "none" => Vec::new(),
+            // The OpenTelemetry environment spec: names match without regard to case, and a
+            // value this tracer does not know (one meant for the applications' SDKs, `xray`)
+            // is ignored with a warning rather than failing the config.
             Some(v) => v
                 .split(',')
-                .map(|s| {
-                    Propagator::from_name(s).ok_or_else(|| {
-                        ConfigError::new("propagators", format!("OTEL_PROPAGATORS: {:?} is not supported", s.trim()))
-                    })
+                .filter_map(|s| {
+                    let p = Propagator::from_name(&s.trim().to_ascii_lowercase());
+                    if p.is_none() {
+                        envoy_obs_common::envoy_log!(
+                            envoy_obs_common::ffi::LogLevel::Warn,
+                            "envoy-obs: OTEL_PROPAGATORS: ignoring {:?}, not one of tracecontext, baggage, b3, b3multi",
+                            s.trim()
+                        );
+                    }
+                    p
                 })
-                .collect::<Result<_, _>>()?,
+                .fold(Vec::new(), |mut v, p| {
+                    if !v.contains(&p) {
+                        v.push(p);
+                    }
+                    v
+                }),
             None => vec![Propagator::Tracecontext, Propagator::Baggage],
         },
     };
@@ -264,6 +280,17 @@ mod tests {
             yes += s.decide(&id, None) as u32;
         }
         assert!((24_000..26_000).contains(&yes), "{yes}");
+        // The SDKs' test, (last 8 bytes >> 1) < ratio x 2^63, on ids either side of the bound:
+        // services that sample at the same ratio keep the same traces.
+        let id = |low: u64| {
+            let mut id = [0u8; 16];
+            id[8..].copy_from_slice(&low.to_be_bytes());
+            id
+        };
+        assert!(s.decide(&id(0x3fff_ffff_ffff_ffff), None), "0x1fff.. < 2^61");
+        assert!(s.decide(&id(0x3fff_ffff_ffff_fffe), None));
+        assert!(!s.decide(&id(0x4000_0000_0000_0000), None));
+        assert!(!s.decide(&id(0xbfff_ffff_ffff_ffff), None), "the top bit counts");
     }
 
     #[test]
@@ -301,7 +328,9 @@ mod tests {
             let e = compile(json.as_bytes(), &no_env).err().unwrap_or_else(|| panic!("{json} accepted"));
             assert!(e.field.starts_with(field), "{json}: {e}");
         }
-        let env = |k: &str| (k == "OTEL_PROPAGATORS").then(|| "tracecontext,xray".to_string());
-        assert_eq!(compile(b"{}", &env).unwrap_err().field, "propagators");
+        // From the environment (set for the applications' SDKs too): case does not matter, an
+        // unknown name is ignored with a warning, as the OpenTelemetry environment spec asks.
+        let env = |k: &str| (k == "OTEL_PROPAGATORS").then(|| "TraceContext,xray, B3Multi,tracecontext".to_string());
+        assert_eq!(compile(b"{}", &env).unwrap().propagators, vec![Propagator::Tracecontext, Propagator::B3multi]);
     }
 }

@@ -60,6 +60,9 @@ pub struct Tracer {
 pub struct ModuleSpan {
     span: Span,
     shared: Arc<Shared>,
+    /// Envoy's decision is ours to follow when it changes later (a route refresh): only with
+    /// no sampler configured and no incoming decision, as Envoy's Zipkin tracer has it.
+    local_decision: bool,
 }
 
 /// Encodes finished spans and sends them.
@@ -183,7 +186,7 @@ impl Tracer {
                 parse_baggage(b, &mut span.baggage);
             }
         }
-        ModuleSpan { span, shared: sh.clone() }
+        ModuleSpan { span, shared: sh.clone(), local_decision: sh.sampler.is_none() && incoming.is_none() }
     }
 }
 
@@ -287,7 +290,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_spawn_child(
             return ptr::null();
         };
         let start = u64::try_from(start_time_ns).ok().filter(|&t| t > 0).unwrap_or_else(now_ns);
-        let child = ModuleSpan { span: s.span.child(name.bytes(), start), shared: s.shared.clone() };
+        let child =
+            ModuleSpan { span: s.span.child(name.bytes(), start), shared: s.shared.clone(), local_decision: false };
         Box::into_raw(Box::new(child)) as *const c_void
     })
 }
@@ -395,7 +399,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_set_sampled(span: *
     })
 }
 
-/// True when no sampler is configured: then Envoy's decision is ours.
+/// True when no sampler is configured and the request brought no decision: then Envoy's
+/// decision is ours, also when it changes later. An incoming "not sampled" stays so.
 ///
 /// # Safety
 /// `span` is a live module span on its thread.
@@ -403,7 +408,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_set_sampled(span: *
 pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_use_local_decision(span: *const c_void) -> bool {
     guard("on_tracer_span_use_local_decision", true, || {
         // SAFETY: live span.
-        unsafe { span_mut(span) }.is_none_or(|s| s.shared.sampler.is_none())
+        unsafe { span_mut(span) }.is_none_or(|s| s.local_decision)
     })
 }
 

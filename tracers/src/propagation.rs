@@ -402,6 +402,11 @@ pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>) {
                 c.set(b"b3", &b[..n]);
             }
             Propagator::B3multi => {
+                // The single header wins over these upstream (B3 spec): one that came in must
+                // not ride along beside ours unless we write it too.
+                if !props.contains(&Propagator::B3) {
+                    c.remove(b"b3");
+                }
                 let (mut t, mut s) = ([0u8; 32], [0u8; 16]);
                 hex_to(o.trace_id, &mut t);
                 hex_to(o.span_id, &mut s);
@@ -650,6 +655,19 @@ pub(crate) mod tests {
         assert!(!c.0.contains_key(&b"x-b3-parentspanid"[..]));
         assert!(!c.0.contains_key(&b"x-b3-flags"[..]));
 
+        // With b3multi alone, an incoming single header goes: it would win over ours upstream.
+        let single = [("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")];
+        let mut c = map(&single);
+        inject(&mut c, &[Propagator::B3multi], &Outgoing { sampled: true, carry: Carry::default(), ..OUT });
+        assert!(!c.0.contains_key(&b"b3"[..]) && c.0.contains_key(&b"x-b3-spanid"[..]));
+        let mut c = map(&single);
+        inject(
+            &mut c,
+            &[Propagator::B3multi, Propagator::B3],
+            &Outgoing { sampled: true, carry: Carry::default(), ..OUT },
+        );
+        assert!(c.0[&b"b3"[..]].starts_with(&c.0[&b"x-b3-traceid"[..]]), "both written, both ours");
+
         // Baggage: left as it came (properties, member count) unless set_baggage changed it;
         // written where the request has none.
         let raw = "a=1;prop=x,b=2";
@@ -713,7 +731,7 @@ pub(crate) mod tests {
         assert_eq!(out, vec![m(b"a", b"4", b""), m(b"b", b"2", b";prop=x")], "keys must be tokens");
     }
 
-    /// W3C Baggage limits: at most 64 members and 8192 bytes go out.
+    /// W3C Baggage limit: at most 8192 bytes go out (64 members of 200 bytes do not fit).
     #[test]
     fn baggage_limits() {
         let mut bag = Vec::new();

@@ -155,7 +155,8 @@ impl Span {
     /// (see [`Finished::encode`]).
     #[inline]
     pub fn set_tag(&mut self, k: &[u8], v: &[u8]) {
-        if !self.sampled {
+        // An attribute key must not be empty (OpenTelemetry; Envoy's tracer skips such a tag).
+        if !self.sampled || k.is_empty() {
             return;
         }
         if self.tags.is_empty() {
@@ -527,7 +528,10 @@ mod tests {
         let mut want = Vec::new();
         for (k, v) in tags {
             s.set_tag(k, v);
-            proto::kv_str(&mut want, ATTRIBUTES, k, v);
+            // An empty key is no attribute (OpenTelemetry); Envoy's tracer skips it too.
+            if !k.is_empty() {
+                proto::kv_str(&mut want, ATTRIBUTES, k, v);
+            }
         }
         assert!(s.tags.is_ascii(), "short ASCII tags: the flush thread copies the arena whole");
         let mut out = Vec::new();
