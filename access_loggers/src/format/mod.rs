@@ -143,6 +143,7 @@ enum Dur {
 }
 
 #[derive(Clone, Debug, PartialEq)]
+#[repr(u8)]
 enum Op {
     Header {
         kind: HeaderKind,
@@ -208,6 +209,7 @@ pub struct Command {
 }
 
 #[derive(Clone, Debug, PartialEq)]
+#[repr(u8)]
 enum Part {
     Text(Vec<u8>),
     Cmd(Command),
@@ -1492,6 +1494,7 @@ fn hostname() -> Option<Vec<u8>> {
 }
 
 #[derive(Clone, Debug, PartialEq)]
+#[repr(u8)]
 enum Node {
     /// Pre-rendered JSON (literal strings, numbers, booleans).
     Lit(Vec<u8>),

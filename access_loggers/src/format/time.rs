@@ -13,6 +13,7 @@ pub const DEFAULT: &str = "%Y-%m-%dT%H:%M:%E3SZ";
 pub const DEFAULT_LOCAL: &str = "%Y-%m-%dT%H:%M:%E3S%z";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
 enum Tok {
     Lit(Vec<u8>),
     Year,
