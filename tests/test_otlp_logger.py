@@ -117,6 +117,24 @@ def test_unavailable_twice_then_ok_delivers_each_record_once(tmp_path):
         assert s["export_retries"] >= 2 and s["records_exported"] == 10 and s["records_failed"] == 0
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_zero_server_delay_keeps_the_backoff(tmp_path, protocol):
+    """RetryInfo of 0 s (the OTLP spec's own example) and `Retry-After: 0` may not shorten the
+    backoff: without it, retries would run back to back for all of max_elapsed_ms."""
+    with OtlpReceiver(protocol) as rx:
+        rx.fail_next(3, grpc_code="UNAVAILABLE", http_status=503, retry_after=0, retry_delay_s=0)
+        cfg = logger_config(rx, retry={"initial_backoff_ms": 200, "max_backoff_ms": 400, "max_elapsed_ms": 10000})
+        e, port = otlp_envoy(tmp_path, cfg)
+        with e:
+            curl(f"http://127.0.0.1:{port}/")
+            rx.wait_for(1, timeout=15)
+        times = [a.time for a in rx.attempts("logs")]
+        assert len(times) == 4, times
+        # Equal jitter: at least half of 200, 400, 400 ms.
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert all(g >= 0.09 for g in gaps) and sum(gaps) >= 0.45, gaps
+
+
 def test_http_429_retry_after_is_honoured(tmp_path):
     with OtlpReceiver("http") as rx:
         rx.fail_next(1, http_status=429, retry_after=1)
@@ -153,6 +171,20 @@ def test_permanent_errors_and_partial_success_are_counted_not_retried(tmp_path):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_partial_success_that_rejects_nothing_is_logged_as_a_warning(tmp_path, protocol):
+    """OTLP: `rejected_log_records` 0 with an `error_message` is the collector's warning."""
+    with OtlpReceiver(protocol) as rx:
+        rx.partial_success(rejected=0, message="field x is deprecated " + "y" * 5000)
+        e, port = otlp_envoy(tmp_path, logger_config(rx, flush_interval_ms=300))
+        with e:
+            curl(f"http://127.0.0.1:{port}/")
+            s = drained(e, 1)
+            line = next((ln for ln in e.log().splitlines() if "with a warning: field x is deprecated" in ln), "")
+        assert (s["records_exported"], s["records_failed"]) == (1, 0)
+        assert "collector accepted all 1 records" in line and len(line) < 1000, line[:300]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_response_over_1_mib_is_a_delivery_not_a_retry(tmp_path, protocol):
     # We read at most 1 MiB of a response. A bigger one (here a partial success with a 2 MiB
     # message) still says the collector took the request: gRPC sends a response message only
@@ -167,6 +199,7 @@ def test_a_response_over_1_mib_is_a_delivery_not_a_retry(tmp_path, protocol):
             s = drained(e, 3)
         assert [a.outcome for a in rx.attempts("logs")] == ["partial"]
         assert (s["records_exported"], s["records_failed"], s["export_retries"]) == (3, 0, 0)
+
 
 
 def h2load_for(url: str, seconds: int, rps: int, clients: int = 4) -> subprocess.Popen:

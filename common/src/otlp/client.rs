@@ -81,8 +81,13 @@ fn rustls_config(t: &TlsSettings) -> std::io::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     match &t.ca_pem {
         Some(pem) => {
-            for c in CertificateDer::pem_slice_iter(pem) {
-                roots.add(c.map_err(|e| bad(format!("ca_file: {e}")))?).map_err(|e| bad(format!("ca_file: {e}")))?;
+            // A system bundle may hold a root rustls cannot take (legacy encodings): skip it,
+            // as rustls advises for large sets, and fail only when none is usable.
+            let certs = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>();
+            let certs = certs.map_err(|e| bad(format!("ca_file: {e}")))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(bad("ca_file: no usable CA certificate".into()));
             }
         }
         None => {
@@ -221,8 +226,10 @@ impl Client {
             };
             // Equal jitter: half the backoff plus a random share of the other half.
             let jittered = backoff / 2 + Duration::from_nanos(self.next_rand() % (backoff.as_nanos() as u64 / 2 + 1));
-            // A server-given delay (Retry-After, RetryInfo) is honoured as is (both are capped).
-            let wait = after.unwrap_or(jittered);
+            // A server-given delay (Retry-After, RetryInfo; both capped) may extend the backoff
+            // but not shorten it: a `RetryInfo` of 0 (the OTLP spec's own example) or
+            // `Retry-After: 0` would otherwise retry in a tight loop for all of max_elapsed.
+            let wait = after.map_or(jittered, |a| a.max(jittered));
             let in_time = Instant::now().checked_add(wait).is_some_and(|t| t < give_up());
             if !retry.enabled || !in_time || !stop.sleep(wait) {
                 stats.elapsed = start.elapsed();

@@ -167,11 +167,23 @@ impl OtlpExporter {
         match delivery {
             Delivery::Accepted { rejected, message } => {
                 let rejected = rejected.min(n);
+                // The collector's words, but not a megabyte of them in Envoy's log.
+                let message = match message.char_indices().nth(512) {
+                    Some((cut, _)) => format!("{}…", &message[..cut]),
+                    None => message,
+                };
                 s.exported.fetch_add(n - rejected, Relaxed);
                 if rejected > 0 {
                     s.failed.fetch_add(rejected, Relaxed);
                     s.rejected.fetch_add(rejected, Relaxed);
                     self.warn(Warning::Rejected, &format!("collector rejected {rejected} of {n} records: {message}"));
+                } else if !message.is_empty() {
+                    // A partial success that rejects nothing but says something is the
+                    // collector's warning (OTLP spec), worth the operator's eye.
+                    self.warn(
+                        Warning::Rejected,
+                        &format!("collector accepted all {n} records, with a warning: {message}"),
+                    );
                 }
                 Outcome { written: n - rejected, failed: rejected }
             }

@@ -236,28 +236,51 @@ pub fn resolve(
     // value in our own config still rejects it.
     let ignore =
         |var: &str, why: String| crate::envoy_log!(crate::ffi::LogLevel::Warn, "envoy-obs: ignoring {var}: {why}");
+    // The first usable value of the signal's variable, then the generic one: an unusable
+    // signal-specific value falls back to a usable generic one, not to the default.
+    let layered = |suffix: &str, parse: &dyn Fn(&str) -> Result<(), String>| -> Option<String> {
+        [format!("OTEL_EXPORTER_OTLP_{s}_{suffix}"), format!("OTEL_EXPORTER_OTLP_{suffix}")].into_iter().find_map(
+            |var| {
+                let v = env_nonempty(&var)?;
+                let v = v.trim().to_string();
+                match parse(&v) {
+                    Ok(()) => Some(v),
+                    Err(why) => {
+                        ignore(&var, why);
+                        None
+                    }
+                }
+            },
+        )
+    };
 
     let protocol = match cfg.protocol {
         Some(p) => p,
-        None => match sig_env("PROTOCOL")
-            .map(|v| (format!("OTEL_EXPORTER_OTLP_{s}_PROTOCOL"), v))
-            .or_else(|| gen_env("PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL".to_string(), v)))
-        {
-            None => Protocol::Grpc,
-            Some((var, v)) => match v.trim() {
-                "grpc" => Protocol::Grpc,
-                "http/protobuf" => Protocol::HttpProtobuf,
-                other => {
-                    ignore(&var, format!("{other:?} is not supported (grpc or http/protobuf); using grpc"));
-                    Protocol::Grpc
+        None => {
+            let known = |v: &str| match v {
+                "grpc" | "http/protobuf" | "http/json" => Ok(()),
+                other => Err(format!("{other:?} is not supported (grpc or http/protobuf)")),
+            };
+            match layered("PROTOCOL", &known).as_deref() {
+                Some("http/protobuf") => Protocol::HttpProtobuf,
+                Some("http/json") => {
+                    // The same port and path as protobuf, which collectors take there too.
+                    ignore("OTEL_EXPORTER_OTLP_*PROTOCOL", "http/json is not supported; using http/protobuf".into());
+                    Protocol::HttpProtobuf
                 }
-            },
-        },
+                _ => Protocol::Grpc,
+            }
+        }
     };
 
+    // The signal's path goes after the URL's path, before any query (`http://gw:4318/?t=x`).
     let join_path = |base: &str| -> String {
-        let b = base.trim_end_matches('/');
-        format!("{b}{}", signal.http_path())
+        let (b, query) = base.split_once('?').map_or((base, None), |(b, q)| (b, Some(q)));
+        let b = b.trim_end_matches('/');
+        match query {
+            Some(q) => format!("{b}{}?{q}", signal.http_path()),
+            None => format!("{b}{}", signal.http_path()),
+        }
     };
     let default_endpoint = |protocol| match protocol {
         Protocol::Grpc => "http://localhost:4317".to_string(),
@@ -342,30 +365,29 @@ pub fn resolve(
 
     let compression = match cfg.compression {
         Some(c) => c,
-        None => match sig_env("COMPRESSION").or_else(|| gen_env("COMPRESSION")).as_deref().map(str::trim) {
-            None | Some("none") => Compression::None,
-            Some("gzip") => Compression::Gzip,
-            Some(other) => {
-                ignore("OTEL_EXPORTER_OTLP_*COMPRESSION", format!("{other:?} is not gzip or none"));
-                Compression::None
+        None => {
+            let known = |v: &str| match v {
+                "none" | "gzip" => Ok(()),
+                other => Err(format!("{other:?} is not gzip or none")),
+            };
+            match layered("COMPRESSION", &known).as_deref() {
+                Some("gzip") => Compression::Gzip,
+                _ => Compression::None,
             }
-        },
+        }
     };
 
     let timeout_ms = match cfg.timeout_ms {
         Some(t) => t,
-        None => match sig_env("TIMEOUT").or_else(|| gen_env("TIMEOUT")) {
-            // 0 means no limit (OpenTelemetry's timeout convention): the longest we allow.
-            Some(v) => match v.trim().parse::<u64>() {
-                Ok(0) => MAX_TIMEOUT_MS,
-                Ok(t) => t.min(MAX_TIMEOUT_MS),
-                Err(_) => {
-                    ignore("OTEL_EXPORTER_OTLP_*TIMEOUT", format!("{v:?} is not milliseconds"));
-                    DEFAULT_TIMEOUT_MS
-                }
-            },
-            None => DEFAULT_TIMEOUT_MS,
-        },
+        None => {
+            let ms = |v: &str| v.parse::<u64>().map(|_| ()).map_err(|_| format!("{v:?} is not milliseconds"));
+            match layered("TIMEOUT", &ms).and_then(|v| v.parse::<u64>().ok()) {
+                // 0 means no limit (OpenTelemetry's timeout convention): the longest we allow.
+                Some(0) => MAX_TIMEOUT_MS,
+                Some(t) => t.min(MAX_TIMEOUT_MS),
+                None => DEFAULT_TIMEOUT_MS,
+            }
+        }
     };
     if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
         return Err(ConfigError::new("timeout_ms", format!("must be between 1 and {MAX_TIMEOUT_MS}")));
@@ -445,15 +467,36 @@ fn resolve_tls(
         }
         Ok(b)
     };
-    let ca_pem = match c.ca_file.or_else(|| env("CERTIFICATE")) {
-        Some(p) => Some(read("ca_file", &p)?),
-        None => None,
+    // A file named by an environment variable (set for the applications' SDKs too, maybe not
+    // mounted here) that cannot be used is ignored with a warning, like any other unusable
+    // OTEL_* variable; one named in our own config rejects it.
+    let ignore = |var: &str, e: ConfigError| {
+        crate::envoy_log!(crate::ffi::LogLevel::Warn, "envoy-obs: ignoring OTEL_EXPORTER_OTLP_*{var}: {}", e.message)
     };
-    let identity = match (c.cert_file.or_else(|| env("CLIENT_CERTIFICATE")), c.key_file.or_else(|| env("CLIENT_KEY"))) {
-        (Some(cert), Some(key)) => Some((read("cert_file", &cert)?, read("key_file", &key)?)),
+    let ca_pem = match (c.ca_file, env("CERTIFICATE")) {
+        (Some(p), _) => Some(read("ca_file", &p)?),
+        (None, Some(p)) => read("ca_file", &p).map_err(|e| ignore("CERTIFICATE", e)).ok(),
         (None, None) => None,
+    };
+    let identity = match (c.cert_file, c.key_file) {
+        (Some(cert), Some(key)) => Some((read("cert_file", &cert)?, read("key_file", &key)?)),
         (Some(_), None) => return Err(ConfigError::new("tls.key_file", "required with cert_file")),
         (None, Some(_)) => return Err(ConfigError::new("tls.cert_file", "required with key_file")),
+        (None, None) => match (env("CLIENT_CERTIFICATE"), env("CLIENT_KEY")) {
+            (Some(cert), Some(key)) => match (read("cert_file", &cert), read("key_file", &key)) {
+                (Ok(c), Ok(k)) => Some((c, k)),
+                (Err(e), _) | (_, Err(e)) => {
+                    ignore("CLIENT_CERTIFICATE/CLIENT_KEY", e);
+                    None
+                }
+            },
+            (None, None) => None,
+            _ => {
+                let e = ConfigError::new("tls", "a client certificate needs its key, and a key its certificate");
+                ignore("CLIENT_CERTIFICATE/CLIENT_KEY", e);
+                None
+            }
+        },
     };
     Ok(Some(TlsSettings { ca_pem, identity, server_name: c.server_name }))
 }
@@ -641,7 +684,7 @@ mod tests {
     #[test]
     fn unusable_environment_values_are_ignored() {
         let e = env(&[
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift"),
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "a=%zz"),
@@ -652,6 +695,23 @@ mod tests {
             (s.protocol, s.compression, s.timeout),
             (Protocol::Grpc, Compression::None, Duration::from_secs(10))
         );
+        // An unusable signal-specific value falls back to a usable generic one, not to the
+        // default; http/json goes as http/protobuf (same port and path), not gRPC to port 4318.
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL", "thrift"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_LOGS_COMPRESSION", "zstd"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_LOGS_TIMEOUT", "soon"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://gw:4318/?token=x"),
+        ]);
+        let s = resolve(&cfg("{}"), Signal::Logs, &e).unwrap();
+        assert_eq!(
+            (s.protocol, s.compression, s.timeout),
+            (Protocol::HttpProtobuf, Compression::Gzip, Duration::from_millis(2500))
+        );
+        assert_eq!(s.endpoint, "http://gw:4318/v1/logs?token=x", "the signal's path goes before the query");
         assert!(s.headers.is_empty() && s.resource.is_empty(), "{s:?}");
         let e = env(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "0"), ("OTEL_RESOURCE_ATTRIBUTES", "my%2Ckey=v%2C1")]);
         let s = resolve(&cfg("{}"), Signal::Logs, &e).unwrap();
@@ -671,6 +731,38 @@ mod tests {
         assert_eq!(bad.unwrap_err().field, "endpoint");
         let bad = resolve(&cfg(r#"{"headers":{"x":"café"}}"#), Signal::Logs, &env(&[]));
         assert_eq!(bad.unwrap_err().field, "headers.x");
+    }
+
+    #[test]
+    fn tls_files_from_the_environment_are_ignored_when_unusable() {
+        let dir = std::env::temp_dir().join(format!("envoy-obs-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem = dir.join("ca.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+        let pem = pem.to_str().unwrap();
+        let https = r#"{"endpoint":"https://c:4317"}"#;
+        // Named by a variable but not mounted here, or a key without its certificate: ignored.
+        for vars in [
+            &[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")][..],
+            &[("OTEL_EXPORTER_OTLP_CLIENT_KEY", pem)][..],
+            &[("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", pem), ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/nonexistent")][..],
+        ] {
+            let s = resolve(&cfg(https), Signal::Logs, &env(vars)).unwrap_or_else(|e| panic!("{vars:?}: {e}"));
+            let t = s.tls.unwrap();
+            assert!(t.ca_pem.is_none() && t.identity.is_none(), "{vars:?}");
+        }
+        // A usable one is used; the same file in our own config, missing, rejects it.
+        let s = resolve(
+            &cfg(https),
+            Signal::Logs,
+            &env(&[("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/x"), ("OTEL_EXPORTER_OTLP_CERTIFICATE", pem)]),
+        )
+        .unwrap();
+        assert!(s.tls.unwrap().ca_pem.is_some());
+        let bad =
+            resolve(&cfg(r#"{"endpoint":"https://c:4317","tls":{"ca_file":"/nonexistent"}}"#), Signal::Logs, &env(&[]));
+        assert_eq!(bad.unwrap_err().field, "tls.ca_file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
