@@ -464,6 +464,20 @@ mod tests {
     use crate::otlp::settings::resolve;
     use crate::otlp::Signal;
 
+    /// A self-signed CA (P-256, valid to 2125), generated for this test.
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBjjCCATWgAwIBAgIUAy9y/ks9n3RfOPE/K9PADFVhyY8wCgYIKoZIzj0EAwIw\nHDEaMBgGA1UEAwwRZW52b3ktb2JzIHRlc3QgQ0EwIBcNMjYxMTI1MDEzMzQxWhgP\nMjEyNjExMDEwMTMzNDFaMBwxGjAYBgNVBAMMEWVudm95LW9icyB0ZXN0IENBMFkw\nEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAESUox+iWw0UnydhuiCHOD2wOiBIqRfP1n\nDCl3n6rcZLCGlvpjwX7amhFn8R0BazPmzVVoL78DTpRAatWthqh7hqNTMFEwHQYD\nVR0OBBYEFM5xzCqGRI6ul5Y9wPXybfhYvjM0MB8GA1UdIwQYMBaAFM5xzCqGRI6u\nl5Y9wPXybfhYvjM0MA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIg\neCcu7iN6xff6t560/y1DKUGqQicpWUzu+zL2qSOMQeYCIAL/wvOQFuu4kNgyuOpu\np70CyD5gDr1V6ZrzOnNT4rKU\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn a_bundle_with_an_unusable_certificate_still_loads() {
+        // A certificate block rustls cannot parse beside a good one, as a system bundle may
+        // hold: the good one is used. A bundle of nothing usable still fails.
+        let junk = "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n";
+        let tls = |pem: String| TlsSettings { ca_pem: Some(pem.into_bytes()), identity: None, server_name: None };
+        assert!(rustls_config(&tls(format!("{junk}{CA}"))).is_ok());
+        assert!(rustls_config(&tls(CA.to_string())).is_ok());
+        assert!(rustls_config(&tls(junk.to_string())).is_err());
+    }
+
     #[test]
     fn partial_success_is_read() {
         let mut resp = Vec::new();
