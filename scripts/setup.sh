@@ -16,13 +16,22 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 # bindgen (make bindings / check-bindings) loads libclang at run time.
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v gcc >/dev/null || need_apt+=(gcc)
-# promtool and a Prometheus server for the stats-sink tests (the package does not start a service here).
-command -v promtool >/dev/null || need_apt+=(prometheus)
+# promtool and a Prometheus server for the stats-sink tests (the tests start their own).
+new_prometheus=false
+command -v promtool >/dev/null || { need_apt+=(prometheus); new_prometheus=true; }
+# The virtualenv needs ensurepip, which Debian ships apart.
+python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  # Without the recommended node exporter; on a host with systemd the package also starts a
+  # Prometheus on :9090, which would hold the port the compose stack publishes: the one we just
+  # installed is stopped again (a Prometheus that was there before is left alone).
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  if $new_prometheus && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

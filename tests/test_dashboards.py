@@ -171,8 +171,12 @@ def test_compose_file_is_consistent():
     # Every bind-mounted host path exists in the repository (target/release once built).
     for svc in services.values():
         for vol in svc.get("volumes", []):
-            src = vol.split(":")[0]
+            src = vol["source"] if isinstance(vol, dict) else vol.split(":")[0]
             assert (COMPOSE / src).exists(), f"{src} (mounted by the compose file) does not exist"
+    # The modules' directory is never created by Docker (it would be root-owned): build first.
+    modules = next(v for v in services["envoy"]["volumes"] if isinstance(v, dict))
+    assert (modules["target"], modules["read_only"], modules["bind"]["create_host_path"]) == ("/opt/envoy-obs", True, False)
+    assert services["envoy"]["platform"] == "linux/amd64"
     # The OTLP collector config parses and has the pipelines the Envoy config sends to.
     otel = yaml.safe_load((COMPOSE / "otel-collector.yaml").read_text())
     assert set(otel["service"]["pipelines"]) >= {"logs", "metrics"}
