@@ -6,9 +6,10 @@ Stated tolerance for time-dependent fields: START_TIME values and the millisecon
 may differ by at most 1 ms (both loggers read the same stream info, so in practice they are equal)."""
 import datetime
 import re
+import time
 
-from harness import (ROUTER, Envoy, curl, direct_response_listener, free_port, hcm_listener, paired_loggers, poll_until,
-                     read_json_lines, records_by_id, route, static_cluster, wait_lines)
+from harness import (ROUTER, Envoy, count_lines, curl, direct_response_listener, free_port, h2load, hcm_listener,
+                     paired_loggers, poll_until, read_json_lines, records_by_id, route, static_cluster, wait_lines)
 
 FORMAT = {
     "start": "%START_TIME%",
@@ -447,3 +448,29 @@ def test_start_and_upstream_records_like_builtin(tmp_path):
     a, b = keyed(ubuiltin), keyed(uours)
     assert_same_records(a, b, 2)
     assert {r["alt"] for r in a.values()} == {"UpstreamEnd"}
+
+
+def test_sample_keeps_the_requests_envoys_runtime_filter_keeps(tmp_path):
+    """`sample: 0.1` keeps exactly the requests Envoy's own runtime filter keeps at 1,000 in
+    10,000 (both decide on Envoy's integer of the x-request-id), so logs sampled by the pack
+    and by Envoy, and traces sampled by `random_sampling` at the same rate, are the same
+    requests."""
+    fmt = {"request_id": "%REQ(X-REQUEST-ID)%"}
+    logs, builtin, ours = paired_loggers(tmp_path, fmt)
+    logs[0]["filter"] = {"runtime_filter": {"runtime_key": "obs_test.sample",
+                                            "percent_sampled": {"numerator": 1000, "denominator": "TEN_THOUSAND"}}}
+    logs[1]["typed_config"]["logger_config"]["value"]["filter"] = {"sample": 0.1}
+    logs[1]["typed_config"]["logger_config"]["value"]["flush_interval_ms"] = 100
+    front = free_port()
+    res = {"listeners": [hcm_listener("front", front, [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}],
+                                      access_log=logs)]}
+    with Envoy(tmp_path, res) as e:
+        h2load(f"http://127.0.0.1:{front}/", 1000, clients=4)
+        poll_until(lambda: count_lines(builtin) > 0 and count_lines(ours) == count_lines(builtin), timeout=10,
+                   what="both logs settled")
+        time.sleep(0.5)
+        assert e.quit() == 0
+    a = {r["request_id"] for r in read_json_lines(builtin)}
+    b = {r["request_id"] for r in read_json_lines(ours)}
+    assert 50 <= len(a) <= 150, len(a)
+    assert a == b, (len(a), len(b), sorted(a ^ b)[:5])

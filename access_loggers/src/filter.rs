@@ -79,8 +79,13 @@ pub enum Filter {
     Flags(u64),
     /// health-check or not
     HealthCheck(bool),
-    /// keep hashes <= threshold
-    Sample(u64),
+    /// keep a fraction, stable per request id (see [`Filter::keep`])
+    Sample {
+        /// The fraction in ten-thousandths, compared with Envoy's integer of the id.
+        per_10k: f64,
+        /// The fraction of the hash range, for ids that are not UUIDs.
+        hash_threshold: u64,
+    },
     /// all
     And(Vec<Filter>),
     /// any
@@ -93,8 +98,17 @@ impl FilterSpec {
     /// Validates and compiles; errors name the field path under `filter`.
     pub fn compile(&self, path: &str) -> Result<Filter, ConfigError> {
         Ok(match self {
-            FilterSpec::StatusCode(c) | FilterSpec::DurationMs(c) if c.is_empty() => {
-                return Err(ConfigError::new(path, "give at least one of eq, ne, gt, ge, lt, le"))
+            FilterSpec::StatusCode(c) if c.is_empty() => {
+                return Err(ConfigError::new(
+                    format!("{path}.status_code"),
+                    "give at least one of eq, ne, gt, ge, lt, le",
+                ))
+            }
+            FilterSpec::DurationMs(c) if c.is_empty() => {
+                return Err(ConfigError::new(
+                    format!("{path}.duration_ms"),
+                    "give at least one of eq, ne, gt, ge, lt, le",
+                ))
             }
             FilterSpec::StatusCode(c) => Filter::Status(c.clone()),
             FilterSpec::DurationMs(c) => Filter::Duration(c.clone()),
@@ -116,10 +130,16 @@ impl FilterSpec {
                         format!("must be a fraction between 0 and 1, got {f}"),
                     ));
                 }
-                Filter::Sample(if *f >= 1.0 { u64::MAX } else { (*f * u64::MAX as f64) as u64 })
+                Filter::Sample {
+                    per_10k: *f * 10_000.0,
+                    hash_threshold: if *f >= 1.0 { u64::MAX } else { (*f * u64::MAX as f64) as u64 },
+                }
             }
-            FilterSpec::And(v) | FilterSpec::Or(v) if v.is_empty() => {
-                return Err(ConfigError::new(path, "and/or need at least one filter"))
+            FilterSpec::And(v) if v.is_empty() => {
+                return Err(ConfigError::new(format!("{path}.and"), "needs at least one filter"))
+            }
+            FilterSpec::Or(v) if v.is_empty() => {
+                return Err(ConfigError::new(format!("{path}.or"), "needs at least one filter"))
             }
             FilterSpec::And(v) => Filter::And(
                 v.iter().enumerate().map(|(i, f)| f.compile(&format!("{path}.and[{i}]"))).collect::<Result<_, _>>()?,
@@ -147,6 +167,13 @@ pub fn stable_hash(b: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
+/// The integer Envoy's UUID request-id extension takes from an id: its first 8 characters as
+/// hex (`toInteger`), when they are 8 hex digits.
+fn uuid_integer(id: &[u8]) -> Option<u64> {
+    let head = id.get(..8)?;
+    head.iter().try_fold(0u64, |v, &c| Some(v << 4 | (c as char).to_digit(16)? as u64))
+}
+
 impl Filter {
     /// Whether the record is kept.
     pub fn keep<S: Stream>(&self, cx: &Ctx<'_, S>) -> bool {
@@ -165,15 +192,24 @@ impl Filter {
                 }
             }
             Filter::HealthCheck(b) => cx.stream.is_health_check() == *b,
-            Filter::Sample(threshold) => {
-                if *threshold == u64::MAX {
+            Filter::Sample { per_10k, hash_threshold } => {
+                if *hash_threshold == u64::MAX {
                     return true;
                 }
-                // Without an id (TCP proxy, `generate_request_id: false`) each record is drawn
-                // on its own, as Envoy's runtime filter falls back to a random value.
+                // Envoy's own choice for a UUID request id: the integer of its first 8 hex digits
+                // (its UUID request-id extension's `toInteger`) modulo 10,000, as the HCM's
+                // `random_sampling` and a runtime filter over ten-thousandths decide — so the
+                // same requests are kept as Envoy traces or logs at that rate, on every proxy
+                // (the digits Envoy rewrites per hop are not among them). Other ids: a hash of
+                // the whole id. Without an id (TCP proxy, `generate_request_id: false`) each
+                // record is drawn on its own, as Envoy's runtime filter falls back to a random
+                // value.
                 match cx.header(HeaderKind::Request, b"x-request-id").filter(|id| !id.is_empty()) {
-                    Some(id) => stable_hash(id) <= *threshold,
-                    None => envoy_obs_common::rand::rand64() <= *threshold,
+                    Some(id) => match uuid_integer(id) {
+                        Some(v) => ((v % 10_000) as f64) < *per_10k,
+                        None => stable_hash(id) <= *hash_threshold,
+                    },
+                    None => envoy_obs_common::rand::rand64() <= *hash_threshold,
                 }
             }
             Filter::And(v) => v.iter().all(|f| f.keep(cx)),
@@ -207,6 +243,31 @@ mod tests {
         assert!((140..=260).contains(&kept), "1% of 20000 = 200, kept {kept}");
         s.code = 503;
         assert!(f.keep(&Ctx::new(&s, 6)));
+    }
+
+    /// Envoy's integer of a UUID (its first 8 hex digits) modulo 10,000 against the fraction in
+    /// ten-thousandths; the digits Envoy rewrites per hop (the 15th, the trace reason) do not
+    /// change the choice.
+    #[test]
+    fn sampling_follows_envoys_request_id_integer() {
+        let f = compile(serde_json::json!({"sample": 0.1})).unwrap();
+        let mut s = FakeStream::ok();
+        let keep = |s: &mut FakeStream, id: &str| {
+            s.req.insert(b"x-request-id".to_vec(), id.as_bytes().to_vec());
+            f.keep(&Ctx::new(s, 6))
+        };
+        // 0x000003e7 = 999 < 1000: kept; 0x000003e8 = 1000: not; 0x0000270f = 9999: not;
+        // 0x00002710 = 10000 = 0 mod 10000: kept.
+        assert!(keep(&mut s, "000003e7-1111-4222-8333-444455556666"));
+        assert!(!keep(&mut s, "000003e8-1111-4222-8333-444455556666"));
+        assert!(!keep(&mut s, "0000270f-1111-4222-8333-444455556666"));
+        assert!(keep(&mut s, "00002710-1111-4222-8333-444455556666"));
+        for reason in ['4', '9', 'a', 'b'] {
+            assert!(keep(&mut s, &format!("000003e7-1111-{reason}222-8333-444455556666")));
+        }
+        assert_eq!(uuid_integer(b"DEADbeef-x"), Some(0xdead_beef));
+        assert_eq!(uuid_integer(b"not-a-uuid"), None);
+        assert_eq!(uuid_integer(b"abc"), None);
     }
 
     #[test]
@@ -264,7 +325,11 @@ mod tests {
     #[test]
     fn bad_filters_name_the_field() {
         assert!(compile(serde_json::json!({"sample": 2.0})).unwrap_err().contains("filter.sample"));
-        assert!(compile(serde_json::json!({"status_code": {}})).unwrap_err().contains("filter"));
+        assert!(compile(serde_json::json!({"status_code": {}})).unwrap_err().contains("filter.status_code"));
+        assert!(compile(serde_json::json!({"or": [{"duration_ms": {}}]}))
+            .unwrap_err()
+            .contains("filter.or[0].duration_ms"));
+        assert!(compile(serde_json::json!({"not": {"or": []}})).unwrap_err().contains("filter.not.or"));
         assert!(compile(serde_json::json!({"or": [{"response_flags": ["XX"]}]})).unwrap_err().contains("filter.or[0]"));
         assert!(compile(serde_json::json!({"bogus": 1})).is_err());
     }
