@@ -40,11 +40,15 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| ConfigError::new("", "config is not valid UTF-8 (expected a JSON object)"))?;
     let text = if text.trim().is_empty() { "{}" } else { text };
-    let de = &mut serde_json::Deserializer::from_str(text);
+    let mut de = serde_json::Deserializer::from_str(text);
     let mut track = serde_path_to_error::Track::new();
-    let pde = serde_path_to_error::Deserializer::new(de, &mut track);
+    let pde = serde_path_to_error::Deserializer::new(&mut de, &mut track);
     match T::deserialize(pde) {
-        Ok(v) => Ok(v),
+        // Text after the object (`{...}}`, a second object) would be dropped unread: reject it.
+        Ok(v) => match de.end() {
+            Ok(()) => Ok(v),
+            Err(e) => Err(ConfigError::new("", format!("text after the config object ({e})"))),
+        },
         Err(e) => {
             let path = track.path().to_string();
             let path = if path == "." { String::new() } else { path };
@@ -116,6 +120,12 @@ mod tests {
     #[test]
     fn empty_is_empty_object_and_garbage_is_rejected() {
         assert_eq!(parse::<Cfg>(b"").unwrap_err().field, "path");
+        // Text after the object: a StringValue config with a stray brace, or a second object
+        // whose keys would be dropped unread.
+        for bad in [&br#"{"path":"x"}}"#[..], br#"{"path":"x"} {"filter":1}"#] {
+            assert!(parse::<Cfg>(bad).unwrap_err().message.contains("text after the config object"));
+        }
+        assert_eq!(parse::<Cfg>(b" {\"path\":\"x\"} \n").unwrap().path, "x");
         assert!(parse::<Cfg>(b"not json").is_err());
         assert!(parse::<Cfg>(&[0xff, 0xfe]).is_err());
     }

@@ -367,6 +367,7 @@ impl Pipeline {
             drain_budget: cfg.shutdown_timeout,
             stop: stop.clone(),
             totals: Totals::default(),
+            panics: 0,
         };
         let thread = std::thread::Builder::new().name(cfg.thread_name).spawn(move || worker.run())?;
         let owner = std::thread::current().id();
@@ -467,6 +468,29 @@ fn lower_own_priority() {
     }
 }
 
+/// Runs exporter code on the flush thread: a panic there must not end the thread (queues would
+/// fill and every later record count as dropped, with nobody saying why). Logged while few,
+/// then at every power of two.
+fn caught<T>(panics: &mut u64, what: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            *panics += 1;
+            if panics.is_power_of_two() {
+                let msg = e.downcast_ref::<&str>().copied().or_else(|| e.downcast_ref::<String>().map(String::as_str));
+                crate::envoy_log!(
+                    crate::ffi::LogLevel::Error,
+                    "envoy-obs: {} panicked in {what} ({} so far): {}; its records count as failed",
+                    std::thread::current().name().unwrap_or("flush thread"),
+                    panics,
+                    msg.unwrap_or("(no message)")
+                );
+            }
+            None
+        }
+    }
+}
+
 struct FlushWorker<E, P> {
     shared: Arc<Shared>,
     rx: Receiver<Ctl>,
@@ -476,6 +500,8 @@ struct FlushWorker<E, P> {
     drain_budget: Duration,
     stop: Option<StopSignal>,
     totals: Totals,
+    /// Panics caught in the exporter or reporter (each logged while few, then every power of 2).
+    panics: u64,
 }
 
 impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
@@ -549,7 +575,7 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
                 }
             }
         }
-        let o = self.exporter.flush();
+        let o = caught(&mut self.panics, "flush", || self.exporter.flush()).unwrap_or_default();
         self.add(o);
         taken
     }
@@ -557,7 +583,8 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
     fn export(&mut self, mut b: Box<Batch>) -> usize {
         let n = b.records;
         if n > 0 {
-            let o = self.exporter.export(&b);
+            let o = caught(&mut self.panics, "export", || self.exporter.export(&b))
+                .unwrap_or(Outcome { written: 0, failed: n as u64 });
             self.add(o);
         }
         if b.data.capacity() <= MAX_POOLED_BATCH {
@@ -593,7 +620,8 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
         self.totals.busy_hist = hist;
         if let Ok(may) = self.shared.may_report.lock() {
             if *may {
-                self.reporter.report(&self.totals);
+                let (reporter, totals) = (&mut self.reporter, &self.totals);
+                caught(&mut self.panics, "report", || reporter.report(totals));
             }
         }
     }
@@ -708,6 +736,36 @@ mod tests {
         assert_eq!(got, vec![3, 0, 70_000]);
         let torn = BatchIter { data: &b.data[..11] };
         assert_eq!(torn.map(|r| r.len()).collect::<Vec<_>>(), vec![3, 0]);
+    }
+
+    /// An exporter that panics on batches holding a 13: the flush thread carries on.
+    #[derive(Clone, Default)]
+    struct Brittle(Mem);
+    impl Exporter for Brittle {
+        fn export(&mut self, batch: &Batch) -> Outcome {
+            assert!(!values(batch).contains(&13), "unlucky batch");
+            self.0.export(batch)
+        }
+    }
+
+    #[test]
+    fn a_panicking_export_counts_its_batch_failed_and_the_thread_goes_on() {
+        let out = Brittle::default();
+        let totals = Rec::default();
+        let p = Pipeline::start(cfg(1000, 60_000), out.clone(), totals.clone()).unwrap();
+        let w = p.producer(0);
+        for i in 10..20 {
+            assert!(w.push_with(rec(i)));
+        }
+        assert!(p.flush(Duration::from_secs(5)));
+        for i in 100..110 {
+            assert!(w.push_with(rec(i)));
+        }
+        assert!(p.flush(Duration::from_secs(5)));
+        let t = totals.0.lock().unwrap().clone();
+        assert_eq!((t.queued, t.written, t.failed), (20, 10, 10), "{t:?}");
+        assert_eq!(*out.0 .0.lock().unwrap(), (100..110).collect::<Vec<_>>());
+        assert!(p.shutdown());
     }
 
     #[test]
