@@ -109,6 +109,8 @@ pub struct LogFile {
     lock: Arc<Mutex<()>>,
     rotatable: bool,
     last_check: Instant,
+    /// When a failed reopen was last logged.
+    last_warning: Option<Instant>,
 }
 
 impl LogFile {
@@ -118,7 +120,7 @@ impl LogFile {
         // Character devices and pipes (/dev/stdout) are not rotated.
         let rotatable = file.metadata().map(|m| m.is_file()).unwrap_or(false);
         let lock = write_lock(identity);
-        LogFile { path, file: Some(file), identity, lock, rotatable, last_check: Instant::now() }
+        LogFile { path, file: Some(file), identity, lock, rotatable, last_check: Instant::now(), last_warning: None }
     }
 
     /// Reopens the path if it was rotated (checked at most every [`ROTATION_CHECK`] unless
@@ -140,8 +142,22 @@ impl LogFile {
             }
             // The path cannot be reopened. A renamed file still holds what we write (keep
             // it); a removed one does not: drop it, so writes fail and are counted until the
-            // path can be opened again.
-            Err(_) => {
+            // path can be opened again. Either way the operator hears of it (logrotate's
+            // `create` with an owner Envoy's user cannot write, say), once per minute.
+            Err(e) => {
+                if self.last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    self.last_warning = Some(Instant::now());
+                    crate::envoy_log!(
+                        crate::ffi::LogLevel::Warn,
+                        "envoy-obs: cannot reopen {} after it was rotated or removed: {e}; {}",
+                        self.path.display(),
+                        if self.file.is_some() {
+                            "still writing to the renamed file"
+                        } else {
+                            "writes fail until it can"
+                        }
+                    );
+                }
                 if self.file.as_ref().and_then(|f| f.metadata().ok()).is_none_or(|m| m.nlink() == 0) {
                     self.file = None;
                 }
