@@ -108,6 +108,10 @@ pub struct LogFile {
     /// Shared by every `LogFile` of this process writing to the same file.
     lock: Arc<Mutex<()>>,
     rotatable: bool,
+    /// A pipe (stdout under Docker or Kubernetes): written in line-aligned chunks the kernel
+    /// writes whole, so another process's writer on it (Envoy's own file logger) cannot land
+    /// inside our lines.
+    pipe: bool,
     last_check: Instant,
     /// When a failed reopen was last logged.
     last_warning: Option<Instant>,
@@ -119,8 +123,18 @@ impl LogFile {
         let identity = file.metadata().ok().map(|m| (m.dev(), m.ino()));
         // Character devices and pipes (/dev/stdout) are not rotated.
         let rotatable = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        let pipe = file.metadata().is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
         let lock = write_lock(identity);
-        LogFile { path, file: Some(file), identity, lock, rotatable, last_check: Instant::now(), last_warning: None }
+        LogFile {
+            path,
+            file: Some(file),
+            identity,
+            lock,
+            rotatable,
+            pipe,
+            last_check: Instant::now(),
+            last_warning: None,
+        }
     }
 
     /// Reopens the path if it was rotated (checked at most every [`ROTATION_CHECK`] unless
@@ -176,6 +190,7 @@ impl LogFile {
         // Another writer's lines never land inside ours, nor between our torn tail and its cut.
         let _turn = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let r = match self.file.as_mut() {
+            Some(f) if self.pipe => append_in_pipe_chunks(f, data).map_err(|t| t.whole),
             Some(f) => append_lines(f, data).map_err(|Torn { whole, last }| {
                 // A failed write (disk full) may have appended part of a line: cut that part
                 // off, so no line is ever split and the failed lines are counted once.
@@ -223,6 +238,30 @@ fn append_lines<W: Write>(w: &mut W, data: &[u8]) -> Result<(), Torn> {
     Ok(())
 }
 
+/// Bytes a pipe takes in one piece (POSIX `PIPE_BUF`, 4096 on Linux).
+const PIPE_BUF: usize = 4096;
+
+/// [`append_lines`] in chunks of whole lines no bigger than [`PIPE_BUF`], each of which the
+/// kernel writes to a pipe without interleaving another writer's data; a longer line goes on
+/// its own (and may still be split by a concurrent writer).
+fn append_in_pipe_chunks<W: Write>(w: &mut W, data: &[u8]) -> Result<(), Torn> {
+    let mut start = 0;
+    while start < data.len() {
+        let limit = (start + PIPE_BUF).min(data.len());
+        let end = if limit == data.len() {
+            limit
+        } else {
+            match data[start..limit].iter().rposition(|&c| c == b'\n') {
+                Some(i) => start + i + 1,
+                None => data[start..].iter().position(|&c| c == b'\n').map_or(data.len(), |i| start + i + 1),
+            }
+        };
+        append_lines(w, &data[start..end]).map_err(|t| Torn { whole: start + t.whole, last: t.last })?;
+        start = end;
+    }
+    Ok(())
+}
+
 /// Removes the `torn` bytes our last write left at the end of the file, but only while they are
 /// still its end: another writer appending to the same file (a second logger, another process)
 /// may have written after them, and cutting there would remove its lines. (The file position of
@@ -237,6 +276,39 @@ fn cut_torn_tail(f: &mut File, torn: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records each `write` call.
+    #[derive(Default)]
+    struct Calls(Vec<Vec<u8>>);
+    impl Write for Calls {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.push(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_pipe_gets_whole_lines_in_pieces_it_writes_atomically() {
+        let mut data = Vec::new();
+        for i in 0..300 {
+            data.extend_from_slice(format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(90)).as_bytes());
+        }
+        let long = format!("{}\n", "L".repeat(10_000));
+        data.extend_from_slice(long.as_bytes());
+        data.extend_from_slice(b"{\"tail\":1}\n");
+        let mut w = Calls::default();
+        append_in_pipe_chunks(&mut w, &data).unwrap();
+        assert_eq!(w.0.concat(), data);
+        assert!(w.0.iter().all(|c| c.ends_with(b"\n")), "every piece ends a line");
+        assert!(
+            w.0.iter().filter(|c| c.len() > PIPE_BUF).all(|c| c == long.as_bytes()),
+            "only the long line goes over"
+        );
+        assert!(w.0.len() >= data.len() / PIPE_BUF, "{}", w.0.len());
+    }
 
     /// A writer that takes `room` bytes, at most `per_call` per call, then fails like a full disk.
     struct Filling {
