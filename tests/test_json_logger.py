@@ -221,6 +221,10 @@ def test_listeners_sharing_a_stdout_pipe_never_split_lines(tmp_path):
             for t in loads:
                 t.join()
             poll_until(lambda: got.count(b"\n") >= 2 * n, timeout=30, what="every line on the pipe")
+            # Both configs share the `json` prefix, so one queue_depth gauge: each moves only its
+            # own share of it (they overwrote each other), and drained it is 0, not off by one's.
+            poll_until(lambda: e.stats("access_log").get("obs.access_log.json.queue_depth") == 0, timeout=10,
+                       what="the shared queue_depth back at 0")
             log = e.log()
     finally:
         reader.join(timeout=30)

@@ -28,6 +28,14 @@ pub trait Metrics: Copy + Send + Sync + 'static {
     fn add(&self, id: CounterId, v: u64);
     /// Sets a gauge.
     fn set(&self, id: GaugeId, v: u64);
+    /// Moves this config's share of a gauge from `from` to `to`. Envoy hands every config
+    /// defining the same name the same gauge (listeners sharing a `stat_prefix`, the old and new
+    /// config during an update): adding and taking away makes it their sum, where `set` would
+    /// make it whichever wrote last. Without increment callbacks (the tracer's ABI), a set.
+    fn shift(&self, id: GaugeId, from: u64, to: u64) {
+        let _ = from;
+        self.set(id, to);
+    }
 }
 
 /// Counter names of one pipeline, under `prefix` (e.g. `access_log.json.`).
@@ -69,6 +77,8 @@ pub struct PipelineMetrics<M: Metrics> {
     worker_ns: Option<(CounterId, GaugeId, GaugeId)>,
     export: Option<ExportIds>,
     last: Totals,
+    /// This config's share of the shared `queue_depth` gauge (shared with [`Reporter::retire`]).
+    depth: Arc<std::sync::atomic::AtomicU64>,
     /// Highest (queued + dropped) and (queued + dropped + skipped) published so far.
     seen: [u64; 2],
     label: String,
@@ -104,6 +114,7 @@ impl<M: Metrics> PipelineMetrics<M> {
             },
             export,
             last: Totals::default(),
+            depth: Default::default(),
             seen: [0; 2],
             label: n.label.clone(),
         })
@@ -128,7 +139,7 @@ impl<M: Metrics> Reporter for PipelineMetrics<M> {
             m.add(total, all.saturating_sub(self.seen[1]));
             self.seen[1] = self.seen[1].max(all);
         }
-        m.set(self.queue_depth, t.queue_depth);
+        m.shift(self.queue_depth, self.depth.swap(t.queue_depth, Relaxed), t.queue_depth);
         if let Some((total, p50, p99)) = self.worker_ns {
             m.add(total, t.busy_ns - l.busy_ns);
             m.set(p50, quantile(&t.busy_hist, 0.5));
@@ -159,5 +170,85 @@ impl<M: Metrics> Reporter for PipelineMetrics<M> {
             );
         }
         self.last = t.clone();
+    }
+
+    /// Takes this config's share out of `queue_depth` when its reports end early (a config
+    /// destroyed on a worker): the gauge other configs share must not keep it.
+    fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        let (m, id, depth) = (self.m, self.queue_depth, self.depth.clone());
+        Some(Box::new(move || m.shift(id, depth.swap(0, Relaxed), 0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// Envoy's side: one gauge per name, whoever defines it.
+    #[derive(Clone, Copy)]
+    struct Shared(&'static Mutex<(Vec<String>, HashMap<usize, i64>)>);
+    impl Metrics for Shared {
+        fn define_counter(&self, name: &str) -> Result<CounterId, String> {
+            Ok(CounterId(self.id(name)))
+        }
+        fn define_gauge(&self, name: &str) -> Result<GaugeId, String> {
+            Ok(GaugeId(self.id(name)))
+        }
+        fn add(&self, _: CounterId, _: u64) {}
+        fn set(&self, id: GaugeId, v: u64) {
+            self.0.lock().unwrap().1.insert(id.0, v as i64);
+        }
+        fn shift(&self, id: GaugeId, from: u64, to: u64) {
+            *self.0.lock().unwrap().1.entry(id.0).or_default() += to as i64 - from as i64;
+        }
+    }
+    impl Shared {
+        fn id(&self, name: &str) -> usize {
+            let mut g = self.0.lock().unwrap();
+            match g.0.iter().position(|n| n == name) {
+                Some(i) => i,
+                None => {
+                    g.0.push(name.to_string());
+                    g.0.len() - 1
+                }
+            }
+        }
+        fn gauge(&self, name: &str) -> i64 {
+            let id = self.id(name);
+            self.0.lock().unwrap().1.get(&id).copied().unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn configs_sharing_a_prefix_add_up_their_queue_depth() {
+        let m = Shared(Box::leak(Box::default()));
+        let names = || Names {
+            prefix: "access_log.json.".into(),
+            produced: "records_logged",
+            written: "records_written",
+            dropped: "records_dropped",
+            skipped: "records_filtered",
+            failed: "write_errors",
+            rejected: "records_rejected",
+            total: None,
+            label: "json".into(),
+        };
+        let (mut a, mut b) = (
+            PipelineMetrics::define(m, &names(), false, None).unwrap(),
+            PipelineMetrics::define(m, &names(), false, None).unwrap(),
+        );
+        let depth = |d| Totals { queue_depth: d, ..Totals::default() };
+        a.report(&depth(5));
+        b.report(&depth(3));
+        assert_eq!(m.gauge("access_log.json.queue_depth"), 8);
+        a.report(&depth(0));
+        b.report(&depth(4));
+        assert_eq!(m.gauge("access_log.json.queue_depth"), 4, "each config moves only its own share");
+        // A config destroyed on a worker reports no more: its share is taken out then.
+        a.report(&depth(2));
+        b.retire().unwrap()();
+        assert_eq!(m.gauge("access_log.json.queue_depth"), 2);
     }
 }

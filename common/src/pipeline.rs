@@ -152,6 +152,11 @@ pub struct Totals {
 pub trait Reporter: Send + 'static {
     /// Publishes the totals (implementations keep the previous value to compute deltas).
     fn report(&mut self, totals: &Totals);
+    /// What to undo when reports are barred early (a config destroyed on a worker): run then,
+    /// on the destroying thread, while the config's handle is still valid.
+    fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        None
+    }
 }
 
 impl Reporter for () {
@@ -197,6 +202,8 @@ struct Shared {
     /// False once a shutdown gave up waiting for the flush thread: the reporter (which calls
     /// into Envoy with the config's handle) must not run after Envoy freed that config.
     may_report: std::sync::Mutex<bool>,
+    /// The reporter's [`Reporter::retire`], run when reports are barred.
+    retire: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 enum Ctl {
@@ -356,6 +363,7 @@ impl Pipeline {
             closing: AtomicBool::new(false),
             ctl: tx,
             may_report: std::sync::Mutex::new(true),
+            retire: std::sync::Mutex::new(reporter.retire()),
         });
         let stop = exporter.stop_signal();
         let worker = FlushWorker {
@@ -408,6 +416,9 @@ impl Pipeline {
     fn bar_reports(&self) {
         if let Ok(mut may) = self.shared.may_report.lock() {
             *may = false;
+            if let Some(retire) = self.shared.retire.lock().ok().and_then(|mut r| r.take()) {
+                retire();
+            }
         }
     }
 
@@ -928,6 +939,13 @@ mod tests {
         fn report(&mut self, _: &Totals) {
             self.0.fetch_add(1, Relaxed);
         }
+        /// Marks the retirement with a large count, so a test can see it ran.
+        fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
+            let n = self.0.clone();
+            Some(Box::new(move || {
+                n.fetch_add(1_000_000, Relaxed);
+            }))
+        }
     }
 
     fn stuck_pipeline(obeys: bool, block: Duration) -> (Pipeline, Arc<AtomicU64>, CountReports) {
@@ -981,6 +999,7 @@ mod tests {
         let detached = std::thread::spawn(move || p.shutdown()).join().unwrap();
         assert!(!detached && t.elapsed() < Duration::from_millis(100), "{:?}", t.elapsed());
         let after = reports.0.load(Relaxed);
+        assert!(after >= 1_000_000, "the reporter's retirement ran when reports were barred");
         // 300 ms shutdown deadline: the export is cut short, and the thread drains and exits
         // (dropping its exporter, the other holder of `exported`).
         let t = Instant::now();

@@ -679,6 +679,17 @@ impl Metrics for ConfigHandle {
         // SAFETY: as for `add`.
         unsafe { abi::envoy_dynamic_module_callback_access_logger_set_gauge(self.0, id.0, v) };
     }
+
+    fn shift(&self, id: GaugeId, from: u64, to: u64) {
+        // SAFETY: as for `add`.
+        unsafe {
+            if to > from {
+                abi::envoy_dynamic_module_callback_access_logger_increment_gauge(self.0, id.0, to - from);
+            } else if from > to {
+                abi::envoy_dynamic_module_callback_access_logger_decrement_gauge(self.0, id.0, from - to);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
