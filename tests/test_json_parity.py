@@ -6,10 +6,9 @@ Stated tolerance for time-dependent fields: START_TIME values and the millisecon
 may differ by at most 1 ms (both loggers read the same stream info, so in practice they are equal)."""
 import datetime
 import re
-import time
 
-from harness import (ROUTER, Envoy, count_lines, curl, direct_response_listener, free_port, h2load, hcm_listener,
-                     paired_loggers, poll_until, read_json_lines, records_by_id, route, static_cluster, wait_lines)
+from harness import (ROUTER, Envoy, curl, direct_response_listener, free_port, h2load, hcm_listener, paired_loggers,
+                     poll_until, read_json_lines, records_by_id, route, static_cluster, wait_lines)
 
 FORMAT = {
     "start": "%START_TIME%",
@@ -466,10 +465,7 @@ def test_sample_keeps_the_requests_envoys_runtime_filter_keeps(tmp_path):
                                       access_log=logs)]}
     with Envoy(tmp_path, res) as e:
         h2load(f"http://127.0.0.1:{front}/", 1000, clients=4)
-        poll_until(lambda: count_lines(builtin) > 0 and count_lines(ours) == count_lines(builtin), timeout=10,
-                   what="both logs settled")
-        time.sleep(0.5)
-        assert e.quit() == 0
+        assert e.quit() == 0  # both loggers drain on shutdown
     a = {r["request_id"] for r in read_json_lines(builtin)}
     b = {r["request_id"] for r in read_json_lines(ours)}
     assert 50 <= len(a) <= 150, len(a)

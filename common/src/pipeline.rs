@@ -152,8 +152,8 @@ pub struct Totals {
 pub trait Reporter: Send + 'static {
     /// Publishes the totals (implementations keep the previous value to compute deltas).
     fn report(&mut self, totals: &Totals);
-    /// What to undo when reports are barred early (a config destroyed on a worker): run then,
-    /// on the destroying thread, while the config's handle is still valid.
+    /// What to undo when reports end (the pipeline stopped, or a config destroyed on a worker):
+    /// run then, on the stopping thread, while the config's handle is still valid.
     fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
         None
     }
@@ -446,6 +446,9 @@ impl Pipeline {
         let name = thread.thread().name().unwrap_or("?").to_string();
         // After its reply the thread only drops its exporter: bounded too (see `join_by`).
         if sent && rx.recv_timeout(left).is_ok() && crate::stop::join_by(thread, start + grace) {
+            // Joined after its last report: what that report left in gauges shared with other
+            // configs (records the drain deadline cut off) goes too.
+            self.bar_reports();
             return true;
         }
         self.bar_reports();

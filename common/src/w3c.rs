@@ -1,5 +1,6 @@
 //! W3C Trace Context `traceparent`, read the same way by every module: the tracer continuing a
-//! trace, the OTLP access logger's record ids and the JSON logger's `%TRACE_ID%`/`%SPAN_ID%`.
+//! trace, the OTLP access logger's record ids and the JSON logger's `%TRACE_ID%`/`%SPAN_ID%`;
+//! and the percent-decoding of baggage values and query parameters.
 
 /// `N` bytes from `2 * N` hex digits (either case; callers that need lower case check it).
 pub fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
@@ -17,6 +18,29 @@ pub fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
         *o = (v(s[2 * i])? << 4) | v(s[2 * i + 1])?;
     }
     Some(out)
+}
+
+/// Lenient percent-decoding: each `%` followed by two hex digits becomes that byte, anything
+/// else stays as it is (`+` too). It is how Envoy's `PercentEncoding::decode` reads query
+/// parameters and how W3C Baggage values are read. Borrows when there is nothing to decode.
+pub fn percent_decode(s: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !s.contains(&b'%') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            if let Some([b]) = s.get(i + 1..i + 3).and_then(unhex::<1>) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// `b` without leading and trailing ASCII whitespace.

@@ -204,7 +204,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Com
     let propagators = match &config.propagators {
         Some(p) => p.clone(),
         None => match env("OTEL_PROPAGATORS").filter(|v| !v.trim().is_empty()) {
-            Some(v) if v.trim() == "none" => Vec::new(),
+            Some(v) if v.trim().eq_ignore_ascii_case("none") => Vec::new(),
             // The OpenTelemetry environment spec: names match without regard to case, and a
             // value this tracer does not know (one meant for the applications' SDKs, `xray`)
             // is ignored with a warning rather than failing the config.

@@ -296,7 +296,7 @@ pub fn parse_baggage(v: &[u8], out: &mut Vec<Member>) {
         if !is_token(k) || out.len() >= BAGGAGE_MEMBERS {
             continue;
         }
-        set_entry(out, k, &percent_decode(val), props);
+        set_entry(out, k, &envoy_obs_common::w3c::percent_decode(val), props);
     }
 }
 
@@ -306,23 +306,6 @@ pub fn set_entry(list: &mut Vec<Member>, k: &[u8], v: &[u8], props: &[u8]) {
         Some(m) => (m.value, m.props) = (v.to_vec(), props.to_vec()),
         None => list.push(Member { key: k.to_vec(), value: v.to_vec(), props: props.to_vec() }),
     }
-}
-
-fn percent_decode(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'%' {
-            if let Some(b) = s.get(i + 1..i + 3).and_then(unhex::<1>) {
-                out.push(b[0]);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    out
 }
 
 /// Serialises baggage: values percent-encoded where the W3C grammar requires it, properties

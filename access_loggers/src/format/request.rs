@@ -5,6 +5,8 @@
 
 use std::borrow::Cow;
 
+use envoy_obs_common::w3c::percent_decode;
+
 /// How `%GRPC_STATUS(...)%` prints a code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrpcForm {
@@ -142,29 +144,6 @@ pub fn query_param<'a>(path: &'a [u8], key: &[u8]) -> Option<Cow<'a, [u8]>> {
         }
     }
     None
-}
-
-/// Envoy's `PercentEncoding::decode`: each `%` followed by two hex digits becomes that byte;
-/// everything else stays as it is. Borrows when there is nothing to decode.
-pub fn percent_decode(s: &[u8]) -> Cow<'_, [u8]> {
-    if !s.contains(&b'%') {
-        return Cow::Borrowed(s);
-    }
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'%' && i + 2 < s.len() {
-            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    Cow::Owned(out)
 }
 
 /// Where `%PATH(...)%` reads the path from.

@@ -309,7 +309,8 @@ impl TimeFormat {
         }
     }
 
-    /// Appends the UTC rendering of `unix_ns` to `out`.
+    /// Appends the rendering of `unix_ns` to `out`, in UTC or (for a [`TimeFormat::local`]
+    /// format) the local zone.
     pub fn write(&self, unix_ns: i64, out: &mut Vec<u8>) {
         if self.split == 0 {
             return self.write_toks(&self.toks, unix_ns, self.zone(unix_ns), out);

@@ -66,7 +66,7 @@ pub struct OtlpExporter {
     stats: Arc<ExportStats>,
     stop: StopSignal,
     label: String,
-    last_warning: [Option<Instant>; 3],
+    last_warning: [Option<Instant>; 4],
 }
 
 /// Largest encoded overhead of the request envelope around the items, resource and scope
@@ -96,7 +96,7 @@ impl OtlpExporter {
             stats,
             stop: StopSignal::default(),
             label: label.to_string(),
-            last_warning: [None; 3],
+            last_warning: [None; 4],
         }
     }
 
@@ -180,10 +180,7 @@ impl OtlpExporter {
                 } else if !message.is_empty() {
                     // A partial success that rejects nothing but says something is the
                     // collector's warning (OTLP spec), worth the operator's eye.
-                    self.warn(
-                        Warning::Rejected,
-                        &format!("collector accepted all {n} records, with a warning: {message}"),
-                    );
+                    self.warn(Warning::Note, &format!("collector accepted all {n} records, with a warning: {message}"));
                 }
                 Outcome { written: n - rejected, failed: rejected }
             }
@@ -242,6 +239,9 @@ enum Warning {
     Failed = 0,
     Rejected = 1,
     TooLarge = 2,
+    /// A partial success that rejects nothing but says something: apart from `Rejected`, so a
+    /// collector chatty on every response cannot crowd out real rejections.
+    Note = 3,
 }
 
 fn add_outcomes(a: Outcome, b: Outcome) -> Outcome {

@@ -473,10 +473,13 @@ fn resolve_tls(
     let ignore = |var: &str, e: ConfigError| {
         crate::envoy_log!(crate::ffi::LogLevel::Warn, "envoy-obs: ignoring OTEL_EXPORTER_OTLP_*{var}: {}", e.message)
     };
-    let ca_pem = match (c.ca_file, env("CERTIFICATE")) {
-        (Some(p), _) => Some(read("ca_file", &p)?),
-        (None, Some(p)) => read("ca_file", &p).map_err(|e| ignore("CERTIFICATE", e)).ok(),
-        (None, None) => None,
+    let ca_pem = match c.ca_file {
+        Some(p) => Some(read("ca_file", &p)?),
+        // The signal's variable, then the generic one: the first file that can be used.
+        None => [sig_env("CERTIFICATE"), gen_env("CERTIFICATE")]
+            .into_iter()
+            .flatten()
+            .find_map(|p| read("ca_file", &p).map_err(|e| ignore("CERTIFICATE", e)).ok()),
     };
     let identity = match (c.cert_file, c.key_file) {
         (Some(cert), Some(key)) => Some((read("cert_file", &cert)?, read("key_file", &key)?)),
@@ -755,7 +758,8 @@ mod tests {
         let s = resolve(
             &cfg(https),
             Signal::Logs,
-            &env(&[("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/x"), ("OTEL_EXPORTER_OTLP_CERTIFICATE", pem)]),
+            // An unusable signal-specific file falls back to the generic variable's.
+            &env(&[("OTEL_EXPORTER_OTLP_LOGS_CERTIFICATE", "/x"), ("OTEL_EXPORTER_OTLP_CERTIFICATE", pem)]),
         )
         .unwrap();
         assert!(s.tls.unwrap().ca_pem.is_some());
