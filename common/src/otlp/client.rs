@@ -380,11 +380,39 @@ fn response_too_large(s: &Status) -> bool {
     s.code() == Code::OutOfRange && s.message().starts_with("Error, decoded message length too large")
 }
 
-/// A `Retry-After` header in delay-seconds form (the HTTP-date form is not honoured: the
-/// jittered backoff applies), capped.
+/// A `Retry-After` header (RFC 9110 10.2.3), capped: delay-seconds, or an IMF-fixdate
+/// (`Wed, 21 Oct 2015 07:28:00 GMT`) taken as the time left until then.
 fn retry_after(v: &[u8]) -> Option<Duration> {
-    let secs = std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok()?;
-    Some(Duration::from_secs(secs.min(MAX_SERVER_DELAY_S)))
+    retry_after_at(v, std::time::SystemTime::now())
+}
+
+fn retry_after_at(v: &[u8], now: std::time::SystemTime) -> Option<Duration> {
+    let v = std::str::from_utf8(v).ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(MAX_SERVER_DELAY_S)));
+    }
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(imf_fixdate(v)?);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO).min(Duration::from_secs(MAX_SERVER_DELAY_S)))
+}
+
+/// Seconds since the epoch of an IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn imf_fixdate(v: &str) -> Option<u64> {
+    let f: Vec<&str> = v.split(' ').collect();
+    let [_, day, month, year, time, "GMT"] = f[..] else { return None };
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let m = MONTHS.iter().position(|&x| x == month)? as i64 + 1;
+    let (d, y): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
+    let hms: Vec<i64> = time.split(':').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let [h, mi, sec] = hms[..] else { return None };
+    if !(1..=31).contains(&d) || !(1970..=9999).contains(&y) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), proleptic Gregorian.
+    let (y, mp) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let (era, yoe) = (y.div_euclid(400), y.rem_euclid(400));
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + (153 * mp + 2) / 5 + d - 1;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + mi * 60 + sec).ok()
 }
 
 /// `retry_delay` of a `google.rpc.RetryInfo` inside a `google.rpc.Status` details list.
@@ -605,7 +633,21 @@ mod tests {
     fn server_delays_are_capped() {
         assert_eq!(retry_after(b" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(retry_after(b"18446744073709551615"), Some(Duration::from_secs(MAX_SERVER_DELAY_S)));
-        assert_eq!(retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        // An HTTP date: the time left until it (0 once past), capped too.
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_450); // 2015-10-21 07:27:30 UTC
+        assert_eq!(retry_after_at(b"Wed, 21 Oct 2015 07:28:00 GMT", now), Some(Duration::from_secs(30)));
+        assert_eq!(retry_after_at(b"Wed, 21 Oct 2015 07:27:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after_at(b"Thu, 22 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(MAX_SERVER_DELAY_S))
+        );
+        assert_eq!(imf_fixdate("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(imf_fixdate("Thu, 29 Feb 2024 00:00:00 GMT"), Some(1_709_164_800));
+        for bad in
+            ["Wed, 21 Oct 2015 07:28:00 UTC", "Wednesday, 21-Oct-15 07:28:00 GMT", "Wed, 21 Foo 2015 07:28:00 GMT", ""]
+        {
+            assert_eq!(retry_after(bad.as_bytes()), None, "{bad}");
+        }
         assert_eq!(retry_after(b"-1"), None);
         // The capped delay can be added to now without overflow.
         assert!(Instant::now().checked_add(retry_after(b"99999999999").unwrap()).is_some());
