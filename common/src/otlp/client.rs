@@ -325,11 +325,19 @@ impl Client {
         };
         let status = resp.status().as_u16();
         let retry_after = resp.headers().get(http::header::RETRY_AFTER).and_then(|v| retry_after(v.as_bytes()));
+        // Redirects are not followed (a POST's body is not re-sent elsewhere unasked): the
+        // warning names where the collector points, so the endpoint can be corrected.
+        let location = match resp.headers().get(http::header::LOCATION) {
+            Some(l) if (300..400).contains(&status) => {
+                format!(" (redirected to {})", String::from_utf8_lossy(l.as_bytes()))
+            }
+            _ => String::new(),
+        };
         let body = Limited::new(resp.into_body(), 1 << 20).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         match status {
             200..=299 => Attempt::Done(partial_success(&body)),
             429 | 502 | 503 | 504 => Attempt::Retry { after: retry_after, reason: format!("HTTP {status}") },
-            _ => Attempt::Done(Delivery::Failed(format!("HTTP {status}: {}", status_message(&body)))),
+            _ => Attempt::Done(Delivery::Failed(format!("HTTP {status}{location}: {}", status_message(&body)))),
         }
     }
 }
