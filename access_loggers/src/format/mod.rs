@@ -376,10 +376,7 @@ impl Program {
 
     /// Header lookups one record makes: (request, response).
     pub fn header_lookups(&self) -> (usize, usize) {
-        self.ops.iter().fold((0, 0), |a, c| {
-            let (q, r) = c.header_lookups();
-            (a.0 + q, a.1 + r)
-        })
+        sum_lookups(&self.ops)
     }
 
     /// Appends every command's captured value (worker side).
@@ -1553,10 +1550,7 @@ impl Command {
                 Rare::Path { .. } => (1, 0),
                 // :path and content-type, then grpc-status (the trailers are read one by one).
                 Rare::GrpcStatus(_) => (2, 1),
-                Rare::Coalesce(cmds) => cmds.iter().fold((0, 0), |a, c| {
-                    let (q, r) = c.header_lookups();
-                    (a.0 + q, a.1 + r)
-                }),
+                Rare::Coalesce(cmds) => sum_lookups(cmds),
                 _ => (0, 0),
             },
             _ => (0, 0),
@@ -1755,4 +1749,12 @@ fn grpc_status<S: Stream>(cx: &Ctx<'_, S>) -> Option<i64> {
             0 => None,
             code => Some(request::http_to_grpc_status(code)),
         })
+}
+
+/// Header lookups of several commands: (request, response).
+fn sum_lookups(cmds: &[Command]) -> (usize, usize) {
+    cmds.iter().fold((0, 0), |a, c| {
+        let (q, r) = c.header_lookups();
+        (a.0 + q, a.1 + r)
+    })
 }

@@ -120,10 +120,11 @@ pub struct LogFile {
 impl LogFile {
     /// Wraps an already opened file (opened at config load, so errors reject the config).
     pub fn new(path: PathBuf, file: File) -> Self {
-        let identity = file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let meta = file.metadata().ok();
+        let identity = meta.as_ref().map(|m| (m.dev(), m.ino()));
         // Character devices and pipes (/dev/stdout) are not rotated.
-        let rotatable = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        let pipe = file.metadata().is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+        let rotatable = meta.as_ref().is_some_and(|m| m.is_file());
+        let pipe = meta.as_ref().is_some_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
         let lock = write_lock(identity);
         LogFile {
             path,

@@ -238,38 +238,33 @@ pub fn resolve(
         |var: &str, why: String| crate::envoy_log!(crate::ffi::LogLevel::Warn, "envoy-obs: ignoring {var}: {why}");
     // The first usable value of the signal's variable, then the generic one: an unusable
     // signal-specific value falls back to a usable generic one, not to the default.
-    let layered = |suffix: &str, parse: &dyn Fn(&str) -> Result<(), String>| -> Option<String> {
-        [format!("OTEL_EXPORTER_OTLP_{s}_{suffix}"), format!("OTEL_EXPORTER_OTLP_{suffix}")].into_iter().find_map(
-            |var| {
-                let v = env_nonempty(&var)?;
-                let v = v.trim().to_string();
-                match parse(&v) {
-                    Ok(()) => Some(v),
-                    Err(why) => {
-                        ignore(&var, why);
-                        None
-                    }
-                }
-            },
-        )
-    };
+    fn layered<T>(
+        vars: [String; 2],
+        env: &dyn Fn(&str) -> Option<String>,
+        ignore: &dyn Fn(&str, String),
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        vars.into_iter().find_map(|var| {
+            let v = env(&var)?;
+            parse(v.trim()).map_err(|why| ignore(&var, why)).ok()
+        })
+    }
+    let vars = |suffix: &str| [format!("OTEL_EXPORTER_OTLP_{s}_{suffix}"), format!("OTEL_EXPORTER_OTLP_{suffix}")];
 
     let protocol = match cfg.protocol {
         Some(p) => p,
         None => {
             let known = |v: &str| match v {
-                "grpc" | "http/protobuf" | "http/json" => Ok(()),
-                other => Err(format!("{other:?} is not supported (grpc or http/protobuf)")),
-            };
-            match layered("PROTOCOL", &known).as_deref() {
-                Some("http/protobuf") => Protocol::HttpProtobuf,
-                Some("http/json") => {
+                "grpc" => Ok(Protocol::Grpc),
+                "http/protobuf" => Ok(Protocol::HttpProtobuf),
+                "http/json" => {
                     // The same port and path as protobuf, which collectors take there too.
                     ignore("OTEL_EXPORTER_OTLP_*PROTOCOL", "http/json is not supported; using http/protobuf".into());
-                    Protocol::HttpProtobuf
+                    Ok(Protocol::HttpProtobuf)
                 }
-                _ => Protocol::Grpc,
-            }
+                other => Err(format!("{other:?} is not supported (grpc or http/protobuf)")),
+            };
+            layered(vars("PROTOCOL"), &env_nonempty, &ignore, known).unwrap_or(Protocol::Grpc)
         }
     };
 
@@ -367,21 +362,19 @@ pub fn resolve(
         Some(c) => c,
         None => {
             let known = |v: &str| match v {
-                "none" | "gzip" => Ok(()),
+                "none" => Ok(Compression::None),
+                "gzip" => Ok(Compression::Gzip),
                 other => Err(format!("{other:?} is not gzip or none")),
             };
-            match layered("COMPRESSION", &known).as_deref() {
-                Some("gzip") => Compression::Gzip,
-                _ => Compression::None,
-            }
+            layered(vars("COMPRESSION"), &env_nonempty, &ignore, known).unwrap_or(Compression::None)
         }
     };
 
     let timeout_ms = match cfg.timeout_ms {
         Some(t) => t,
         None => {
-            let ms = |v: &str| v.parse::<u64>().map(|_| ()).map_err(|_| format!("{v:?} is not milliseconds"));
-            match layered("TIMEOUT", &ms).and_then(|v| v.parse::<u64>().ok()) {
+            let ms = |v: &str| v.parse::<u64>().map_err(|_| format!("{v:?} is not milliseconds"));
+            match layered(vars("TIMEOUT"), &env_nonempty, &ignore, ms) {
                 // 0 means no limit (OpenTelemetry's timeout convention): the longest we allow.
                 Some(0) => MAX_TIMEOUT_MS,
                 Some(t) => t.min(MAX_TIMEOUT_MS),
