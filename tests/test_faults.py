@@ -142,6 +142,34 @@ def test_misbehaving_collector(tmp_path, mode, protocol):
            dropped=s["records_dropped"], failed=s["records_failed"], rss_growth_kb=rss1 - rss0)
 
 
+@pytest.mark.parametrize("mode", ["refused", "hang"])
+def test_counters_move_while_an_export_retries(tmp_path, mode):
+    """A dead collector holds the flush thread in one export's retries (30 s by default): the
+    counters and the warning must not wait for that export to give up."""
+    bad = BadCollector("hang") if mode == "hang" else None
+    dead = bad.port if bad else free_port()
+    try:
+        e, port = otlp_envoy(tmp_path, f"http://127.0.0.1:{dead}", flush_interval_ms=100, timeout_ms=20_000,
+                             retry={"initial_backoff_ms": 500, "max_backoff_ms": 5_000, "max_elapsed_ms": 60_000})
+        with e:
+            curl(f"http://127.0.0.1:{port}/")
+            time.sleep(0.5)  # that record's export is now under way (and stuck)
+            for _ in range(5):
+                curl(f"http://127.0.0.1:{port}/")
+            t0 = time.monotonic()
+            s = poll_until(lambda: (lambda s: s if s["records_logged"] == 6 else None)(otlp_stats(e)), timeout=5,
+                           what="records_logged during the stuck export")
+            took = time.monotonic() - t0
+            assert s["records_exported"] + s["records_failed"] == 0, s
+            if mode == "refused":
+                poll_until(lambda: otlp_stats(e)["export_retries"] >= 1, timeout=5, what="retries counted as they start")
+                poll_until(lambda: "retrying" in e.log(), timeout=5, what="the retry warning")
+    finally:
+        if bad:
+            bad.close()
+    assert took < 3, took
+
+
 def test_collector_dead_then_back_recovers_within_backoff(tmp_path):
     with OtlpReceiver("grpc") as rx:
         e, port = otlp_envoy(tmp_path, rx.endpoint, flush_interval_ms=200)

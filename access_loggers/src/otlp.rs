@@ -20,7 +20,7 @@ use serde::Deserialize;
 use envoy_obs_common::config::{parse, ConfigError};
 use envoy_obs_common::ffi::access_log::Stream;
 use envoy_obs_common::otlp::{self, proto, ExportStats, OtlpConfig, OtlpExporter, Settings, Signal};
-use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
+use envoy_obs_common::pipeline::{Batch, Exporter, Heartbeat, Outcome, Reporter};
 use envoy_obs_common::stop::StopSignal;
 use envoy_obs_common::w3c::parse_traceparent;
 
@@ -376,6 +376,9 @@ impl Exporter for OtlpLogExporter {
 
     fn stop_signal(&self) -> Option<StopSignal> {
         Some(self.otlp.stop_signal())
+    }
+    fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
+        self.otlp.set_heartbeat(heartbeat);
     }
 }
 

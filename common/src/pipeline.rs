@@ -125,6 +125,30 @@ pub trait Exporter: Send + 'static {
     fn stop_signal(&self) -> Option<StopSignal> {
         None
     }
+    /// Takes the pipeline's [`Heartbeat`] (once, before the first export): exporters whose
+    /// calls can run long (network retries) beat it while they wait.
+    fn set_heartbeat(&mut self, _heartbeat: Heartbeat) {}
+}
+
+/// Publishes the pipeline's counters from inside a long exporter call. An OTLP export that
+/// retries against a dead collector holds the flush thread for up to `max_elapsed_ms`, and
+/// without this the counters (records logged and dropped, queue depth) would freeze for that
+/// long — just when an operator watches them. Beats more often than once a second are
+/// ignored. Only for the flush thread's own exporter calls.
+#[derive(Clone)]
+pub struct Heartbeat(Arc<dyn Fn() + Send + Sync>);
+
+impl Heartbeat {
+    /// Publishes the counters now, unless they were published less than a second ago.
+    pub fn beat(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Heartbeat")
+    }
 }
 
 /// Cumulative counts, as seen by the flush thread after each cycle.
@@ -333,7 +357,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Starts the flush thread.
-    pub fn start<E: Exporter, P: Reporter>(cfg: PipelineConfig, exporter: E, reporter: P) -> std::io::Result<Self> {
+    pub fn start<E: Exporter, P: Reporter>(cfg: PipelineConfig, mut exporter: E, reporter: P) -> std::io::Result<Self> {
         let slots = cfg.slots.max(1);
         let cap = cfg.queue_capacity.max(1);
         let batch_records = cap.min(BATCH_RECORDS);
@@ -366,15 +390,17 @@ impl Pipeline {
             retire: std::sync::Mutex::new(reporter.retire()),
         });
         let stop = exporter.stop_signal();
+        let published =
+            Arc::new(std::sync::Mutex::new(Published { reporter, totals: Totals::default(), panics: 0, at: None }));
+        exporter.set_heartbeat(heartbeat(shared.clone(), published.clone()));
         let worker = FlushWorker {
             shared: shared.clone(),
             rx,
             exporter,
-            reporter,
+            published,
             interval: cfg.flush_interval.max(Duration::from_millis(1)),
             drain_budget: cfg.shutdown_timeout,
             stop: stop.clone(),
-            totals: Totals::default(),
             panics: 0,
         };
         let thread = std::thread::Builder::new().name(cfg.thread_name).spawn(move || worker.run())?;
@@ -509,13 +535,65 @@ struct FlushWorker<E, P> {
     shared: Arc<Shared>,
     rx: Receiver<Ctl>,
     exporter: E,
-    reporter: P,
+    /// The reporter and the totals, shared with the exporter's [`Heartbeat`] (same thread).
+    published: Arc<std::sync::Mutex<Published<P>>>,
     interval: Duration,
     drain_budget: Duration,
     stop: Option<StopSignal>,
-    totals: Totals,
-    /// Panics caught in the exporter or reporter (each logged while few, then every power of 2).
+    /// Panics caught in the exporter (each logged while few, then every power of 2).
     panics: u64,
+}
+
+/// What the flush thread reports, and to whom.
+struct Published<P> {
+    reporter: P,
+    totals: Totals,
+    /// Panics caught in the reporter.
+    panics: u64,
+    /// When the totals were last published.
+    at: Option<Instant>,
+}
+
+fn heartbeat<P: Reporter>(shared: Arc<Shared>, published: Arc<std::sync::Mutex<Published<P>>>) -> Heartbeat {
+    Heartbeat(Arc::new(move || {
+        // `try_lock`: a beat from inside a report (none does that) must not deadlock.
+        if let Ok(mut p) = published.try_lock() {
+            if p.at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                publish(&shared, &mut p);
+            }
+        }
+    }))
+}
+
+/// Reads the producers' counters into the totals and hands them to the reporter (unless
+/// reports were barred: the config's Envoy handle is gone).
+fn publish<P: Reporter>(shared: &Shared, p: &mut Published<P>) {
+    let (mut produced, mut dropped, mut skipped, mut depth, mut busy) = (0, 0, 0, 0, 0);
+    let mut hist = std::mem::take(&mut p.totals.busy_hist);
+    hist.clear();
+    hist.resize(BUCKETS, 0);
+    for s in shared.slots.iter() {
+        produced += s.produced.load(Relaxed);
+        dropped += s.dropped.load(Relaxed);
+        skipped += s.skipped.load(Relaxed);
+        busy += s.busy_ns.load(Relaxed);
+        s.busy_hist.accumulate(&mut hist);
+        depth += s.waiting.load(Relaxed);
+    }
+    let t = &mut p.totals;
+    t.queued = produced;
+    t.dropped = dropped;
+    t.skipped = skipped;
+    t.queue_depth = depth;
+    t.busy_ns = busy;
+    t.busy_hist = hist;
+    p.at = Some(Instant::now());
+    if let Ok(may) = shared.may_report.lock() {
+        if *may {
+            let Published { reporter, totals, panics, .. } = p;
+            caught(panics, "report", || reporter.report(totals));
+        }
+    }
 }
 
 impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
@@ -609,34 +687,15 @@ impl<E: Exporter, P: Reporter> FlushWorker<E, P> {
     }
 
     fn add(&mut self, o: Outcome) {
-        self.totals.written += o.written;
-        self.totals.failed += o.failed;
+        if let Ok(mut p) = self.published.lock() {
+            p.totals.written += o.written;
+            p.totals.failed += o.failed;
+        }
     }
 
     fn report(&mut self) {
-        let (mut produced, mut dropped, mut skipped, mut depth, mut busy) = (0, 0, 0, 0, 0);
-        let mut hist = std::mem::take(&mut self.totals.busy_hist);
-        hist.clear();
-        hist.resize(BUCKETS, 0);
-        for s in self.shared.slots.iter() {
-            produced += s.produced.load(Relaxed);
-            dropped += s.dropped.load(Relaxed);
-            skipped += s.skipped.load(Relaxed);
-            busy += s.busy_ns.load(Relaxed);
-            s.busy_hist.accumulate(&mut hist);
-            depth += s.waiting.load(Relaxed);
-        }
-        self.totals.queued = produced;
-        self.totals.dropped = dropped;
-        self.totals.skipped = skipped;
-        self.totals.queue_depth = depth;
-        self.totals.busy_ns = busy;
-        self.totals.busy_hist = hist;
-        if let Ok(may) = self.shared.may_report.lock() {
-            if *may {
-                let (reporter, totals) = (&mut self.reporter, &self.totals);
-                caught(&mut self.panics, "report", || reporter.report(totals));
-            }
+        if let Ok(mut p) = self.published.lock() {
+            publish(&self.shared, &mut p);
         }
     }
 }
@@ -705,6 +764,48 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         f()
+    }
+
+    /// Beats its heartbeat from inside a blocked export, as the OTLP client does while it
+    /// retries.
+    struct Beating {
+        heartbeat: Option<Heartbeat>,
+        started: Sender<()>,
+        release: Receiver<()>,
+    }
+    impl Exporter for Beating {
+        fn export(&mut self, batch: &Batch) -> Outcome {
+            if let Some(h) = &self.heartbeat {
+                h.beat();
+            }
+            let _ = self.started.send(());
+            let _ = self.release.recv_timeout(Duration::from_secs(10));
+            Outcome { written: batch.len() as u64, failed: 0 }
+        }
+        fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
+            self.heartbeat = Some(heartbeat);
+        }
+    }
+
+    #[test]
+    fn an_export_that_waits_still_publishes_the_counters() {
+        let (started_tx, started) = bounded(16);
+        let (release, release_rx) = bounded(16);
+        let exporter = Beating { heartbeat: None, started: started_tx, release: release_rx };
+        let rec_totals = Rec::default();
+        let p = Pipeline::start(cfg(1 << 10, 200), exporter, rec_totals.clone()).unwrap();
+        let prod = p.producer(0);
+        for i in 0..5 {
+            prod.push_with(rec(i));
+        }
+        // The timer exports the partial batch: the export now blocks, after one beat.
+        started.recv_timeout(Duration::from_secs(10)).unwrap();
+        let t = rec_totals.0.lock().unwrap().clone();
+        assert_eq!((t.queued, t.written), (5, 0), "published from inside the export: {t:?}");
+        release.send(()).unwrap();
+        assert!(p.flush(Duration::from_secs(10)));
+        let t = rec_totals.0.lock().unwrap().clone();
+        assert_eq!((t.queued, t.written), (5, 5), "{t:?}");
     }
 
     #[test]

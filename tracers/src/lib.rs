@@ -23,7 +23,7 @@ use envoy_obs_common::ffi::{self, module_buffer, View};
 use envoy_obs_common::hook::{self, guard};
 use envoy_obs_common::metrics::{Names, PipelineMetrics};
 use envoy_obs_common::otlp::{ExportStats, OtlpExporter};
-use envoy_obs_common::pipeline::{Batch, Exporter, Handle, Outcome, Pipeline, PipelineConfig, Reporter};
+use envoy_obs_common::pipeline::{Batch, Exporter, Handle, Heartbeat, Outcome, Pipeline, PipelineConfig, Reporter};
 use envoy_obs_common::stop::StopSignal;
 
 pub mod config;
@@ -93,6 +93,9 @@ impl Exporter for SpanExporter {
     }
     fn stop_signal(&self) -> Option<StopSignal> {
         Some(self.otlp.stop_signal())
+    }
+    fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
+        self.otlp.set_heartbeat(heartbeat);
     }
 }
 

@@ -24,10 +24,31 @@ use crate::stop::StopSignal;
 /// Longest server-requested retry delay honoured (Retry-After, RetryInfo); longer ones are cut.
 const MAX_SERVER_DELAY_S: u64 = 3600;
 
-/// Runs `a` unless `b` finishes first (then `None`).
-async fn first_of<T>(a: impl std::future::Future<Output = T>, b: impl std::future::Future<Output = ()>) -> Option<T> {
+/// How often [`Client::send`] reports [`Progress::Waiting`] while it waits.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What [`Client::send`] reports while a request takes long.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// A retry is about to start.
+    Retrying {
+        /// Why the attempt before it failed.
+        reason: &'a str,
+    },
+    /// Still waiting, on an attempt in flight or a backoff; about once per [`TICK`].
+    Waiting,
+}
+
+/// Runs `a` unless `b` finishes first (then `None`), calling `tick` every [`TICK`] meanwhile.
+async fn first_of<T>(
+    a: impl std::future::Future<Output = T>,
+    b: impl std::future::Future<Output = ()>,
+    tick: &mut dyn FnMut(),
+) -> Option<T> {
+    use std::future::Future;
     use std::task::Poll;
     let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let mut timer = std::pin::pin!(tokio::time::sleep(TICK));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = a.as_mut().poll(cx) {
             return Poll::Ready(Some(v));
@@ -35,9 +56,32 @@ async fn first_of<T>(a: impl std::future::Future<Output = T>, b: impl std::futur
         if b.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
+        while timer.as_mut().poll(cx).is_ready() {
+            tick();
+            timer.as_mut().reset(tokio::time::Instant::now() + TICK);
+        }
         Poll::Pending
     })
     .await
+}
+
+/// Sleeps `d` in steps of at most [`TICK`], calling `tick` after each; false at once when a
+/// deadline that falls before its end is set (as [`StopSignal::sleep`]).
+fn sleep_ticking(stop: &StopSignal, d: Duration, tick: &mut dyn FnMut()) -> bool {
+    let end = Instant::now() + d;
+    loop {
+        if stop.deadline().is_some_and(|dl| dl <= end) {
+            return false;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        if !stop.sleep(left.min(TICK)) {
+            return false;
+        }
+        tick();
+    }
 }
 
 /// How one export request ended.
@@ -192,8 +236,14 @@ impl Client {
 
     /// Sends one encoded `Export*ServiceRequest`, retrying retryable failures until
     /// `retry.max_elapsed_ms` has passed or `stop`'s deadline (shutdown) is reached — a
-    /// deadline set while a request is in flight or while backing off ends it too.
-    pub fn send(&mut self, body: Bytes, stop: &StopSignal) -> (Delivery, SendStats) {
+    /// deadline set while a request is in flight or while backing off ends it too. `progress`
+    /// hears of each retry and, about once a second, that the wait goes on.
+    pub fn send(
+        &mut self,
+        body: Bytes,
+        stop: &StopSignal,
+        progress: &mut dyn FnMut(Progress<'_>),
+    ) -> (Delivery, SendStats) {
         let start = Instant::now();
         let retry = self.settings.retry.clone();
         let limit = start + Duration::from_millis(retry.max_elapsed_ms);
@@ -212,7 +262,9 @@ impl Client {
             let timeout = until.map_or(self.settings.timeout, |u| {
                 self.settings.timeout.min(u.saturating_duration_since(now).max(Duration::from_millis(1)))
             });
-            let attempt = self.guarded(|c| c.rt.block_on(first_of(c.attempt(body.clone(), timeout), stop.reached())));
+            let mut tick = || progress(Progress::Waiting);
+            let attempt =
+                self.guarded(|c| c.rt.block_on(first_of(c.attempt(body.clone(), timeout), stop.reached(), &mut tick)));
             let (after, reason) = match attempt {
                 Some(Attempt::Done(d)) => {
                     stats.elapsed = start.elapsed();
@@ -231,12 +283,13 @@ impl Client {
             // `Retry-After: 0` would otherwise retry in a tight loop for all of max_elapsed.
             let wait = after.map_or(jittered, |a| a.max(jittered));
             let in_time = Instant::now().checked_add(wait).is_some_and(|t| t < give_up());
-            if !retry.enabled || !in_time || !stop.sleep(wait) {
+            if !retry.enabled || !in_time || !sleep_ticking(stop, wait, &mut || progress(Progress::Waiting)) {
                 stats.elapsed = start.elapsed();
                 let why = if retry.enabled { "retries exhausted" } else { "retry disabled" };
                 return (Delivery::Failed(format!("{reason} ({why})")), stats);
             }
             stats.retries += 1;
+            progress(Progress::Retrying { reason: &reason });
             backoff = (backoff * 2).min(Duration::from_millis(retry.max_backoff_ms));
         }
     }
@@ -541,7 +594,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(200));
             s2.stop_by(Instant::now() + Duration::from_millis(100));
         });
-        let (d, _) = c.send(Bytes::from_static(b"x"), &stop);
+        let (d, _) = c.send(Bytes::from_static(b"x"), &stop, &mut |_| {});
         setter.join().unwrap();
         assert!(matches!(d, Delivery::Failed(_)));
         t.elapsed()
@@ -591,6 +644,32 @@ mod tests {
         assert!(took < Duration::from_secs(2), "{took:?}");
     }
 
+    /// Each retry is reported as it starts, with the failure before it, and a long backoff
+    /// ticks about once a second (the pipeline publishes its counters on those).
+    #[test]
+    fn progress_reports_retries_and_ticks_through_a_backoff() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut settings = resolve(&Default::default(), Signal::Logs, &|_| None).unwrap();
+        (settings.endpoint, settings.protocol) = (format!("http://127.0.0.1:{port}/v1/logs"), Protocol::HttpProtobuf);
+        // Waits of 1–2 s, then 2–4 s: the first always fits in 2.5 s, a second never does.
+        settings.retry.initial_backoff_ms = 2_000;
+        settings.retry.max_backoff_ms = 4_000;
+        settings.retry.max_elapsed_ms = 2_500;
+        let (mut retries, mut ticks, mut reasons) = (0, 0, Vec::new());
+        let (d, st) =
+            Client::new(settings).unwrap().send(Bytes::from_static(b"x"), &StopSignal::default(), &mut |p| match p {
+                Progress::Retrying { reason } => {
+                    retries += 1;
+                    reasons.push(reason.to_string());
+                }
+                Progress::Waiting => ticks += 1,
+            });
+        assert!(matches!(d, Delivery::Failed(_)), "{d:?}");
+        assert_eq!((retries, st.retries), (1, 1), "{reasons:?}");
+        assert!(reasons[0].starts_with("connection"), "{reasons:?}");
+        assert!((1..=3).contains(&ticks), "{ticks} ticks");
+    }
+
     /// `retry.max_elapsed_ms` bounds the retries, never the first attempt: with 0 the one
     /// attempt still gets the whole timeout (it got 1 ms, and every export failed).
     #[test]
@@ -609,7 +688,7 @@ mod tests {
         (settings.endpoint, settings.protocol) = (format!("http://{addr}/v1/logs"), Protocol::HttpProtobuf);
         settings.timeout = Duration::from_secs(5);
         settings.retry.max_elapsed_ms = 0;
-        let (d, _) = Client::new(settings).unwrap().send(Bytes::from_static(b"x"), &StopSignal::default());
+        let (d, _) = Client::new(settings).unwrap().send(Bytes::from_static(b"x"), &StopSignal::default(), &mut |_| {});
         server.join().unwrap();
         assert_eq!(d, Delivery::Accepted { rejected: 0, message: String::new() });
     }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::ffi::LogLevel;
-use crate::pipeline::Outcome;
+use crate::pipeline::{Heartbeat, Outcome};
 use crate::stop::StopSignal;
 use crate::timing::Histogram;
 
@@ -28,7 +28,7 @@ pub mod client;
 pub mod proto;
 pub mod settings;
 
-pub use client::{Client, Delivery};
+pub use client::{Client, Delivery, Progress};
 pub use settings::{resolve, split_config, OtlpConfig, Settings, Signal};
 
 /// Export counters of one signal, written by the flush thread, read by its reporter.
@@ -66,7 +66,8 @@ pub struct OtlpExporter {
     stats: Arc<ExportStats>,
     stop: StopSignal,
     label: String,
-    last_warning: [Option<Instant>; 4],
+    last_warning: [Option<Instant>; WARNINGS],
+    heartbeat: Option<Heartbeat>,
 }
 
 /// Largest encoded overhead of the request envelope around the items, resource and scope
@@ -96,8 +97,14 @@ impl OtlpExporter {
             stats,
             stop: StopSignal::default(),
             label: label.to_string(),
-            last_warning: [None; 4],
+            last_warning: [None; WARNINGS],
+            heartbeat: None,
         }
+    }
+
+    /// What to beat while a send waits (retries, slow collector): see [`Heartbeat`].
+    pub fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
+        self.heartbeat = Some(heartbeat);
     }
 
     /// From now on, retries stop at `deadline` (shutdown drain).
@@ -159,10 +166,21 @@ impl OtlpExporter {
             }
         }
         let Some(client) = self.client.as_mut() else { return Outcome { written: 0, failed: n } };
-        let (delivery, st) = client.send(body, &self.stop);
+        let (stats, heartbeat, warnings, label) = (&self.stats, &self.heartbeat, &mut self.last_warning, &self.label);
+        let endpoint = &self.settings.endpoint;
+        let (delivery, st) = client.send(body, &self.stop, &mut |p| {
+            if let Progress::Retrying { reason } = p {
+                // Counted as each retry starts, so the counter moves during an outage.
+                stats.retries.fetch_add(1, Relaxed);
+                let msg = format!("export of {n} records to {endpoint} failed: {reason}; retrying");
+                warn(warnings, label, Warning::Retrying, &msg);
+            }
+            if let Some(h) = heartbeat {
+                h.beat();
+            }
+        });
         let s = &self.stats;
         s.requests.fetch_add(1, Relaxed);
-        s.retries.fetch_add(st.retries, Relaxed);
         s.latency_us.record(st.elapsed.as_micros() as u64);
         match delivery {
             Delivery::Accepted { rejected, message } => {
@@ -222,15 +240,20 @@ impl OtlpExporter {
     }
 
     fn warn(&mut self, kind: Warning, msg: &str) {
-        // At most one line per kind per 10 s: a dead collector must not flood Envoy's log.
-        let now = Instant::now();
-        let last = &mut self.last_warning[kind as usize];
-        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
-            return;
-        }
-        *last = Some(now);
-        crate::envoy_log!(LogLevel::Warn, "envoy-obs {}: {msg}", self.label);
+        warn(&mut self.last_warning, &self.label, kind, msg);
     }
+}
+
+/// Logs `msg` as a warning of `kind`: at most one line per kind per 10 s, so a dead collector
+/// does not flood Envoy's log.
+fn warn(last_warning: &mut [Option<Instant>; WARNINGS], label: &str, kind: Warning, msg: &str) {
+    let now = Instant::now();
+    let last = &mut last_warning[kind as usize];
+    if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+        return;
+    }
+    *last = Some(now);
+    crate::envoy_log!(LogLevel::Warn, "envoy-obs {label}: {msg}");
 }
 
 /// Kinds of warnings, each rate-limited on its own.
@@ -242,7 +265,12 @@ enum Warning {
     /// A partial success that rejects nothing but says something: apart from `Rejected`, so a
     /// collector chatty on every response cannot crowd out real rejections.
     Note = 3,
+    /// An attempt failed and is retried: said at once, where `Failed` waits for the retries
+    /// to run out (`max_elapsed_ms`).
+    Retrying = 4,
 }
+
+const WARNINGS: usize = 5;
 
 fn add_outcomes(a: Outcome, b: Outcome) -> Outcome {
     Outcome { written: a.written + b.written, failed: a.failed + b.failed }
