@@ -539,6 +539,12 @@ def test_b3_single_and_multi_are_continued_and_injected(tmp_path):
             assert "traceparent" not in h
         root = root_of(cases["b3_from_multi"])
         assert (root["trace_id"], root["parent_span_id"]) == (B3_TRACE3, B3_SPAN)
+        # ...and with b3 alone only the single header goes on: the client's X-B3-* (its span
+        # as parent, its decision) would otherwise reach the next hop beside ours.
+        h = ups["b3_from_multi"]
+        client = next(s for s in cases["b3_from_multi"] if s["kind"] == CLIENT)
+        assert h["b3"].split("-")[:2] == [B3_TRACE3, client["span_id"]], h
+        assert not [k for k in h if k.startswith("x-b3-")], h
         assert ups["b3_deny"]["b3"].endswith("-0") and ups["multi_deny"]["x-b3-sampled"] == "0"
         assert ups["b3_deny"]["b3"].split("-")[0] != B3_TRACE, "a new trace, not sampled"
         client = next(s for s in cases["b3_debug"] if s["kind"] == CLIENT)

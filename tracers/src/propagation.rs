@@ -64,6 +64,10 @@ pub struct Carry {
     pub b3_decision: Option<bool>,
     /// Baggage was changed through `set_baggage`: the `baggage` header is rewritten.
     pub baggage_modified: bool,
+    /// The request carried B3 multi headers (`X-B3-TraceId`, or `X-B3-Sampled`/`X-B3-Flags`
+    /// without a single header): with only the single-header propagator they must go, or the
+    /// next hop would read the client's ids and decision beside ours.
+    pub b3_multi_seen: bool,
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -154,27 +158,34 @@ pub fn parse_b3(v: &[u8]) -> Option<B3> {
 /// B3 in either encoding, the single header first (the OpenTelemetry B3 propagator reads both
 /// whichever it injects). A decision without ids goes to `carry`.
 fn extract_b3<C: Carrier>(c: &C, carry: &mut Carry) -> Option<Remote> {
-    match c.get(b"b3").and_then(parse_b3) {
-        Some(B3::Context(r)) => return Some(r),
-        Some(B3::Decision { sampled, debug }) => {
-            (carry.b3_decision, carry.b3_debug) = (Some(sampled), debug);
-            return None;
+    if let Some(single) = c.get(b"b3").and_then(parse_b3) {
+        // The single header wins; multi ids beside it are stale (one lookup finds them).
+        carry.b3_multi_seen = c.get(b"x-b3-traceid").is_some();
+        match single {
+            B3::Context(r) => return Some(r),
+            B3::Decision { sampled, debug } => {
+                (carry.b3_decision, carry.b3_debug) = (Some(sampled), debug);
+                return None;
+            }
         }
-        None => {}
     }
-    let flags_debug = || c.get(b"x-b3-flags").map(trim) == Some(b"1");
+    let flags = c.get(b"x-b3-flags");
+    let flags_debug = flags.map(trim) == Some(b"1");
     let Some(trace) = c.get(b"x-b3-traceid") else {
         // Sampling state alone.
-        let sampled = c.get(b"x-b3-sampled").map(trim).and_then(b3_sampled);
-        let debug = flags_debug();
+        let sampled_header = c.get(b"x-b3-sampled");
+        carry.b3_multi_seen = sampled_header.is_some() || flags.is_some();
+        let sampled = sampled_header.map(trim).and_then(b3_sampled);
+        let debug = flags_debug;
         if sampled.is_some() || debug {
             (carry.b3_decision, carry.b3_debug) = (Some(debug || sampled == Some(true)), debug);
         }
         return None;
     };
+    carry.b3_multi_seen = true;
     let trace = b3_trace_id(trim(trace))?;
     let span = unhex::<8>(trim(c.get(b"x-b3-spanid")?)).filter(|s| *s != [0; 8])?;
-    let debug = flags_debug();
+    let debug = flags_debug;
     let sampled = if debug { Some(true) } else { c.get(b"x-b3-sampled").map(trim).and_then(b3_sampled) };
     Some(Remote { trace_id: trace, span_id: span, sampled, tracestate: Vec::new(), debug })
 }
@@ -383,6 +394,13 @@ pub fn inject<C: Carrier>(c: &mut C, props: &[Propagator], o: &Outgoing<'_>) {
                     },
                 );
                 c.set(b"b3", &b[..n]);
+                if o.carry.b3_multi_seen && !props.contains(&Propagator::B3multi) {
+                    for h in
+                        [&b"x-b3-traceid"[..], b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled", b"x-b3-flags"]
+                    {
+                        c.remove(h);
+                    }
+                }
             }
             Propagator::B3multi => {
                 // The single header wins over these upstream (B3 spec): one that came in must
@@ -544,7 +562,13 @@ pub(crate) mod tests {
         sampled: false,
         tracestate: b"",
         baggage: &[],
-        carry: Carry { stale_tracestate: false, b3_debug: false, b3_decision: None, baggage_modified: false },
+        carry: Carry {
+            stale_tracestate: false,
+            b3_debug: false,
+            b3_decision: None,
+            baggage_modified: false,
+            b3_multi_seen: false,
+        },
     };
 
     #[test]
@@ -650,6 +674,23 @@ pub(crate) mod tests {
             &Outgoing { sampled: true, carry: Carry::default(), ..OUT },
         );
         assert!(c.0[&b"b3"[..]].starts_with(&c.0[&b"x-b3-traceid"[..]]), "both written, both ours");
+
+        // With b3 alone, the client's multi headers go: the next hop reading them would take
+        // the client's span as parent and its decision beside ours. Also beside a single
+        // header, and a decision alone; headers the client did not send are not touched.
+        let multi = [&incoming[..], &[("x-b3-sampled", "1")]].concat();
+        let with_single = [&multi[..], &single[..]].concat();
+        for headers in [&multi[..], &with_single[..], &[("x-b3-sampled", "1")][..], &[("x-b3-flags", "1")][..]] {
+            let mut c = map(headers);
+            let mut carry = Carry::default();
+            extract(&c, &[Propagator::B3], &mut carry);
+            assert!(carry.b3_multi_seen, "{headers:?}");
+            inject(&mut c, &[Propagator::B3], &Outgoing { sampled: false, carry, ..OUT });
+            assert_eq!(c.0.keys().collect::<Vec<_>>(), [&b"b3"[..]], "{headers:?}");
+        }
+        let mut carry = Carry::default();
+        extract(&map(&single), &[Propagator::B3], &mut carry);
+        assert!(!carry.b3_multi_seen);
 
         // Baggage: left as it came (properties, member count) unless set_baggage changed it;
         // written where the request has none.
