@@ -83,8 +83,12 @@ SELF = re.compile(r'envoy_http_conn_manager_prefix="admin"|^envoy_listener_admin
 
 def compare_with_admin(e: Envoy, port: int, flush_s: float = 1.0) -> tuple[dict, dict]:
     flushed_twice(e, flush_s)
-    ours = series(scrape(port)[2].decode())
-    admin = series(e.admin("/stats/prometheus"))
+    ours_text, admin_text = scrape(port)[2].decode(), e.admin("/stats/prometheus")
+    ours, admin = series(ours_text), series(admin_text)
+    # The same families and types, laid out as the admin does (1.40: no blank lines).
+    types = [{line for line in t.splitlines() if line.startswith("#")} for t in (ours_text, admin_text)]
+    assert types[0] == types[1], (sorted(types[0] ^ types[1])[:10])
+    assert ours_text.count("\n\n") == admin_text.count("\n\n"), (ours_text.count("\n\n"), admin_text.count("\n\n"))
     assert set(ours) == set(admin), (f"only admin: {sorted(set(admin) - set(ours))[:10]}; "
                                      f"only ours: {sorted(set(ours) - set(admin))[:10]}")
     diffs = [(k, admin[k], ours[k]) for k in admin if admin[k] != ours[k] and not SELF.search(k)]

@@ -243,9 +243,7 @@ fn families<'a, T>(
         }
         let name = meta(t).prom_name.as_deref().unwrap_or_default();
         if current != Some(name) {
-            if current.is_some() {
-                out.push(b'\n');
-            }
+            // Envoy 1.40's admin separates families by nothing but their `# TYPE` lines.
             out.extend_from_slice(b"# TYPE ");
             out.extend_from_slice(name.as_bytes());
             out.push(b' ');
@@ -254,9 +252,6 @@ fn families<'a, T>(
             current = Some(name);
         }
         series += line(t, name, out);
-    }
-    if current.is_some() {
-        out.push(b'\n');
     }
     series
 }
@@ -294,6 +289,28 @@ pub fn quantile(buckets: &[(f64, u64)], total: u64, q: f64) -> f64 {
         below = c;
     }
     buckets.last().map_or(f64::NAN, |b| b.0)
+}
+
+/// A quantile interpolated in its bucket, kept within what the interval's sum allows: samples
+/// are never negative, so none exceeds the sum, the least is at most the mean and the greatest
+/// at least the mean. All samples 0 (a sum of 0) gives 0s where the buckets alone would say
+/// half the first bound, and one sample gives its value.
+fn bounded(v: f64, q: f64, sum: f64, count: u64) -> f64 {
+    if v.is_nan() || count == 0 || !(sum >= 0.0) {
+        return v;
+    }
+    if count == 1 {
+        return sum;
+    }
+    let mean = sum / count as f64;
+    let v = v.clamp(0.0, sum);
+    if q == 0.0 {
+        v.min(mean)
+    } else if q == 1.0 {
+        v.max(mean)
+    } else {
+        v
+    }
 }
 
 const QUANTILES: [(f64, &str); 10] = [
@@ -402,7 +419,7 @@ pub fn render(s: &Stats, prev: Option<&Stats>, o: &Options, orders: &mut Orders,
                     let sum = if count == 0 { 0.0 } else { h.sum - p.map_or(0.0, |p| p.sum) };
                     for (q, qs) in QUANTILES {
                         sample(name, "", labels, Some(("quantile", qs.as_bytes())), out);
-                        fmt_g32(quantile(&interval, count, q), out);
+                        fmt_g32(bounded(quantile(&interval, count, q), q, sum, count), out);
                         out.push(b'\n');
                     }
                     (sum, count)
@@ -908,14 +925,22 @@ fn current(sh: &Shared, gzip: bool) -> Option<Arc<Vec<u8>>> {
 /// Whether an `Accept-Encoding` value accepts gzip: a `gzip` (or `*`) coding whose q-value
 /// is not 0 (`gzip;q=0` refuses it).
 fn accepts_gzip(v: &str) -> bool {
-    v.split(',').any(|coding| {
+    // RFC 9110 12.5.3: `gzip` listed decides by its own q-value; `*` covers only codings
+    // not listed (so `gzip;q=0, *` refuses gzip).
+    let (mut gzip, mut any) = (None, None);
+    for coding in v.split(',') {
         let mut parts = coding.split(';');
         let name = parts.next().unwrap_or("").trim();
         let q = parts
             .find_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
             .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0));
-        (name.eq_ignore_ascii_case("gzip") || name == "*") && q > 0.0
-    })
+        if name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip") {
+            gzip = Some(q);
+        } else if name == "*" {
+            any = Some(q);
+        }
+    }
+    gzip.or(any).is_some_and(|q| q > 0.0)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -985,6 +1010,16 @@ mod tests {
         let t = text(&prev, Some(&now));
         assert!(t.contains("envoy_http_rq_time_sum{} 3\n") && t.contains("envoy_http_rq_time_count{} 2\n"), "{t}");
         assert!(t.contains("envoy_http_rq_time{quantile=\"0\"} 0\n"), "{t}");
+        // Samples all 0 (below the first bound): 0s, not the bucket's midpoint; one sample: its
+        // value (the sum), not a point interpolated in its bucket.
+        let zeros = Hist { meta: meta.clone(), count: 40, sum: 0.0, buckets: vec![(0.5, 40), (1.0, 40)] };
+        let t = text(&snap(zeros), None);
+        assert!(t.contains("envoy_http_rq_time{quantile=\"0.5\"} 0\n"), "{t}");
+        assert!(t.contains("envoy_http_rq_time{quantile=\"1\"} 0\n"), "{t}");
+        let one = Hist { meta: meta.clone(), count: 1, sum: 3.0, buckets: vec![(1.0, 0), (5.0, 1)] };
+        let t = text(&snap(one), None);
+        assert!(t.contains("envoy_http_rq_time{quantile=\"0\"} 3\n"), "{t}");
+        assert!(t.contains("envoy_http_rq_time{quantile=\"1\"} 3\n"), "{t}");
     }
 
     #[test]
@@ -997,6 +1032,10 @@ mod tests {
             ("gzip; q=0.0, identity", false),
             ("identity", false),
             ("x-gzip-like", false),
+            ("gzip;q=0, *", false),
+            ("*;q=0, gzip", true),
+            ("*;q=0", false),
+            ("x-gzip", true),
         ] {
             assert_eq!(accepts_gzip(v), want, "{v}");
         }
@@ -1128,16 +1167,16 @@ mod tests {
         assert_eq!(series, text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count());
         let want = "# TYPE envoy_cluster_upstream_rq_total counter\n\
             envoy_cluster_upstream_rq_total{envoy_cluster_name=\"a\"} 3\n\
-            envoy_cluster_upstream_rq_total{envoy_cluster_name=\"b\"} 7\n\n\
+            envoy_cluster_upstream_rq_total{envoy_cluster_name=\"b\"} 7\n\
             # TYPE envoy_server_x_y counter\n\
-            envoy_server_x_y{} 0\n\n\
+            envoy_server_x_y{} 0\n\
             # TYPE envoy_http_downstream_rq_time histogram\n\
             envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"0.5\"} 1\n\
             envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"1\"} 2\n\
             envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"3600000\"} 4\n\
             envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"+Inf\"} 4\n\
             envoy_http_downstream_rq_time_sum{envoy_http_conn_manager_prefix=\"ingress\"} 12.5\n\
-            envoy_http_downstream_rq_time_count{envoy_http_conn_manager_prefix=\"ingress\"} 4\n\n";
+            envoy_http_downstream_rq_time_count{envoy_http_conn_manager_prefix=\"ingress\"} 4\n";
         assert_eq!(text, want);
         let mut out = Vec::new();
         assert_eq!(
