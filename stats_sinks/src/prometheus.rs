@@ -296,7 +296,7 @@ pub fn quantile(buckets: &[(f64, u64)], total: u64, q: f64) -> f64 {
 /// at least the mean. All samples 0 (a sum of 0) gives 0s where the buckets alone would say
 /// half the first bound, and one sample gives its value.
 fn bounded(v: f64, q: f64, sum: f64, count: u64) -> f64 {
-    if v.is_nan() || count == 0 || !(sum >= 0.0) {
+    if v.is_nan() || count == 0 || sum.is_nan() || sum < 0.0 {
         return v;
     }
     if count == 1 {
