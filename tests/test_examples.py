@@ -24,6 +24,8 @@ def test_example_validates(tmp_path, example):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "OK" in p.stdout + p.stderr
+    # Nothing a later Envoy removes (or a site failing on deprecated fields rejects).
+    assert "Deprecated field" not in p.stdout + p.stderr, re.findall(r".*Deprecated field.*", p.stdout + p.stderr)
 
 
 def test_there_are_examples():

@@ -61,17 +61,19 @@ def ours_config(rx: OtlpReceiver, **extra) -> dict:
 
 def tracing_listener(name: str, port: int, provider: dict, sampling: float = 100,
                      custom_tags: list | None = TAGS, start_child_span: bool = True, egress: bool = False,
-                     filters: list | None = None) -> dict:
+                     filters: list | None = None, spawn_upstream_span: bool = False) -> dict:
     """`/ok` to the upstream, `/down` to a dead one, `/direct` answered by Envoy, `/grpc<N>`
     answered by Envoy with `grpc-status: N`. `egress`: an outbound listener (Envoy then names
-    the HCM's span `egress <host>`)."""
+    the HCM's span `egress <host>`). `spawn_upstream_span`: the HCM's way to a client span per
+    upstream request (the router's `start_child_span` is deprecated in 1.40)."""
     grpc = [{"match": {"prefix": f"/grpc{n}"}, "direct_response": {"status": 200},
              "response_headers_to_add": [{"header": {"key": "grpc-status", "value": str(n)}}]} for n in (5, 14)]
     routes = [route("/ok", "backend", name="ok_route"), route("/down", "dead", name="down_route"),
               {"match": {"prefix": "/direct"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
               *grpc]
     lst = hcm_listener(name, port, routes, stat_prefix="ingress", http_filters=[*(filters or []), router(start_child_span)],
-                       tracing=hcm_tracing(provider, sampling, custom_tags))
+                       tracing=hcm_tracing(provider, sampling, custom_tags,
+                                           **({"spawn_upstream_span": True} if spawn_upstream_span else {})))
     if egress:
         lst["traffic_direction"] = "OUTBOUND"
     return lst
@@ -346,9 +348,11 @@ PARITY_CASES = {
 }
 
 
-def test_parity_with_builtin_tracer(tmp_path):
-    """The built-in tracer and ours (same service name, 100% sampling, start_child_span, the
-    same custom_tags) in one Envoy, one listener each, the same requests (same Host and
+@pytest.mark.parametrize("child", ["start_child_span", "spawn_upstream_span"])
+def test_parity_with_builtin_tracer(tmp_path, child):
+    """The built-in tracer and ours (same service name, 100% sampling, a client span per
+    upstream request — the router's `start_child_span`, or the HCM's `spawn_upstream_span` that
+    replaces it — the same custom_tags) in one Envoy, one listener each, the same requests (same Host and
     x-request-id): per request the same spans, parent/child structure, kinds, names, attribute
     keys, values and types, status, flags and trace_state. Incoming traceparent: continued by both.
     The upstream sees a traceparent whose parent-id is the CLIENT span's id, from both.
@@ -364,8 +368,9 @@ def test_parity_with_builtin_tracer(tmp_path):
       of times is compared).
     """
     with receivers("grpc", "grpc") as (theirs, mine), EchoUpstream() as up:
+        kw = {"start_child_span": False, "spawn_upstream_span": True} if child == "spawn_upstream_span" else {}
         e, ports = tracing_envoy(tmp_path, up, {"builtin": builtin_tracer(), "ours": our_tracer(ours_config(mine))},
-                                 builtin_rx=theirs)
+                                 builtin_rx=theirs, **kw)
         with e:
             for name, (path, args, status, _) in PARITY_CASES.items():
                 up.set_status(status)
