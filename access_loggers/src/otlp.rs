@@ -160,7 +160,15 @@ fn compile_map(
     path: &str,
     typed: bool,
 ) -> Result<Vec<(String, Node)>, ConfigError> {
-    m.iter().map(|(k, v)| Ok((k.clone(), Node::compile(v, &format!("{path}.{k}"), typed)?))).collect()
+    m.iter()
+        .map(|(k, v)| {
+            if k.is_empty() {
+                // OpenTelemetry attribute keys must be non-empty; strict consumers reject them.
+                return Err(ConfigError::new(path, "keys must not be empty"));
+            }
+            Ok((k.clone(), Node::compile(v, &format!("{path}.{k}"), typed)?))
+        })
+        .collect()
 }
 
 /// Writes `KeyValue`s as field `field`, leaving out absent values.
@@ -472,6 +480,8 @@ mod tests {
             (r#"{"body":"%NOPE%"}"#, "body"),
             (r#"{"attributes":{"a":"%REQ(x%"}}"#, "attributes.a"),
             (r#"{"attributes":{"a":[1]}}"#, "attributes.a"),
+            (r#"{"attributes":{"":"%PROTOCOL%"}}"#, "attributes"),
+            (r#"{"body":{"a":{"":"x"}}}"#, "body.a"),
             (r#"{"bogus":1}"#, "bogus"),
             (r#"{"retry":{"max_backoff_ms":"x"}}"#, "retry.max_backoff_ms"),
             (r#"{"filter":{"status_code":{}}}"#, "filter"),
