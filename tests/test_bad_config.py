@@ -23,6 +23,7 @@ CASES = {
                       "field `json_format.upstream: host.x`: unknown command operator %NOPE%"),
     "bad time format": ({"path": "{log}", "json_format": {"t": "%START_TIME(%Q)%"}}, "unsupported conversion"),
     "unclosed operator": ({"path": "{log}", "json_format": {"a": "%REQ(X"}}, "missing ')'"),
+    "bad header name": ({"path": "{log}", "json_format": {"a": "%REQ(X FOO)%"}}, "\"x foo\" is not a valid header name"),
     "unknown logger name": ("LOGGER:xml", "unknown logger \"xml\""),
 }
 

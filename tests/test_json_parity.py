@@ -309,6 +309,11 @@ DERIVED_FORMAT = {
     "start_utc_z": "%START_TIME(%z %Z)%",
     "emit": "%EMIT_TIME%",
     "emit_local": "%EMIT_TIME_LOCAL(%z|%Z)%",
+    # An empty header name is accepted and never present: the other one decides.
+    "req_empty_main": "%REQ(?USER-AGENT)%",
+    "req_empty_alt": "%REQ(X-NONE?)%",
+    "req_empty_alt_found": "%REQ(USER-AGENT?)%",
+    "start_ampm": "%START_TIME(%I %p %P)%",
 }
 
 

@@ -1247,14 +1247,31 @@ fn header_op(name: &str, kind: HeaderKind, arg: Option<&str>) -> Result<Op, Stri
     Ok(Op::Header { kind, names: header_names(name, arg)? })
 }
 
-/// The `HEADER` or `HEADER?ALTERNATIVE` argument of a header operator, lower-cased.
+/// The `HEADER` or `HEADER?ALTERNATIVE` argument of a header operator, lower-cased. As in Envoy
+/// 1.40, each name must be a valid HTTP/2 header name once lower-cased (token characters, a
+/// pseudo-header's one leading `:`) or empty (`%REQ(X?)%`, `%REQ(?Y)%`: an empty name is never
+/// present, so the other one decides).
 fn header_names(name: &str, arg: Option<&str>) -> Result<Vec<Vec<u8>>, String> {
     let arg = arg.filter(|a| !a.is_empty()).ok_or_else(|| format!("operator %{name}(...)% needs a header name"))?;
-    let names: Vec<Vec<u8>> = arg.split('?').map(|h| h.trim().to_ascii_lowercase().into_bytes()).collect();
-    if names.len() > 2 || names.iter().any(|n| n.is_empty()) {
+    let names: Vec<Vec<u8>> = arg.split('?').map(|h| h.to_ascii_lowercase().into_bytes()).collect();
+    if names.len() > 2 {
         return Err(format!("operator %{name}({arg})%: expected HEADER or HEADER?ALTERNATIVE"));
     }
+    if let Some(bad) = names.iter().find(|n| !valid_header_name(n)) {
+        return Err(format!("operator %{name}({arg})%: {:?} is not a valid header name", String::from_utf8_lossy(bad)));
+    }
     Ok(names)
+}
+
+/// An HTTP/2 header name (RFC 9113: lower-case token characters, RFC 9110 5.6.2), a pseudo-header
+/// with its one leading `:`, or empty.
+fn valid_header_name(n: &[u8]) -> bool {
+    let token = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(c);
+    match n {
+        [] => true,
+        [b':', rest @ ..] => !rest.is_empty() && rest.iter().all(token),
+        _ => n.iter().all(token),
+    }
 }
 
 fn time_fmt(name: &str, arg: Option<&str>) -> Result<TimeFormat, String> {

@@ -451,6 +451,30 @@ fn code_details_and_sni_are_sanitized_like_envoys() {
     assert_eq!(render(serde_json::json!({"sni": "%REQUESTED_SERVER_NAME%"}), false, &s)["sni"], "api.example-1.com");
 }
 
+#[test]
+fn header_names_follow_envoys_rules() {
+    // Accepted as Envoy 1.40 accepts them (checked against its file logger): token characters,
+    // one leading `:`, and an empty main or alternative name, which is never present.
+    let s = FakeStream::ok();
+    let v = render(
+        serde_json::json!({"a": "%REQ(?:METHOD)%", "b": "%REQ(:METHOD?)%", "c": "%REQ(X-NONE?)%", "d": "%REQ(?)%",
+                           "e": "%REQ(x!#$&'*+.^_`|~9)%"}),
+        false,
+        &s,
+    );
+    assert_eq!(
+        (&v["a"], &v["b"], &v["c"], &v["d"], &v["e"]),
+        (&"GET".into(), &"GET".into(), &serde_json::Value::Null, &serde_json::Value::Null, &serde_json::Value::Null)
+    );
+    for bad in
+        ["X FOO", " X-FOO", "x\"y", "x:y", "::x", ":", "x@y", "\u{e9}", "x/y", "x,y", "x;y", "x=y", "x[y]", "x\ty"]
+    {
+        let fmt = format!("%REQ({bad})%");
+        let e = JsonPlan::compile(serde_json::json!({ "v": fmt }).as_object().unwrap(), false).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("not a valid header name")), "{bad:?} accepted");
+    }
+}
+
 /// Envoy's long names for the header operators.
 #[test]
 fn header_operator_aliases() {

@@ -55,6 +55,8 @@ enum Tok {
     MonthShort,
     MonthLong,
     AmPm,
+    /// `am`/`pm`, `%P` (a GNU conversion Envoy's strftime serves).
+    AmPmLower,
     TzOffset,
     /// `+00:00`, `%Ez`.
     TzOffsetColon,
@@ -225,6 +227,7 @@ impl TimeFormat {
                 b'b' | b'h' => vec![Tok::MonthShort],
                 b'B' => vec![Tok::MonthLong],
                 b'p' => vec![Tok::AmPm],
+                b'P' => vec![Tok::AmPmLower],
                 b'z' => vec![Tok::TzOffset],
                 b'Z' => vec![Tok::TzName],
                 b'F' => expand("%Y-%m-%d")?,
@@ -441,6 +444,7 @@ impl TimeFormat {
                 Tok::MonthShort => out.extend_from_slice(MON_SHORT[(m - 1) as usize].as_bytes()),
                 Tok::MonthLong => out.extend_from_slice(MON_LONG[(m - 1) as usize].as_bytes()),
                 Tok::AmPm => out.extend_from_slice(if hh < 12 { b"AM" } else { b"PM" }),
+                Tok::AmPmLower => out.extend_from_slice(if hh < 12 { b"am" } else { b"pm" }),
                 Tok::TzOffset => write_offset(out, zone.off, false),
                 Tok::TzName => out.extend_from_slice(zone.name()),
             }
