@@ -61,6 +61,110 @@ enum Tok {
     /// `+00:00`, `%Ez`.
     TzOffsetColon,
     TzName,
+    /// A conversion with strftime's flags or a field width (`%-d`, `%_5H`, `%^a`, `%10B`).
+    Flagged(Box<(Tok, Flags)>),
+}
+
+/// strftime's flags and field width on one conversion, as glibc (which Envoy's absl hands
+/// these conversions to) applies them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Flags {
+    /// The last of `-` (no padding), `_` (spaces), `0` (zeros); 0 when none was given.
+    pad: u8,
+    /// `^`: upper case.
+    upper: bool,
+    /// `#`: the other case (upper for names, lower for `%p` and `%Z`).
+    swap: bool,
+    /// The field width; 0 when none was given.
+    width: u16,
+}
+
+impl Tok {
+    /// For a number: its digits without a width and whether it pads with spaces (`%e`, `%k`,
+    /// `%l`). None for a name.
+    fn number_digits(&self) -> Option<(usize, bool)> {
+        Some(match self {
+            Tok::Year | Tok::IsoYear => (4, false),
+            Tok::DayOfYear => (3, false),
+            Tok::WeekdayIso | Tok::WeekdayNum => (1, false),
+            Tok::DaySpace | Tok::HourSpace | Tok::Hour12Space => (2, true),
+            Tok::Year2
+            | Tok::Month
+            | Tok::Day
+            | Tok::Hour
+            | Tok::Hour12
+            | Tok::Min
+            | Tok::Sec
+            | Tok::IsoWeek
+            | Tok::IsoYear2
+            | Tok::WeekSun
+            | Tok::WeekMon
+            | Tok::Century => (2, false),
+            _ => return None,
+        })
+    }
+
+    /// Whether rendering needs the calendar date.
+    fn needs_date(&self) -> bool {
+        match self {
+            Tok::Flagged(f) => f.0.needs_date(),
+            t => matches!(
+                t,
+                Tok::Year
+                    | Tok::Year2
+                    | Tok::Month
+                    | Tok::Day
+                    | Tok::DaySpace
+                    | Tok::DayOfYear
+                    | Tok::MonthShort
+                    | Tok::MonthLong
+                    | Tok::IsoWeek
+                    | Tok::IsoYear
+                    | Tok::IsoYear2
+                    | Tok::WeekSun
+                    | Tok::WeekMon
+                    | Tok::Century
+            ),
+        }
+    }
+}
+
+impl Flags {
+    /// Reworks the default rendering of `tok` at `out[at..]` as the flags ask (glibc's rules,
+    /// each checked against Envoy's output).
+    fn apply(&self, tok: &Tok, out: &mut Vec<u8>, at: usize) {
+        let width = self.width as usize;
+        let (fill, target) = match tok.number_digits() {
+            Some((digits, spaces)) => {
+                // The number's own digits, then padded afresh: `-` pads only up to an explicit
+                // width (with spaces); otherwise to the width or the default digits, whichever
+                // is more, with the flag's fill or the conversion's own.
+                let lead = out[at..].iter().take_while(|&&c| c == b' ' || c == b'0').count();
+                let lead = lead.min(out.len() - at - 1);
+                out.drain(at..at + lead);
+                match self.pad {
+                    b'-' => (b' ', width),
+                    b'_' => (b' ', width.max(digits)),
+                    b'0' => (b'0', width.max(digits)),
+                    _ => (if spaces { b' ' } else { b'0' }, width.max(digits)),
+                }
+            }
+            None => {
+                let name = &mut out[at..];
+                let lower_on_swap = matches!(tok, Tok::AmPm | Tok::AmPmLower);
+                if self.swap && lower_on_swap {
+                    name.make_ascii_lowercase();
+                } else if (self.swap || self.upper) && !matches!(tok, Tok::AmPmLower) {
+                    name.make_ascii_uppercase();
+                }
+                (if self.pad == b'0' { b'0' } else { b' ' }, width)
+            }
+        };
+        let len = out.len() - at;
+        if target > len {
+            out.splice(at..at, std::iter::repeat_n(fill, target - len));
+        }
+    }
 }
 
 /// A compiled time format.
@@ -178,6 +282,12 @@ impl TimeFormat {
                 continue;
             }
             let Some(&c) = b.get(i + 1) else { return Err(format!("time format {fmt:?} ends with a lone %")) };
+            if let Some((tok, len)) = flagged(fmt, &b[i + 1..])? {
+                flush(&mut lit, &mut toks);
+                toks.push(tok);
+                i += 1 + len;
+                continue;
+            }
             let mut adv = 2;
             // absl's alternative forms: `%Ec`, `%Od`, ... print as the plain conversion here
             // (Envoy formats in the C locale); `%E<digit>S`, `%E*S`, `%E<digit>f`, `%E*f` and
@@ -367,25 +477,7 @@ impl TimeFormat {
         let sod = wall.rem_euclid(86_400) as u32;
         // The calendar date only for tokens that need it (the cached-prefix path renders just
         // the sub-second tail).
-        let needs_date = toks.iter().any(|t| {
-            matches!(
-                t,
-                Tok::Year
-                    | Tok::Year2
-                    | Tok::Month
-                    | Tok::Day
-                    | Tok::DaySpace
-                    | Tok::DayOfYear
-                    | Tok::MonthShort
-                    | Tok::MonthLong
-                    | Tok::IsoWeek
-                    | Tok::IsoYear
-                    | Tok::IsoYear2
-                    | Tok::WeekSun
-                    | Tok::WeekMon
-                    | Tok::Century
-            )
-        });
+        let needs_date = toks.iter().any(Tok::needs_date);
         let (y, m, d) = if needs_date { civil_from_days(days) } else { (1970, 1, 1) };
         let (hh, mm, ss) = (sod / 3600, sod / 60 % 60, sod % 60);
         for t in toks {
@@ -447,9 +539,79 @@ impl TimeFormat {
                 Tok::AmPmLower => out.extend_from_slice(if hh < 12 { b"am" } else { b"pm" }),
                 Tok::TzOffset => write_offset(out, zone.off, false),
                 Tok::TzName => out.extend_from_slice(zone.name()),
+                Tok::Flagged(f) => {
+                    let at = out.len();
+                    self.write_toks(std::slice::from_ref(&f.0), unix_ns, zone, out);
+                    f.1.apply(&f.0, out, at);
+                }
             }
         }
     }
+}
+
+/// A conversion with strftime flags (`_-0^#`) or a field width, `rest` being what follows
+/// its `%`: the token and the bytes it took, or None when `rest` has neither (Envoy's `%3f`
+/// is a fraction, not a width). Flags on conversions glibc renders oddly (`%z`, `%Z`), on
+/// Envoy's own (`%s`, `%f`) and on composite ones are refused rather than rendered differently.
+fn flagged(fmt: &str, rest: &[u8]) -> Result<Option<(Tok, usize)>, String> {
+    let mut f = Flags { pad: 0, upper: false, swap: false, width: 0 };
+    let mut n = 0;
+    while let Some(&c) = rest.get(n) {
+        match c {
+            b'-' | b'_' | b'0' => f.pad = c,
+            b'^' => f.upper = true,
+            b'#' => f.swap = true,
+            _ => break,
+        }
+        n += 1;
+    }
+    let digits = rest[n..].iter().take_while(|c| c.is_ascii_digit()).count();
+    if n == 0 && (digits == 0 || rest.get(digits) == Some(&b'f')) {
+        return Ok(None);
+    }
+    if digits > 0 {
+        f.width = std::str::from_utf8(&rest[n..n + digits])
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .filter(|w| *w <= 1024)
+            .ok_or_else(|| format!("time format {fmt:?}: a field width over 1024"))?;
+        n += digits;
+    }
+    let tok = match rest.get(n) {
+        Some(b'Y') => Tok::Year,
+        Some(b'y') => Tok::Year2,
+        Some(b'm') => Tok::Month,
+        Some(b'd') => Tok::Day,
+        Some(b'e') => Tok::DaySpace,
+        Some(b'H') => Tok::Hour,
+        Some(b'I') => Tok::Hour12,
+        Some(b'M') => Tok::Min,
+        Some(b'S') => Tok::Sec,
+        Some(b'j') => Tok::DayOfYear,
+        Some(b'u') => Tok::WeekdayIso,
+        Some(b'w') => Tok::WeekdayNum,
+        Some(b'V') => Tok::IsoWeek,
+        Some(b'G') => Tok::IsoYear,
+        Some(b'g') => Tok::IsoYear2,
+        Some(b'U') => Tok::WeekSun,
+        Some(b'W') => Tok::WeekMon,
+        Some(b'C') => Tok::Century,
+        Some(b'k') => Tok::HourSpace,
+        Some(b'l') => Tok::Hour12Space,
+        Some(b'a') => Tok::WeekdayShort,
+        Some(b'A') => Tok::WeekdayLong,
+        Some(b'b' | b'h') => Tok::MonthShort,
+        Some(b'B') => Tok::MonthLong,
+        Some(b'p') => Tok::AmPm,
+        Some(b'P') => Tok::AmPmLower,
+        // `%Z` with flags is not refused by Envoy, but glibc then names the process's local
+        // zone even for UTC times (absl leaves `tm_zone` unset): not worth copying.
+        _ => {
+            let shown = String::from_utf8_lossy(&rest[..(n + 1).min(rest.len())]).into_owned();
+            return Err(format!("time format {fmt:?}: flags or a width are not supported on \"%{shown}\""));
+        }
+    };
+    Ok(Some((Tok::Flagged(Box::new((tok, f))), n + 1)))
 }
 
 /// `+hhmm` (`%z`) or `+hh:mm` (`%Ez`), as absl prints an offset.
@@ -687,6 +849,50 @@ mod tests {
         let mut out = Vec::new();
         TimeFormat::compile(DEFAULT_LOCAL).unwrap().local().write(ns, &mut out);
         assert_eq!(out.len(), "2026-11-23T19:43:23.304+0000".len(), "{}", String::from_utf8_lossy(&out));
+    }
+
+    /// strftime's flags and widths as Envoy 1.40 printed them for 2026-11-25 03:31 UTC (2,081
+    /// combinations of 13 flag sets, 6 widths and 26 conversions matched it in one run); here
+    /// a sample, with single digits and zeros, which that instant did not have.
+    #[test]
+    fn flags_and_widths_print_what_envoy_prints() {
+        let ns = 1_795_577_493_558_656_000; // Wed 2026-11-25 03:31:33 UTC
+        for (spec, envoy) in [
+            ("%-H", "3"),
+            ("%_H", " 3"),
+            ("%0k", "03"),
+            ("%#k", " 3"),
+            ("%1H", "03"),
+            ("%3d", "025"),
+            ("%_3d", " 25"),
+            ("%-10d", "        25"),
+            ("%10k", "         3"),
+            ("%0_H", " 3"),
+            ("%_0H", "03"),
+            ("%3Y", "2026"),
+            ("%_10Y", "      2026"),
+            ("%03u", "003"),
+            ("%^a", "WED"),
+            ("%#A", "WEDNESDAY"),
+            ("%-^b", "NOV"),
+            ("%010a", "0000000Wed"),
+            ("%0_10a", "       Wed"),
+            ("%#p", "am"),
+            ("%^P", "am"),
+            ("%03p", "0AM"),
+            ("%^#p", "am"),
+            ("%-d/%-m %-I:%M %P", "25/11 3:31 am"),
+        ] {
+            assert_eq!(fmt(spec, ns), envoy, "{spec}");
+        }
+        // Zeros keep one digit; a value of 10 loses no zero of its own.
+        let midnight = 1_795_564_800_000_000_000; // 2026-11-25 00:00:00
+        assert_eq!(fmt("%-H:%-M:%-S %_M %-I", midnight), "0:0:0  0 12");
+        assert_eq!(fmt("%-d %-m", midnight - 86_400 * 1_000_000_000 * 15), "10 11");
+        for refused in ["%-z", "%^Z", "%-s", "%_3f", "%-F", "%-Ey", "%2000d"] {
+            assert!(TimeFormat::compile(refused).is_err(), "{refused}");
+        }
+        assert_eq!(fmt("%3f|%E3S", ns), "558|33.558", "Envoy's own digits are not widths");
     }
 
     #[test]
