@@ -187,6 +187,38 @@ def test_stdout_that_is_a_socket(tmp_path):
     assert json.loads(line) == {"code": 200, "p": "/via-socket"}
 
 
+def test_a_stdout_pipe_nobody_reads_costs_counted_drops_and_a_bounded_shutdown(tmp_path):
+    """Envoy's stdout a pipe whose reader stalled (a hung log shipper): the flush thread must not
+    sit in a write(2) for good. The counters keep moving while it waits (records logged, and the
+    drops once the small queue is full), Envoy keeps serving, and shutdown ends by the drain
+    deadline with every record accounted for."""
+    rd, wr = os.pipe()
+    port = free_port()
+    lst = direct_response_listener("l", port)
+    lst["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = [our_json_logger({
+        "path": "/dev/stdout", "queue_capacity": 64, "flush_interval_ms": 50,
+        "json_format": {"p": "%REQ(:PATH)%", "pad": "x" * 1500}})]
+    n = 600
+    try:
+        e = Envoy(tmp_path, {"listeners": [lst]}, stdout=wr)
+        with e:
+            os.close(wr)
+            for i in range(n):
+                assert curl(f"http://127.0.0.1:{port}/r{i}").stdout == "200"
+            s = poll_until(lambda: (lambda s: s if s["records_logged"] == n else None)(
+                {k.rsplit(".", 1)[1]: v for k, v in e.stats("obs.access_log.json").items()}), timeout=5,
+                what="records_logged while the write waits")
+            assert s["records_dropped"] > 0 and s["queue_depth"] > 0, s
+            t0 = time.monotonic()
+            e.quit()
+            took = time.monotonic() - t0
+            log = e.log()
+    finally:
+        os.close(rd)
+    assert took < 8, took
+    assert "did not stop within" not in log, log[-2000:]
+
+
 def test_listeners_sharing_a_stdout_pipe_never_split_lines(tmp_path):
     """Two listeners, each with its own logger config on `/dev/stdout`, with Envoy's stdout a
     pipe (Docker, Kubernetes): the two flush threads write drains far larger than a pipe takes

@@ -12,7 +12,8 @@ use serde::Deserialize;
 use envoy_obs_common::config::{parse, ConfigError};
 use envoy_obs_common::export::file::{check_writable, open_append, LogFile};
 use envoy_obs_common::ffi::access_log::Stream;
-use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Reporter};
+use envoy_obs_common::pipeline::{Batch, Exporter, Heartbeat, Outcome, Reporter};
+use envoy_obs_common::stop::StopSignal;
 
 use crate::filter::{Filter, FilterSpec};
 use crate::format::{BulkHeaders, Ctx, JsonPlan};
@@ -130,6 +131,8 @@ pub fn start<R: Reporter>(c: Compiled, validation: bool, slots: usize, reporter:
             out: Vec::with_capacity(WRITE_BUFFER + 64 * 1024),
             pending: 0,
             scratch: Vec::with_capacity(256),
+            stop: StopSignal::default(),
+            heartbeat: None,
         })
     };
     let common = Common {
@@ -164,6 +167,9 @@ struct JsonFileExporter {
     out: Vec<u8>,
     pending: u64,
     scratch: Vec<u8>,
+    /// Shutdown's deadline: a write waiting on a pipe nobody reads gives up by it.
+    stop: StopSignal,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl JsonFileExporter {
@@ -173,7 +179,16 @@ impl JsonFileExporter {
             return Outcome::default();
         }
         // One record is one line (rendering escapes every newline).
-        let written = match self.file.write(&self.out) {
+        // A pipe whose reader stalled: the counters keep being published while the write
+        // waits, and the wait ends at shutdown's deadline (the rest counts as write errors).
+        let (stop, heartbeat) = (&self.stop, &self.heartbeat);
+        let mut waiting = || {
+            if let Some(h) = heartbeat {
+                h.beat();
+            }
+            stop.deadline().is_none_or(|d| std::time::Instant::now() < d)
+        };
+        let written = match self.file.write(&self.out, &mut waiting) {
             Ok(()) => n,
             Err(whole) => lines_in(&self.out[..whole]).min(n),
         };
@@ -206,6 +221,15 @@ impl Exporter for JsonFileExporter {
         let o = self.write_out();
         self.file.maybe_reopen(false);
         o
+    }
+    fn draining(&mut self, deadline: std::time::Instant) {
+        self.stop.stop_by(deadline);
+    }
+    fn stop_signal(&self) -> Option<StopSignal> {
+        Some(self.stop.clone())
+    }
+    fn set_heartbeat(&mut self, heartbeat: Heartbeat) {
+        self.heartbeat = Some(heartbeat);
     }
 }
 

@@ -108,10 +108,12 @@ pub struct LogFile {
     /// Shared by every `LogFile` of this process writing to the same file.
     lock: Arc<Mutex<()>>,
     rotatable: bool,
-    /// A pipe (stdout under Docker or Kubernetes): written in line-aligned chunks the kernel
-    /// writes whole, so another process's writer on it (Envoy's own file logger) cannot land
-    /// inside our lines.
-    pipe: bool,
+    /// Not a regular file: a pipe (stdout under Docker or Kubernetes), a socket (systemd's
+    /// journal), a terminal. Written in line-aligned chunks of at most `PIPE_BUF`, which a pipe
+    /// takes whole (another process's writer on it, Envoy's own file logger, cannot land inside
+    /// our lines), each only once `poll` says it fits: a reader that stops reading must not hold
+    /// the flush thread in a `write` for good.
+    stream: bool,
     last_check: Instant,
     /// When a failed reopen was last logged.
     last_warning: Option<Instant>,
@@ -124,7 +126,7 @@ impl LogFile {
         let identity = meta.as_ref().map(|m| (m.dev(), m.ino()));
         // Character devices and pipes (/dev/stdout) are not rotated.
         let rotatable = meta.as_ref().is_some_and(|m| m.is_file());
-        let pipe = meta.as_ref().is_some_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+        let stream = meta.as_ref().is_some_and(|m| !m.is_file());
         let lock = write_lock(identity);
         LogFile {
             path,
@@ -132,7 +134,7 @@ impl LogFile {
             identity,
             lock,
             rotatable,
-            pipe,
+            stream,
             last_check: Instant::now(),
             last_warning: None,
         }
@@ -183,15 +185,20 @@ impl LogFile {
     /// Appends `data` (whole lines) to the file, reopening it first if it was rotated. On
     /// error the handle is dropped so the next write retries the open, and the error is how
     /// many leading bytes of `data` are in the file as whole lines (a disk that fills up mid-way
-    /// takes some; the line it split is cut off again).
-    pub fn write(&mut self, data: &[u8]) -> Result<(), usize> {
+    /// takes some; the line it split is cut off again). On a pipe or socket that has no room,
+    /// `waiting` is called about every 200 ms until it does; when `waiting` returns false the
+    /// write gives up (an error, as above).
+    pub fn write(&mut self, data: &[u8], waiting: &mut dyn FnMut() -> bool) -> Result<(), usize> {
         // One stat per write (a write carries a whole drain, not a record): lines never go into
         // a file that was removed since the last write.
         self.maybe_reopen(true);
         // Another writer's lines never land inside ours, nor between our torn tail and its cut.
         let _turn = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let r = match self.file.as_mut() {
-            Some(f) if self.pipe => append_in_pipe_chunks(f, data).map_err(|t| t.whole),
+            Some(f) if self.stream => {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+                append_in_pipe_chunks(f, data, &mut || writable(fd, waiting)).map_err(|t| t.whole)
+            }
             Some(f) => append_lines(f, data).map_err(|Torn { whole, last }| {
                 // A failed write (disk full) may have appended part of a line: cut that part
                 // off, so no line is ever split and the failed lines are counted once.
@@ -244,8 +251,9 @@ const PIPE_BUF: usize = 4096;
 
 /// [`append_lines`] in chunks of whole lines no bigger than [`PIPE_BUF`], each of which the
 /// kernel writes to a pipe without interleaving another writer's data; a longer line goes on
-/// its own (and may still be split by a concurrent writer).
-fn append_in_pipe_chunks<W: Write>(w: &mut W, data: &[u8]) -> Result<(), Torn> {
+/// its own, in pieces of `PIPE_BUF` (and may still be split by a concurrent writer). Before each
+/// write `ready` must say there is room; when it says no, the write stops there.
+fn append_in_pipe_chunks<W: Write>(w: &mut W, data: &[u8], ready: &mut dyn FnMut() -> bool) -> Result<(), Torn> {
     let mut start = 0;
     while start < data.len() {
         let limit = (start + PIPE_BUF).min(data.len());
@@ -257,10 +265,43 @@ fn append_in_pipe_chunks<W: Write>(w: &mut W, data: &[u8]) -> Result<(), Torn> {
                 None => data[start..].iter().position(|&c| c == b'\n').map_or(data.len(), |i| start + i + 1),
             }
         };
-        append_lines(w, &data[start..end]).map_err(|t| Torn { whole: start + t.whole, last: t.last })?;
+        // A chunk is whole lines in one piece, or one long line in several: lines end inside
+        // a piece only in the first case.
+        let mut done = start;
+        while done < end {
+            let piece = (end - done).min(PIPE_BUF);
+            if !ready() {
+                return Err(Torn { whole: start, last: (done - start) as u64 });
+            }
+            append_lines(w, &data[done..done + piece]).map_err(|t| Torn {
+                whole: if t.whole > 0 { done + t.whole } else { start },
+                last: if t.whole > 0 { t.last } else { (done - start) as u64 + t.last },
+            })?;
+            done += piece;
+        }
         start = end;
     }
     Ok(())
+}
+
+/// Waits until a write of up to [`PIPE_BUF`] bytes to `fd` would not block, calling `waiting`
+/// every 200 ms meanwhile; false as soon as `waiting` does. An error or hang-up counts as
+/// ready: the write then reports it.
+fn writable(fd: std::os::fd::RawFd, waiting: &mut dyn FnMut() -> bool) -> bool {
+    loop {
+        let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+        // SAFETY: `p` is one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, 200) };
+        if r != 0 {
+            if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return true;
+        }
+        if !waiting() {
+            return false;
+        }
+    }
 }
 
 /// Removes the `torn` bytes our last write left at the end of the file, but only while they are
@@ -301,14 +342,14 @@ mod tests {
         data.extend_from_slice(long.as_bytes());
         data.extend_from_slice(b"{\"tail\":1}\n");
         let mut w = Calls::default();
-        append_in_pipe_chunks(&mut w, &data).unwrap();
+        append_in_pipe_chunks(&mut w, &data, &mut || true).unwrap();
         assert_eq!(w.0.concat(), data);
-        assert!(w.0.iter().all(|c| c.ends_with(b"\n")), "every piece ends a line");
-        assert!(
-            w.0.iter().filter(|c| c.len() > PIPE_BUF).all(|c| c == long.as_bytes()),
-            "only the long line goes over"
-        );
-        assert!(w.0.len() >= data.len() / PIPE_BUF, "{}", w.0.len());
+        assert!(w.0.iter().all(|c| c.len() <= PIPE_BUF), "no write the pipe may block in for good");
+        // Every piece ends a line, but those of the line longer than the pipe's atomic size.
+        let ends: Vec<bool> = w.0.iter().map(|c| c.ends_with(b"\n")).collect();
+        let long_pieces = long.len().div_ceil(PIPE_BUF);
+        assert_eq!(ends.iter().filter(|e| !**e).count(), long_pieces - 1, "{ends:?}");
+        assert!(w.0.iter().filter(|c| !c.ends_with(b"\n")).all(|c| c.iter().all(|&b| b == b'L')));
     }
 
     /// A writer that takes `room` bytes, at most `per_call` per call, then fails like a full disk.
@@ -419,7 +460,7 @@ mod tests {
                     let mut lf = LogFile::new(PathBuf::from("/dev/null/pipe"), f);
                     let drain: Vec<u8> = (0..300).flat_map(|_| line(c)).collect();
                     for _ in 0..8 {
-                        lf.write(&drain).unwrap();
+                        lf.write(&drain, &mut || true).unwrap();
                     }
                 })
             })
@@ -443,12 +484,41 @@ mod tests {
         assert!(lines.iter().all(|l| *l == line(b'a').as_slice() || *l == line(b'b').as_slice()));
     }
 
+    /// A pipe whose reader stopped reading: the write waits (asking `waiting` every 200 ms)
+    /// instead of blocking for good, and gives up when told, saying how many whole lines got in.
+    #[test]
+    fn a_write_to_a_stalled_pipe_waits_and_can_give_up() {
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills the two descriptors, which the Files below then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors from pipe(2), each owned by exactly one File.
+        let (mut rd, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let mut lf = LogFile::new(PathBuf::from("/dev/null/pipe"), wr);
+        let line = format!("{}\n", "x".repeat(99));
+        let data = line.repeat(10_000); // 1 MB: 16 times what the pipe holds
+        let (start, mut waits) = (Instant::now(), 0);
+        let whole = lf.write(data.as_bytes(), &mut || {
+            waits += 1;
+            waits < 3
+        });
+        let whole = whole.expect_err("gave up");
+        assert_eq!(waits, 3);
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        assert!(whole > 0 && whole.is_multiple_of(line.len()), "{whole}");
+        // What got in is those whole lines, and the pipe still works.
+        let mut got = vec![0u8; whole];
+        rd.read_exact(&mut got).unwrap();
+        assert!(got.split_inclusive(|&c| c == b'\n').all(|l| l == line.as_bytes()));
+    }
+
     #[test]
     fn appends() {
         let d = tmpdir("write");
         let p = d.join("a.log");
         let mut f = LogFile::new(p.clone(), open_append(&p).unwrap());
-        assert!(f.write(b"a\n").is_ok() && f.write(b"b\n").is_ok());
+        assert!(f.write(b"a\n", &mut || true).is_ok() && f.write(b"b\n", &mut || true).is_ok());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "a\nb\n");
     }
 
@@ -457,11 +527,11 @@ mod tests {
         let d = tmpdir("rotate");
         let p = d.join("a.log");
         let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
-        let _ = e.write(b"1\n");
+        let _ = e.write(b"1\n", &mut || true);
         std::fs::rename(&p, d.join("a.log.1")).unwrap();
-        let _ = e.write(b"2\n"); // may still land in the renamed file
+        let _ = e.write(b"2\n", &mut || true); // may still land in the renamed file
         e.maybe_reopen(true);
-        let _ = e.write(b"3\n");
+        let _ = e.write(b"3\n", &mut || true);
         let old = std::fs::read_to_string(d.join("a.log.1")).unwrap();
         let new = std::fs::read_to_string(&p).unwrap();
         assert_eq!(format!("{old}{new}"), "1\n2\n3\n");
@@ -473,10 +543,10 @@ mod tests {
         let d = tmpdir("remove");
         let p = d.join("a.log");
         let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
-        let _ = e.write(b"1\n");
+        let _ = e.write(b"1\n", &mut || true);
         std::fs::remove_file(&p).unwrap();
         e.maybe_reopen(true);
-        let _ = e.write(b"2\n");
+        let _ = e.write(b"2\n", &mut || true);
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "2\n");
     }
 
@@ -485,13 +555,17 @@ mod tests {
         let d = tmpdir("unwritable");
         let p = d.join("a.log");
         let mut e = LogFile::new(p.clone(), open_append(&p).unwrap());
-        assert!(e.write(b"one\n").is_ok());
+        assert!(e.write(b"one\n", &mut || true).is_ok());
         std::fs::remove_file(&p).unwrap();
         std::fs::remove_dir(&d).unwrap();
         e.maybe_reopen(true);
-        assert_eq!(e.write(b"lost\n"), Err(0), "writing into a deleted file would lose the line uncounted");
+        assert_eq!(
+            e.write(b"lost\n", &mut || true),
+            Err(0),
+            "writing into a deleted file would lose the line uncounted"
+        );
         std::fs::create_dir_all(&d).unwrap();
-        assert!(e.write(b"two\n").is_ok());
+        assert!(e.write(b"two\n", &mut || true).is_ok());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "two\n");
     }
 
