@@ -268,9 +268,12 @@ def test_disk_full(tmp_path, writers):
                     c["records_written"] + c["write_errors"] + c["records_dropped"] == n * writers
                 return c if done else None
             c = poll_until(st, timeout=20, what="accounted")
+            log = e.log()
         lines = [json.loads(line) for line in path.read_bytes().splitlines()]
         assert len(lines) == c["records_written"], (len(lines), c)
         assert c["write_errors"] > 0, "the disk did fill up"
+        # The counter says how many; Envoy's log says why.
+        assert f"writing to {path} failed: No space left on device" in log, log[-3000:]
         record("JSON log disk full (256 KiB tmpfs" + (", two loggers on one file)" if writers > 1 else ")"),
                produced=n * writers, exported=len(lines), dropped=c["records_dropped"], failed=c["write_errors"])
     finally:

@@ -3,6 +3,7 @@
 //! totals and, for OTLP signals, the export counters, as deltas from the flush thread.
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::envoy_log;
 use crate::ffi::LogLevel;
@@ -66,6 +67,38 @@ struct ExportIds {
     latency_p50: GaugeId,
     latency_p99: GaugeId,
     last: [u64; 4],
+    latency: Window,
+}
+
+/// How long each half of a [`Window`] lasts.
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// The recent part of a cumulative histogram: what was added over the last one to two
+/// [`WINDOW`]s. Quantile gauges read it, so they follow what happens now — over the whole
+/// process lifetime a p99 would hardly move in an outage after a week of uptime.
+struct Window {
+    /// The histogram when the previous and the current window began.
+    starts: [Vec<u64>; 2],
+    began: Instant,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window { starts: [vec![0; BUCKETS], vec![0; BUCKETS]], began: Instant::now() }
+    }
+
+    /// p50 and p99 of what `cumulative` gained over the last one to two windows (0 when
+    /// nothing did).
+    fn quantiles(&mut self, cumulative: &[u64]) -> (u64, u64) {
+        if self.began.elapsed() >= WINDOW {
+            self.starts.swap(0, 1);
+            self.starts[1].clear();
+            self.starts[1].extend_from_slice(cumulative);
+            self.began = Instant::now();
+        }
+        let recent: Vec<u64> = cumulative.iter().zip(&self.starts[0]).map(|(c, s)| c.saturating_sub(*s)).collect();
+        (quantile(&recent, 0.5), quantile(&recent, 0.99))
+    }
 }
 
 /// Publishes [`Totals`] (and export counters) as Envoy stats; runs on the flush thread.
@@ -75,6 +108,7 @@ pub struct PipelineMetrics<M: Metrics> {
     total: Option<CounterId>,
     queue_depth: GaugeId,
     worker_ns: Option<(CounterId, GaugeId, GaugeId)>,
+    busy: Window,
     export: Option<ExportIds>,
     last: Totals,
     /// This config's share of the shared `queue_depth` gauge (shared with [`Reporter::retire`]).
@@ -82,6 +116,8 @@ pub struct PipelineMetrics<M: Metrics> {
     /// Highest (queued + dropped) and (queued + dropped + skipped) published so far.
     seen: [u64; 2],
     label: String,
+    /// When drops were last logged, and the dropped count then.
+    warned: Option<(Instant, u64)>,
 }
 
 impl<M: Metrics> PipelineMetrics<M> {
@@ -99,6 +135,7 @@ impl<M: Metrics> PipelineMetrics<M> {
                 latency_p50: g("export_latency_ms_p50")?,
                 latency_p99: g("export_latency_ms_p99")?,
                 last: [0; 4],
+                latency: Window::new(),
             }),
             None => None,
         };
@@ -112,11 +149,13 @@ impl<M: Metrics> PipelineMetrics<M> {
             } else {
                 None
             },
+            busy: Window::new(),
             export,
             last: Totals::default(),
             depth: Default::default(),
             seen: [0; 2],
             label: n.label.clone(),
+            warned: None,
         })
     }
 }
@@ -142,8 +181,9 @@ impl<M: Metrics> Reporter for PipelineMetrics<M> {
         m.shift(self.queue_depth, self.depth.swap(t.queue_depth, Relaxed), t.queue_depth);
         if let Some((total, p50, p99)) = self.worker_ns {
             m.add(total, t.busy_ns - l.busy_ns);
-            m.set(p50, quantile(&t.busy_hist, 0.5));
-            m.set(p99, quantile(&t.busy_hist, 0.99));
+            let (q50, q99) = self.busy.quantiles(&t.busy_hist);
+            m.set(p50, q50);
+            m.set(p99, q99);
         }
         if let Some(e) = &mut self.export {
             let s = &e.stats;
@@ -159,15 +199,21 @@ impl<M: Metrics> Reporter for PipelineMetrics<M> {
             e.last = now;
             let mut hist = vec![0; BUCKETS];
             s.latency_us.accumulate(&mut hist);
-            m.set(e.latency_p50, quantile(&hist, 0.5) / 1000);
-            m.set(e.latency_p99, quantile(&hist, 0.99) / 1000);
+            let (q50, q99) = e.latency.quantiles(&hist);
+            m.set(e.latency_p50, q50 / 1000);
+            m.set(e.latency_p99, q99 / 1000);
         }
-        if l.dropped == 0 && t.dropped > 0 {
+        // Each overload is logged (at most once a minute), not just the first of a lifetime.
+        let since = self.warned.map_or(0, |w| w.1);
+        if t.dropped > since && self.warned.is_none_or(|w| w.0.elapsed() >= WINDOW) {
             envoy_log!(
                 LogLevel::Warn,
-                "envoy-obs {}: queue full, dropping new records (see the dropped counter; raise queue_capacity)",
-                self.label
+                "envoy-obs {}: queue full, {} new records dropped{} (see the dropped counter; raise queue_capacity)",
+                self.label,
+                t.dropped - since,
+                if self.warned.is_some() { " since the last warning" } else { "" }
             );
+            self.warned = Some((Instant::now(), t.dropped));
         }
         self.last = t.clone();
     }
@@ -176,7 +222,19 @@ impl<M: Metrics> Reporter for PipelineMetrics<M> {
     /// destroyed on a worker): the gauge other configs share must not keep it.
     fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
         let (m, id, depth) = (self.m, self.queue_depth, self.depth.clone());
-        Some(Box::new(move || m.shift(id, depth.swap(0, Relaxed), 0)))
+        // Quantile gauges are set, not summed: a config gone must not leave its last ones.
+        let quantiles: Vec<GaugeId> = self
+            .worker_ns
+            .iter()
+            .flat_map(|w| [w.1, w.2])
+            .chain(self.export.iter().flat_map(|e| [e.latency_p50, e.latency_p99]))
+            .collect();
+        Some(Box::new(move || {
+            m.shift(id, depth.swap(0, Relaxed), 0);
+            for g in quantiles {
+                m.set(g, 0);
+            }
+        }))
     }
 }
 
@@ -219,6 +277,31 @@ mod tests {
             let id = self.id(name);
             self.0.lock().unwrap().1.get(&id).copied().unwrap_or(0)
         }
+    }
+
+    /// Quantile gauges follow the last one to two minutes, not the process's lifetime: a week
+    /// of fast exports does not hide an outage's slow ones.
+    #[test]
+    fn quantiles_cover_the_recent_window_only() {
+        use crate::timing::{bucket_floor, bucket_of};
+        let mut hist = vec![0u64; BUCKETS];
+        hist[bucket_of(1_000)] = 1_000_000; // a long history of 1 ms
+        let mut w = Window::new();
+        assert_eq!(w.quantiles(&hist).1, bucket_floor(bucket_of(1_000)));
+        // A minute on: the window rolls; what came before the previous start drops out after
+        // the next roll.
+        w.began -= WINDOW;
+        hist[bucket_of(30_000_000)] += 50; // 30 s exports during an outage
+        w.quantiles(&hist);
+        w.began -= WINDOW;
+        hist[bucket_of(30_000_000)] += 50;
+        let (p50, p99) = w.quantiles(&hist);
+        assert!(p50 >= 20_000_000 && p99 >= 20_000_000, "{p50} {p99}");
+        // Nothing new for two windows: 0, not the last value.
+        w.began -= WINDOW;
+        w.quantiles(&hist);
+        w.began -= WINDOW;
+        assert_eq!(w.quantiles(&hist), (0, 0));
     }
 
     #[test]

@@ -197,22 +197,35 @@ impl LogFile {
         let r = match self.file.as_mut() {
             Some(f) if self.stream => {
                 let fd = std::os::fd::AsRawFd::as_raw_fd(f);
-                append_in_pipe_chunks(f, data, &mut || writable(fd, waiting)).map_err(|t| t.whole)
+                append_in_pipe_chunks(f, data, &mut || writable(fd, waiting))
             }
-            Some(f) => append_lines(f, data).map_err(|Torn { whole, last }| {
+            Some(f) => append_lines(f, data).inspect_err(|t| {
                 // A failed write (disk full) may have appended part of a line: cut that part
                 // off, so no line is ever split and the failed lines are counted once.
-                if self.rotatable && last > 0 {
-                    cut_torn_tail(f, last);
+                if self.rotatable && t.last > 0 {
+                    cut_torn_tail(f, t.last);
                 }
-                whole
             }),
-            None => Err(0),
+            None => return Err(0),
         };
-        if r.is_err() {
+        r.map_err(|t| {
             self.file = None;
-        }
-        r
+            // The counter says how many; the log says why (a full disk, a closed pipe).
+            if self.last_warning.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
+                self.last_warning = Some(Instant::now());
+                let why = match t.errno {
+                    0 if self.stream => "the reader took nothing until the drain deadline".to_string(),
+                    0 => "nothing was written".to_string(),
+                    e => std::io::Error::from_raw_os_error(e).to_string(),
+                };
+                crate::envoy_log!(
+                    crate::ffi::LogLevel::Warn,
+                    "envoy-obs: writing to {} failed: {why}; the lines not written count as write_errors",
+                    self.path.display()
+                );
+            }
+            t.whole
+        })
     }
 }
 
@@ -224,11 +237,13 @@ struct Torn {
     /// Bytes of a split line at the end of what the `write` calls took (a line may be split
     /// over several of them).
     last: u64,
+    /// The error the last `write` returned (0: it took nothing, or the wait for room ended).
+    errno: i32,
 }
 
 /// Writes `data` (whole lines) with as many `write` calls as it takes.
 fn append_lines<W: Write>(w: &mut W, data: &[u8]) -> Result<(), Torn> {
-    let (mut done, mut torn) = (0, Torn { whole: 0, last: 0 });
+    let (mut done, mut torn) = (0, Torn { whole: 0, last: 0, errno: 0 });
     while done < data.len() {
         match w.write(&data[done..]) {
             Ok(0) => return Err(torn),
@@ -240,7 +255,10 @@ fn append_lines<W: Write>(w: &mut W, data: &[u8]) -> Result<(), Torn> {
                 torn.last = (done - torn.whole) as u64;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(torn),
+            Err(e) => {
+                torn.errno = e.raw_os_error().unwrap_or(0);
+                return Err(torn);
+            }
         }
     }
     Ok(())
@@ -271,11 +289,12 @@ fn append_in_pipe_chunks<W: Write>(w: &mut W, data: &[u8], ready: &mut dyn FnMut
         while done < end {
             let piece = (end - done).min(PIPE_BUF);
             if !ready() {
-                return Err(Torn { whole: start, last: (done - start) as u64 });
+                return Err(Torn { whole: start, last: (done - start) as u64, errno: 0 });
             }
             append_lines(w, &data[done..done + piece]).map_err(|t| Torn {
                 whole: if t.whole > 0 { done + t.whole } else { start },
                 last: if t.whole > 0 { t.last } else { (done - start) as u64 + t.last },
+                errno: t.errno,
             })?;
             done += piece;
         }
@@ -376,7 +395,7 @@ mod tests {
     #[test]
     fn a_full_disk_reports_the_fragment_of_the_last_write() {
         let data = b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n";
-        let t = |whole, last| Err(Torn { whole, last });
+        let t = |whole, last| Err(Torn { whole, last, errno: libc::ENOSPC });
         // A line split over several short writes is cut whole: (12, 10) wrote 10 then 2 bytes,
         // (14, 3) five writes with no newline in the last three.
         let cases = [
