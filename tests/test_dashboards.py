@@ -145,6 +145,11 @@ def test_dashboard_is_well_formed(path):
             assert t.get("expr"), (p["title"], t)
             unknown = used_vars(t["expr"]) - set(vs) - set(BUILTINS)
             assert not unknown, (p["title"], t["expr"], unknown)
+            # The admin listener's own HCM (Prometheus scraping /stats/prometheus is a request
+            # to it) stays out of the traffic panels even when "All" is chosen.
+            if 'envoy_http_conn_manager_prefix=~"$hcm"' in t["expr"]:
+                assert t["expr"].count('envoy_http_conn_manager_prefix!="admin"') == t["expr"].count("$hcm"), \
+                    (p["title"], t["expr"])
     for row in (p for p in panels if p.get("repeat")):
         assert row["repeat"] in vs, row["title"]
 

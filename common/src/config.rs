@@ -40,6 +40,7 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| ConfigError::new("", "config is not valid UTF-8 (expected a JSON object)"))?;
     let text = if text.trim().is_empty() { "{}" } else { text };
+    reject_duplicate_keys(text)?;
     let mut de = serde_json::Deserializer::from_str(text);
     let mut track = serde_path_to_error::Track::new();
     let pde = serde_path_to_error::Deserializer::new(&mut de, &mut track);
@@ -65,6 +66,88 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
                 _ => path,
             };
             Err(ConfigError::new(field, strip_position(&msg)))
+        }
+    }
+}
+
+/// Rejects a key given twice in one JSON object, at any depth, naming it. A config in a
+/// `StringValue` is JSON text that may repeat keys (a `Struct` cannot), and a map read into a
+/// `serde_json::Map` or `BTreeMap` would keep the last one without a word.
+pub fn reject_duplicate_keys(text: &str) -> Result<(), ConfigError> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    /// Walks one value; `path` names it in errors.
+    struct Walk<'p>(&'p str);
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            while seq.next_element_seed(Walk(&format!("{}[{i}]", self.0)))?.is_some() {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = map.next_key::<String>()? {
+                let path = if self.0.is_empty() { k.clone() } else { format!("{}.{k}", self.0) };
+                if !seen.insert(k) {
+                    return Err(serde::de::Error::custom(DupKey(path)));
+                }
+                map.next_value_seed(Walk(&path))?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The error's text: the path of the repeated key, recovered below.
+    struct DupKey(String);
+    impl fmt::Display for DupKey {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "\u{0}dup\u{0}{}\u{0}", self.0)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(text);
+    match Walk("").deserialize(&mut de) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let msg = e.to_string();
+            match msg.split('\u{0}').collect::<Vec<_>>().as_slice() {
+                [_, "dup", path, ..] => Err(ConfigError::new(*path, "given more than once")),
+                // Not JSON at all: the typed parse that follows says so in its own words.
+                _ => Ok(()),
+            }
         }
     }
 }
@@ -101,6 +184,20 @@ mod tests {
         #[allow(dead_code)]
         #[serde(default)]
         inner: Option<Inner>,
+    }
+
+    /// A repeated key, at any depth, is named (a StringValue config may repeat keys).
+    #[test]
+    fn a_key_given_twice_is_named() {
+        for (text, field) in [
+            (r#"{"a":1,"a":2}"#, "a"),
+            (r#"{"m":{"x":"1","y":2,"x":3}}"#, "m.x"),
+            (r#"{"l":[{"k":1},{"k":1,"k":2}]}"#, "l[1].k"),
+        ] {
+            assert_eq!(reject_duplicate_keys(text).map_err(|e| e.field), Err(field.to_string()), "{text}");
+        }
+        assert!(reject_duplicate_keys(r#"{"a":{"x":1},"b":{"x":1},"c":[1,1]}"#).is_ok());
+        assert!(reject_duplicate_keys("not json").is_ok(), "left to the typed parse");
     }
 
     #[test]

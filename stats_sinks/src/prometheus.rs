@@ -115,8 +115,10 @@ pub fn compile(bytes: &[u8]) -> Result<(PromConfig, Options), ConfigError> {
             format!("{:?} is not IP:PORT or localhost:PORT to listen on (names are not resolved)", c.address),
         ));
     }
-    if !c.path.starts_with('/') || c.path.contains(char::is_whitespace) {
-        return Err(ConfigError::new("path", "must start with / and contain no spaces"));
+    // A query or fragment would never match (the server compares the path alone), nor would
+    // anything a request line cannot carry as it is.
+    if !c.path.starts_with('/') || !c.path.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#') {
+        return Err(ConfigError::new("path", "must start with / and hold visible ASCII only, without ? or #"));
     }
     let filter = match &c.filter {
         Some(f) => Some(regex_lite::Regex::new(f).map_err(|e| ConfigError::new("filter", format!("bad regex: {e}")))?),
@@ -1249,6 +1251,10 @@ mod tests {
             (r#"{"address":"metrics.example.com:9102"}"#, "address"),
             (r#"{"address":"localhost:99999"}"#, "address"),
             (r#"{"path":"metrics"}"#, "path"),
+            (r#"{"path":"/metrics?x=1"}"#, "path"),
+            (r#"{"path":"/m#x"}"#, "path"),
+            (r#"{"path":"/m\u0007"}"#, "path"),
+            (r#"{"path":"/mé"}"#, "path"),
             (r#"{"filter":"(unclosed"}"#, "filter"),
             (r#"{"histogram_emit_mode":"sketch"}"#, "histogram_emit_mode"),
             (r#"{"bogus":1}"#, "bogus"),

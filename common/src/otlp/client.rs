@@ -156,6 +156,61 @@ fn rustls_config(t: &TlsSettings) -> std::io::Result<rustls::ClientConfig> {
     }
 }
 
+/// What a PEM file of the `tls` settings must hold, checked at config load (the exporter
+/// itself starts on the flush thread, where a bad file could only fail every export).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PemKind {
+    /// CA certificates, at least one rustls can use.
+    Ca,
+    /// A certificate chain.
+    Chain,
+    /// A private key.
+    Key,
+}
+
+/// Checks `pem` holds what `kind` asks for.
+pub(crate) fn check_pem(kind: PemKind, pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    match kind {
+        PemKind::Ca | PemKind::Chain => {
+            let certs =
+                CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+            if certs.is_empty() {
+                return Err("holds no certificate".into());
+            }
+            if kind == PemKind::Ca && rustls::RootCertStore::empty().add_parsable_certificates(certs).0 == 0 {
+                return Err("holds no usable CA certificate".into());
+            }
+        }
+        PemKind::Key => {
+            PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("holds no private key ({e})"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks a client certificate and its key go together, and a server name is one.
+pub(crate) fn check_identity(cert: &[u8], key: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| e.to_string())?;
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        // The CA part is not under test here: an empty store, not the system's.
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_client_auth_cert(chain, key)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Checks `name` can be a TLS server name (a DNS name or an IP address).
+pub(crate) fn check_server_name(name: &str) -> Result<(), String> {
+    rustls::pki_types::ServerName::try_from(name).map(|_| ()).map_err(|e| format!("{name:?}: {e}"))
+}
+
 /// What a send cost, for the caller's counters.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SendStats {
@@ -548,13 +603,18 @@ impl Drop for Client {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::otlp::settings::resolve;
     use crate::otlp::Signal;
 
     /// A self-signed CA (P-256, valid to 2125), generated for this test.
-    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBjjCCATWgAwIBAgIUAy9y/ks9n3RfOPE/K9PADFVhyY8wCgYIKoZIzj0EAwIw\nHDEaMBgGA1UEAwwRZW52b3ktb2JzIHRlc3QgQ0EwIBcNMjYxMTI1MDEzMzQxWhgP\nMjEyNjExMDEwMTMzNDFaMBwxGjAYBgNVBAMMEWVudm95LW9icyB0ZXN0IENBMFkw\nEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAESUox+iWw0UnydhuiCHOD2wOiBIqRfP1n\nDCl3n6rcZLCGlvpjwX7amhFn8R0BazPmzVVoL78DTpRAatWthqh7hqNTMFEwHQYD\nVR0OBBYEFM5xzCqGRI6ul5Y9wPXybfhYvjM0MB8GA1UdIwQYMBaAFM5xzCqGRI6u\nl5Y9wPXybfhYvjM0MA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIg\neCcu7iN6xff6t560/y1DKUGqQicpWUzu+zL2qSOMQeYCIAL/wvOQFuu4kNgyuOpu\np70CyD5gDr1V6ZrzOnNT4rKU\n-----END CERTIFICATE-----\n";
+    /// A client certificate, its key and another key (test data, EC P-256, self-signed).
+    pub(crate) const CLIENT_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBlzCCAT2gAwIBAgIUK8HJp/Kgk1WZaC3Vl1cqTQ0F5K8wCgYIKoZIzj0EAwIw\nIDEeMBwGA1UEAwwVZW52b3ktb2JzIHRlc3QgY2xpZW50MCAXDTI2MTEyNTA0MDEx\nNFoYDzIxMjYxMTAxMDQwMTE0WjAgMR4wHAYDVQQDDBVlbnZveS1vYnMgdGVzdCBj\nbGllbnQwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAASnCvPZMo7pE21XEc5VmzZq\nn2yuRuBvk/gxP7ZAoAaGzHmlm8ya9ae+Mf2Gtpp9NVJvJA30fDe7/pRQChFsKxmt\no1MwUTAdBgNVHQ4EFgQUDayMdLkpIuuAQXfjMmlrvTVC7JAwHwYDVR0jBBgwFoAU\nDayMdLkpIuuAQXfjMmlrvTVC7JAwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQD\nAgNIADBFAiEA+RA4yDTQt1oIIdlzRS5OodND46dFpp0ceOrw0qJJPNgCIDfWmK/C\nkBF4Zy9KEdS44K5U2AmMMz46zQp6xoBTDLNo\n-----END CERTIFICATE-----\n";
+    pub(crate) const CLIENT_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgO7pj275q6mv4Cb/6\nf4PKMydqAf8xaGKoMR0OCKINQyuhRANCAASnCvPZMo7pE21XEc5VmzZqn2yuRuBv\nk/gxP7ZAoAaGzHmlm8ya9ae+Mf2Gtpp9NVJvJA30fDe7/pRQChFsKxmt\n-----END PRIVATE KEY-----\n";
+    pub(crate) const OTHER_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgUMlOeYlQZ12wZHGz\nWVxogE2BPkLYTXPl9irNF/V31m2hRANCAATE0Lsg7ziZ211yjmcyI3c4Qpnlb3AQ\nNW8cdwybfCG8ysBFTXPNy0On4hwq9naHdj+NPFHonFXU89hqCV0CT4YU\n-----END PRIVATE KEY-----\n";
+
+    pub(crate) const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBjjCCATWgAwIBAgIUAy9y/ks9n3RfOPE/K9PADFVhyY8wCgYIKoZIzj0EAwIw\nHDEaMBgGA1UEAwwRZW52b3ktb2JzIHRlc3QgQ0EwIBcNMjYxMTI1MDEzMzQxWhgP\nMjEyNjExMDEwMTMzNDFaMBwxGjAYBgNVBAMMEWVudm95LW9icyB0ZXN0IENBMFkw\nEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAESUox+iWw0UnydhuiCHOD2wOiBIqRfP1n\nDCl3n6rcZLCGlvpjwX7amhFn8R0BazPmzVVoL78DTpRAatWthqh7hqNTMFEwHQYD\nVR0OBBYEFM5xzCqGRI6ul5Y9wPXybfhYvjM0MB8GA1UdIwQYMBaAFM5xzCqGRI6u\nl5Y9wPXybfhYvjM0MA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIg\neCcu7iN6xff6t560/y1DKUGqQicpWUzu+zL2qSOMQeYCIAL/wvOQFuu4kNgyuOpu\np70CyD5gDr1V6ZrzOnNT4rKU\n-----END CERTIFICATE-----\n";
 
     #[test]
     fn a_bundle_with_an_unusable_certificate_still_loads() {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::client::{check_identity, check_pem, check_server_name, PemKind};
 use crate::config::ConfigError;
 
 /// Which OTLP signal an exporter carries.
@@ -182,6 +183,7 @@ pub fn split_config(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| ConfigError::new("", "config is not valid UTF-8 (expected a JSON object)"))?;
     let text = if text.trim().is_empty() { "{}" } else { text };
+    crate::config::reject_duplicate_keys(text)?;
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ConfigError::new("", format!("config is not JSON: {e}")))?;
     let serde_json::Value::Object(map) = v else {
@@ -352,7 +354,10 @@ pub fn resolve(
         }
     }
     for (k, v) in &cfg.headers {
-        headers.insert(k.to_ascii_lowercase(), v.clone());
+        // Header names are case-insensitive: two spellings of one would keep either value.
+        if headers.insert(k.to_ascii_lowercase(), v.clone()).is_some() {
+            return Err(ConfigError::new(format!("headers.{k}"), "given twice (header names ignore case)"));
+        }
     }
     for (k, v) in &headers {
         check_header(k, v).map_err(|m| ConfigError::new(format!("headers.{k}"), m))?;
@@ -458,6 +463,12 @@ fn resolve_tls(
         if !b.windows(11).any(|w| w == b"-----BEGIN ") {
             return Err(ConfigError::new(format!("tls.{field}"), format!("{path} is not PEM")));
         }
+        let kind = match field {
+            "ca_file" => PemKind::Ca,
+            "cert_file" => PemKind::Chain,
+            _ => PemKind::Key,
+        };
+        check_pem(kind, &b).map_err(|e| ConfigError::new(format!("tls.{field}"), format!("{path}: {e}")))?;
         Ok(b)
     };
     // A file named by an environment variable (set for the applications' SDKs too, maybe not
@@ -474,14 +485,22 @@ fn resolve_tls(
             .flatten()
             .find_map(|p| read("ca_file", &p).map_err(|e| ignore("CERTIFICATE", e)).ok()),
     };
+    let pair = |cert: &str, key: &str| -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
+        let (c, k) = (read("cert_file", cert)?, read("key_file", key)?);
+        check_identity(&c, &k).map_err(|e| ConfigError::new("tls.key_file", format!("{key} with {cert}: {e}")))?;
+        Ok((c, k))
+    };
+    if let Some(name) = &c.server_name {
+        check_server_name(name).map_err(|e| ConfigError::new("tls.server_name", e))?;
+    }
     let identity = match (c.cert_file, c.key_file) {
-        (Some(cert), Some(key)) => Some((read("cert_file", &cert)?, read("key_file", &key)?)),
+        (Some(cert), Some(key)) => Some(pair(&cert, &key)?),
         (Some(_), None) => return Err(ConfigError::new("tls.key_file", "required with cert_file")),
         (None, Some(_)) => return Err(ConfigError::new("tls.cert_file", "required with key_file")),
         (None, None) => match (env("CLIENT_CERTIFICATE"), env("CLIENT_KEY")) {
-            (Some(cert), Some(key)) => match (read("cert_file", &cert), read("key_file", &key)) {
-                (Ok(c), Ok(k)) => Some((c, k)),
-                (Err(e), _) | (_, Err(e)) => {
+            (Some(cert), Some(key)) => match pair(&cert, &key) {
+                Ok(p) => Some(p),
+                Err(e) => {
                     ignore("CLIENT_CERTIFICATE/CLIENT_KEY", e);
                     None
                 }
@@ -515,6 +534,14 @@ fn check_endpoint(e: &str, protocol: Protocol) -> Result<(), ConfigError> {
     if uri.host().is_none_or(str::is_empty) {
         return bad(format!("{e:?} has no host"));
     }
+    // `http::Uri` takes any digits as a port (and `:99999` then means the scheme's default).
+    let host_port = uri.authority().map(|a| a.as_str().rsplit('@').next().unwrap_or_default());
+    let port = host_port.and_then(|h| h.rsplit_once(':')).map(|(_, p)| p).filter(|p| !p.ends_with(']'));
+    if let Some(p) = port {
+        if !p.parse::<u16>().is_ok_and(|p| p > 0) {
+            return bad(format!("{e:?}: port {p:?} is not between 1 and 65535"));
+        }
+    }
     if protocol == Protocol::Grpc && !matches!(uri.path(), "" | "/") {
         return bad(format!("{e:?}: a gRPC endpoint is host and port only, without a path"));
     }
@@ -527,6 +554,24 @@ fn check_header(k: &str, v: &str) -> Result<(), String> {
     }
     if k.ends_with("-bin") {
         return Err("binary (-bin) metadata is not supported".into());
+    }
+    // The exporter's own framing: a second content-length or host would corrupt the request.
+    let lower = k.to_ascii_lowercase();
+    if matches!(
+        lower.as_str(),
+        "content-length"
+            | "content-type"
+            | "content-encoding"
+            | "host"
+            | "te"
+            | "connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+    ) || lower.starts_with("grpc-")
+    {
+        return Err(format!("{k:?} is set by the exporter itself"));
     }
     // (Stricter than an HTTP header value, which may carry obs-text: gRPC metadata is ASCII,
     // and a value it cannot take would be left out of every request without a word.)
@@ -734,7 +779,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("envoy-obs-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let pem = dir.join("ca.pem");
-        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(&pem, crate::otlp::client::tests::CA).unwrap();
         let pem = pem.to_str().unwrap();
         let https = r#"{"endpoint":"https://c:4317"}"#;
         // Named by a variable but not mounted here, or a key without its certificate: ignored.
@@ -760,6 +805,63 @@ mod tests {
             resolve(&cfg(r#"{"endpoint":"https://c:4317","tls":{"ca_file":"/nonexistent"}}"#), Signal::Logs, &env(&[]));
         assert_eq!(bad.unwrap_err().field, "tls.ca_file");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What the exporter would only find out on its thread (failing every export) is checked
+    /// at load: PEM that parses, a key that goes with its certificate, a server name.
+    #[test]
+    fn tls_files_and_names_are_checked_at_load() {
+        use crate::otlp::client::tests::{CA, CLIENT_CERT, CLIENT_KEY, OTHER_KEY};
+        let dir = std::env::temp_dir().join(format!("envoy-obs-tls-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.to_str().unwrap().to_string()
+        };
+        let (ca, cert, key, other) =
+            (file("ca.pem", CA), file("c.pem", CLIENT_CERT), file("k.pem", CLIENT_KEY), file("o.pem", OTHER_KEY));
+        let junk = file("junk.pem", "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n");
+        let tls = |t: String| {
+            resolve(&cfg(&format!(r#"{{"endpoint":"https://c:4317","tls":{t}}}"#)), Signal::Logs, &env(&[]))
+        };
+        let ok = tls(format!(
+            r#"{{"ca_file":"{ca}","cert_file":"{cert}","key_file":"{key}","server_name":"collector.internal"}}"#
+        ));
+        assert!(ok.is_ok_and(|s| s.tls.is_some_and(|t| t.identity.is_some())));
+        for (t, field) in [
+            (format!(r#"{{"ca_file":"{junk}"}}"#), "tls.ca_file"),
+            (format!(r#"{{"ca_file":"{key}"}}"#), "tls.ca_file"),
+            (format!(r#"{{"cert_file":"{cert}","key_file":"{cert}"}}"#), "tls.key_file"),
+            (format!(r#"{{"cert_file":"{key}","key_file":"{key}"}}"#), "tls.cert_file"),
+            (format!(r#"{{"cert_file":"{cert}","key_file":"{other}"}}"#), "tls.key_file"),
+            (r#"{"server_name":""}"#.to_string(), "tls.server_name"),
+            (r#"{"server_name":"bad name"}"#.to_string(), "tls.server_name"),
+        ] {
+            let e = tls(t.clone()).err().unwrap_or_else(|| panic!("{t} accepted"));
+            assert_eq!(e.field, field, "{t}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn endpoint_ports_and_reserved_headers_are_refused() {
+        for e in ["http://c:99999", "http://c:0", "https://c:65536/v1/logs", "http://u:p@c:70000"] {
+            let r =
+                resolve(&cfg(&format!(r#"{{"endpoint":"{e}","protocol":"http/protobuf"}}"#)), Signal::Logs, &env(&[]));
+            assert_eq!(r.err().map(|e| e.field), Some("endpoint".into()), "{e}");
+        }
+        for e in ["http://c:65535", "http://[::1]:4318", "http://[::1]", "http://u:p@c:4318"] {
+            let r =
+                resolve(&cfg(&format!(r#"{{"endpoint":"{e}","protocol":"http/protobuf"}}"#)), Signal::Logs, &env(&[]));
+            assert!(r.is_ok(), "{e}: {:?}", r.err());
+        }
+        let twice = resolve(&cfg(r#"{"headers":{"Authorization":"a","authorization":"b"}}"#), Signal::Logs, &env(&[]));
+        assert!(twice.is_err_and(|e| e.field.starts_with("headers.") && e.message.contains("twice")));
+        for h in ["content-length", "Content-Type", "host", "te", "connection", "transfer-encoding", "grpc-timeout"] {
+            let r = resolve(&cfg(&format!(r#"{{"headers":{{"{h}":"x"}}}}"#)), Signal::Logs, &env(&[]));
+            assert_eq!(r.err().map(|e| e.field), Some(format!("headers.{}", h.to_lowercase())), "{h}");
+        }
     }
 
     #[test]
