@@ -266,6 +266,11 @@ pub fn extract<C: Carrier>(c: &C, props: &[Propagator], carry: &mut Carry) -> Op
             break;
         }
     }
+    // A context found before B3 was read (a traceparent first): with the b3 propagator alone
+    // the client's multi headers must still go, so look for them.
+    if !b3_read && props.contains(&Propagator::B3) && !props.contains(&Propagator::B3multi) {
+        carry.b3_multi_seen = c.get(b"x-b3-traceid").is_some() || c.get(b"x-b3-sampled").is_some();
+    }
     // A tracestate that did not come with the traceparent we continue belongs to another trace
     // (W3C: discarded when the traceparent is missing or invalid).
     if !from_w3c && props.contains(&Propagator::Tracecontext) {
@@ -691,6 +696,14 @@ pub(crate) mod tests {
         let mut carry = Carry::default();
         extract(&map(&single), &[Propagator::B3], &mut carry);
         assert!(!carry.b3_multi_seen);
+        // The same with a traceparent continued before B3 is read.
+        let with_tp = [&multi[..], &[("traceparent", TP)]].concat();
+        let props = [Propagator::Tracecontext, Propagator::B3];
+        let mut c = map(&with_tp);
+        let mut carry = Carry::default();
+        assert!(extract(&c, &props, &mut carry).is_some_and(|r| r.trace_id[0] == 0x4b));
+        inject(&mut c, &props, &Outgoing { sampled: false, carry, ..OUT });
+        assert!(!c.0.keys().any(|k| k.starts_with(b"x-b3-")), "{:?}", c.0.keys());
 
         // Baggage: left as it came (properties, member count) unless set_baggage changed it;
         // written where the request has none.

@@ -193,7 +193,24 @@ impl LogFile {
         // a file that was removed since the last write.
         self.maybe_reopen(true);
         // Another writer's lines never land inside ours, nor between our torn tail and its cut.
-        let _turn = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // On a stream the other writer may be waiting on a reader that stalled: wait for our
+        // turn the way we wait for room, heartbeat and deadline included.
+        let _turn = if self.stream {
+            loop {
+                match self.lock.try_lock() {
+                    Ok(g) => break g,
+                    Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        if !waiting() {
+                            return Err(0);
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+        } else {
+            self.lock.lock().unwrap_or_else(|e| e.into_inner())
+        };
         let r = match self.file.as_mut() {
             Some(f) if self.stream => {
                 let fd = std::os::fd::AsRawFd::as_raw_fd(f);
@@ -307,10 +324,13 @@ fn append_in_pipe_chunks<W: Write>(w: &mut W, data: &[u8], ready: &mut dyn FnMut
 /// every 200 ms meanwhile; false as soon as `waiting` does. An error or hang-up counts as
 /// ready: the write then reports it.
 fn writable(fd: std::os::fd::RawFd, waiting: &mut dyn FnMut() -> bool) -> bool {
+    // First a look without waiting: past the shutdown deadline, every later write of the drain
+    // then gives up at once instead of after one more wait each.
+    let mut timeout = 0;
     loop {
         let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
         // SAFETY: `p` is one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut p, 1, 200) };
+        let r = unsafe { libc::poll(&mut p, 1, timeout) };
         if r != 0 {
             if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -320,6 +340,7 @@ fn writable(fd: std::os::fd::RawFd, waiting: &mut dyn FnMut() -> bool) -> bool {
         if !waiting() {
             return false;
         }
+        timeout = 200;
     }
 }
 
@@ -530,6 +551,45 @@ mod tests {
         let mut got = vec![0u8; whole];
         rd.read_exact(&mut got).unwrap();
         assert!(got.split_inclusive(|&c| c == b'\n').all(|l| l == line.as_bytes()));
+        // Past the deadline (`waiting` says no at once) a write on a full pipe gives up without
+        // waiting first: a drain's many writes at shutdown must not each wait 200 ms.
+        let t0 = Instant::now();
+        assert!(lf.write(data.as_bytes(), &mut || false).is_err());
+        assert!(lf.write(data.as_bytes(), &mut || false).is_err());
+        assert!(t0.elapsed() < Duration::from_millis(150), "{:?}", t0.elapsed());
+    }
+
+    /// Two configs on one stalled stdout pipe share the write lock: the one waiting for the
+    /// lock waits like the one waiting for room (asking `waiting`), so it can give up too.
+    #[test]
+    fn a_writer_waiting_for_the_lock_on_a_stalled_pipe_can_give_up() {
+        use std::os::fd::FromRawFd;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills the two descriptors, which the Files below then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors from pipe(2), each owned by exactly one File.
+        let (_rd, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let wr2 = wr.try_clone().unwrap();
+        let data = "y".repeat(99).to_string() + "\n";
+        let data = Arc::new(data.repeat(10_000));
+        let stop_a = Arc::new(AtomicBool::new(false));
+        let (d, s) = (data.clone(), stop_a.clone());
+        let a = std::thread::spawn(move || {
+            let mut lf = LogFile::new(PathBuf::from("/dev/null/pipe"), wr);
+            lf.write(d.as_bytes(), &mut || !s.load(Ordering::Relaxed))
+        });
+        std::thread::sleep(Duration::from_millis(300)); // A has filled the pipe and holds the lock
+        let mut b = LogFile::new(PathBuf::from("/dev/null/pipe"), wr2);
+        let (t0, mut asked) = (Instant::now(), 0);
+        let r = b.write(data.as_bytes(), &mut || {
+            asked += 1;
+            asked < 5
+        });
+        assert_eq!(r, Err(0));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        stop_a.store(true, Ordering::Relaxed);
+        assert!(a.join().unwrap().is_err());
     }
 
     #[test]
