@@ -573,13 +573,19 @@ mod tests {
         let wr2 = wr.try_clone().unwrap();
         let data = "y".repeat(99).to_string() + "\n";
         let data = Arc::new(data.repeat(10_000));
-        let stop_a = Arc::new(AtomicBool::new(false));
-        let (d, s) = (data.clone(), stop_a.clone());
+        let (stop_a, a_waits) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (d, s, w) = (data.clone(), stop_a.clone(), a_waits.clone());
         let a = std::thread::spawn(move || {
             let mut lf = LogFile::new(PathBuf::from("/dev/null/pipe"), wr);
-            lf.write(d.as_bytes(), &mut || !s.load(Ordering::Relaxed))
+            lf.write(d.as_bytes(), &mut || {
+                w.store(true, Ordering::Relaxed);
+                !s.load(Ordering::Relaxed)
+            })
         });
-        std::thread::sleep(Duration::from_millis(300)); // A has filled the pipe and holds the lock
+        // A has filled the pipe and waits for room, holding the lock.
+        while !a_waits.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let mut b = LogFile::new(PathBuf::from("/dev/null/pipe"), wr2);
         let (t0, mut asked) = (Instant::now(), 0);
         let r = b.write(data.as_bytes(), &mut || {
