@@ -314,6 +314,11 @@ DERIVED_FORMAT = {
     "req_empty_alt": "%REQ(X-NONE?)%",
     "req_empty_alt_found": "%REQ(USER-AGENT?)%",
     "start_ampm": "%START_TIME(%I %p %P)%",
+    # Envoy's request map answers `host` with :authority.
+    "req_host": "%REQ(HOST)%",
+    "req_host_alt": "%REQ(X-NOPE?HOST)%",
+    "req_host_text": "h=%REQ(HOST):4%",
+    "rwq_host": "%REQ_WITHOUT_QUERY(HOST)%",
     # strftime's flags and widths (glibc's, which absl hands these to).
     "start_flags": "%START_TIME(%-d/%-m/%Y %-I:%M:%S %P|%_3H|%^a|%#B|%010A|%-10k|%0e|%#p)%",
     "start_local_flags": "%START_TIME_LOCAL(%-H:%-M %^b %_5j)%",

@@ -1244,7 +1244,19 @@ fn no_arg(name: &str, arg: Option<&str>, op: Op) -> Result<Op, String> {
 }
 
 fn header_op(name: &str, kind: HeaderKind, arg: Option<&str>) -> Result<Op, String> {
-    Ok(Op::Header { kind, names: header_names(name, arg)? })
+    let names = header_names(name, arg)?;
+    Ok(Op::Header { kind, names: if kind == HeaderKind::Request { request_names(names) } else { names } })
+}
+
+/// Envoy's request header map answers `host` with `:authority` (where HTTP/1's Host header
+/// lives in Envoy): the same lookup here, which also serves it from the bulk-fetched map.
+fn request_names(mut names: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    for n in &mut names {
+        if n == b"host" {
+            *n = b":authority".to_vec();
+        }
+    }
+    names
 }
 
 /// The `HEADER` or `HEADER?ALTERNATIVE` argument of a header operator, lower-cased. As in Envoy
@@ -1379,7 +1391,7 @@ fn make_op(name: &str, arg: Option<&str>) -> Result<Op, String> {
             let (strip_query, src) = request::parse_path_arg(arg)?;
             Ok(rare(Rare::Path { strip_query, src }))
         }
-        "REQ_WITHOUT_QUERY" => Ok(rare(Rare::HeaderNoQuery(header_names(name, arg)?))),
+        "REQ_WITHOUT_QUERY" => Ok(rare(Rare::HeaderNoQuery(request_names(header_names(name, arg)?)))),
         "RESPONSE_CODE" => num(Num::ResponseCode),
         "RESPONSE_FLAGS" => no_arg(name, arg, Op::Flags { long: false }),
         "RESPONSE_FLAGS_LONG" => no_arg(name, arg, Op::Flags { long: true }),
