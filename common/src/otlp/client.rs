@@ -120,7 +120,7 @@ enum Transport {
 /// optional client identity.
 fn rustls_config(t: &TlsSettings) -> std::io::Result<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::CertificateDer;
     let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     let mut roots = rustls::RootCertStore::empty();
     match &t.ca_pem {
@@ -140,17 +140,28 @@ fn rustls_config(t: &TlsSettings) -> std::io::Result<rustls::ClientConfig> {
             }
         }
     }
+    client_config(roots, t.identity.as_ref()).map_err(bad)
+}
+
+/// A rustls client config trusting `roots`, with the client certificate and key of `identity`
+/// (PEM) when given. Errors name the file they concern.
+fn client_config(
+    roots: rustls::RootCertStore,
+    identity: Option<&(Vec<u8>, Vec<u8>)>,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
-    match &t.identity {
+    match identity {
         Some((cert, key)) => {
             let chain = CertificateDer::pem_slice_iter(cert)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(format!("cert_file: {e}")))?;
-            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(format!("key_file: {e}")))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| bad(e.to_string()))
+                .map_err(|e| format!("cert_file: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("key_file: {e}"))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())
         }
         None => Ok(builder.with_no_client_auth()),
     }
@@ -190,20 +201,10 @@ pub(crate) fn check_pem(kind: PemKind, pem: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a client certificate and its key go together, and a server name is one.
+/// Checks a client certificate and its key go together.
 pub(crate) fn check_identity(cert: &[u8], key: &[u8]) -> Result<(), String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_slice_iter(cert).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| e.to_string())?;
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        // The CA part is not under test here: an empty store, not the system's.
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_client_auth_cert(chain, key)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    // The CA part is not under test here: an empty store, not the system's.
+    client_config(rustls::RootCertStore::empty(), Some(&(cert.to_vec(), key.to_vec()))).map(|_| ())
 }
 
 /// Checks `name` can be a TLS server name (a DNS name or an IP address).
