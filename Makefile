@@ -48,6 +48,7 @@ faults: setup build
 	$(PY) scripts/faults_table.py
 
 bench: setup build
+	$(CARGO) build --release -p envoy-obs-abi-floor
 	$(PY) bench/access_log_bench.py
 	$(PY) bench/tracer_bench.py
 	$(PY) bench/stats_sink_bench.py
