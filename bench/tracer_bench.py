@@ -10,8 +10,10 @@ drives open-loop bursts at BENCH_RATE over HTTP/2 (BENCH_CLIENTS connections, up
 BENCH_STREAMS streams each; the upstream hop is HTTP/2 too; BENCH_STREAMS=0: HTTP/1.1),
 alternating variants round after round. Per burst the worker thread's CPU; ours also does
 work on its flush thread ("obs-otlp-spans"), measured over the whole run and divided by the
-spans it exported. Envoy's tracer encodes and sends on the worker itself. Then, with
-valgrind, instructions per request under callgrind.
+spans it exported. Envoy's tracer encodes and sends on the worker itself. A sixth listener,
+`abifloor_0`, runs bench/abi_floor's tracer: it reads `traceparent`, writes one upstream and keeps
+nothing, so its cost is what any dynamic-module tracer adds (Envoy's own work around the spans
+included). Then, with valgrind, instructions per request under callgrind.
 
 Results go to bench/results/tracer.md."""
 from __future__ import annotations
@@ -45,11 +47,20 @@ RATE = int(os.environ.get("BENCH_RATE", "5000"))
 # request costs ~30-35 µs and the swing is 3-5 µs (bench/README.md).
 STREAMS = int(os.environ.get("BENCH_STREAMS", "16"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "4" if STREAMS else str(alb.CLIENTS)))
-VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0"]
+# abifloor_0: bench/abi_floor's tracer (reads traceparent, writes one, keeps nothing): what any
+# dynamic-module tracer adds, Envoy's own work around its spans included.
+VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0", "abifloor_0"]
 PAIRS = [("builtin_100", "ours_100", "100 % sampling", 0.2), ("builtin_0", "ours_0", "0 % sampling", 0.5)]
 
 
 def provider(kind: str, collector_cluster: str, collector_port: int) -> dict:
+    if kind == "abifloor":
+        return {"name": "envoy.tracers.dynamic_modules", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.tracers.dynamic_modules.v3.DynamicModuleTracer",
+            "dynamic_module_config": {"module": {"local": {"filename": str(alb.FLOOR_SO)}},
+                                      "metrics_namespace": "obsfloor"},
+            "tracer_name": "floor",
+            "tracer_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": {}}}}
     if kind == "builtin":
         return {"name": "envoy.tracers.opentelemetry", "typed_config": {
             "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
@@ -220,6 +231,12 @@ def main():
         lines.append(f"- **{what}: ours / built-in added CPU per request {ratio:.2f}** (target ≤ {target}); "
                      f"ours {added[ours]:+.2f} µs, built-in {added[theirs]:+.2f} µs; 90 % bootstrap interval "
                      f"over rounds {lo:.2f}–{hi:.2f} → target **{alb.verdict(lo, hi, target, noise > alb.NOISY)}**")
+    floor = [x - n for x, n in zip(res["abifloor_0"], res["none"])]
+    lo, hi = alb.ratio_interval(floor, [x - n for x, n in zip(res["builtin_0"], res["none"])])
+    lines.append(f"- **ABI floor** (a tracer that reads `traceparent`, writes one and keeps nothing): "
+                 f"{added['abifloor_0']:+.2f} µs, **{added['abifloor_0'] / added['builtin_0']:.2f} of the built-in's "
+                 f"added cost at 0 %** (90 % interval {lo:.2f}–{hi:.2f}); ours at 0 % adds "
+                 f"{added['ours_0'] - added['abifloor_0']:+.2f} µs over it")
     lines.append(f"- our flush thread: {bg['ours_100']:.2f} µs per request at 100 % sampling; spans exported "
                  f"{exported:,} = sampled")
     lines.append(f"- run quality: the no-tracing worker's interquartile spread was {noise:.0%} of its median"

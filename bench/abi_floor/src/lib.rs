@@ -1,14 +1,18 @@
-//! Bench only (`bench/access_log_bench.py`, variant `abi_floor`): a dynamic-module access logger
-//! whose `log` hook makes exactly the Envoy 1.40 ABI calls that `libenvoy_obs_access_log.so`
-//! makes for the benchmark's 17-field `json_format` map — both header maps fetched whole,
-//! timing, bytes, protocol, response code, response flags, the upstream and downstream remote
-//! addresses, the upstream cluster — and then throws the answers away. Nothing is captured,
-//! queued or written, so its added cost is the least any module can add for that map through
-//! this ABI: Envoy's dispatch into a module plus its getters.
+//! Bench only: the least a dynamic module can cost Envoy 1.40 for what the benchmarks ask of
+//! ours, so that bench/README.md can say how much of a cost is the ABI's own price.
 //!
-//! Thread model: `log` runs on the worker that ends the stream and touches only its stack and
-//! one relaxed atomic store. It is not a product module: it follows none of the config rules,
-//! and it talks to the raw bindings directly because it has nothing to make safe above them.
+//! - Access logger (`bench/access_log_bench.py`, variant `abi_floor`): the `log` hook makes
+//!   exactly the ABI calls that `libenvoy_obs_access_log.so` makes for the benchmark's 17-field
+//!   `json_format` map — both header maps fetched whole, timing, bytes, protocol, response code,
+//!   response flags, the upstream and downstream remote addresses, the upstream cluster — and
+//!   throws the answers away: nothing is captured, queued or written.
+//! - Tracer (`bench/tracer_bench.py`, variant `abifloor_0`): the propagation a tracer cannot do
+//!   without — `start_span` reads `traceparent`, `inject_context` writes one — and nothing else:
+//!   every span is one static token, tags, events and finishes are dropped, nothing is exported.
+//!
+//! Thread model: the hooks run on Envoy's workers and touch only their stack and one relaxed
+//! atomic store. This is not a product module: it follows none of the config rules, and it
+//! talks to the raw bindings directly because it has nothing to make safe above them.
 use std::ffi::c_char;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -121,3 +125,144 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_log(
     acc += address(l, envoy_dynamic_module_callback_access_logger_get_downstream_remote_address);
     SINK.store(acc, Relaxed);
 }
+
+/// Any config, one token for every span.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_config_new(
+    _config_envoy_ptr: *mut std::ffi::c_void,
+    _name: abi::EB,
+    _config: abi::EB,
+) -> *const std::ffi::c_void {
+    (&raw const TOKEN).cast()
+}
+
+/// Nothing to free.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_config_destroy(_config: *const std::ffi::c_void) {}
+
+fn mb(b: &[u8]) -> abi::MB {
+    abi::MB { ptr: b.as_ptr().cast(), length: b.len() }
+}
+
+/// Reads the incoming `traceparent`, as any tracer continuing W3C traces must.
+///
+/// # Safety
+/// Called by Envoy on a worker with the request's trace context.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_start_span(
+    _config: *const std::ffi::c_void,
+    span_envoy_ptr: *mut std::ffi::c_void,
+    _operation: abi::EB,
+    traced: bool,
+    _reason: u32,
+) -> *const std::ffi::c_void {
+    let mut v = abi::EB { ptr: std::ptr::null(), length: 0 };
+    // SAFETY: the trace context is valid during this hook; `v` is a valid out-parameter.
+    unsafe {
+        abi::envoy_dynamic_module_callback_tracer_get_trace_context_value(span_envoy_ptr, mb(b"traceparent"), &mut v)
+    };
+    SINK.store(v.length as u64 + traced as u64, Relaxed);
+    (&raw const TOKEN).cast()
+}
+
+/// Writes a (fixed, unsampled) `traceparent` for the upstream, as any propagating tracer must.
+///
+/// # Safety
+/// Called by Envoy with the upstream request's trace context.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_inject_context(
+    _span: *const std::ffi::c_void,
+    span_envoy_ptr: *mut std::ffi::c_void,
+) {
+    const TRACEPARENT: &[u8] = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    // SAFETY: the trace context is valid during this hook; Envoy copies both buffers.
+    unsafe {
+        abi::envoy_dynamic_module_callback_tracer_set_trace_context_value(
+            span_envoy_ptr,
+            mb(b"traceparent"),
+            mb(TRACEPARENT),
+        )
+    };
+}
+
+/// The same token.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_spawn_child(
+    _span: *const std::ffi::c_void,
+    _name: abi::EB,
+    _start_time_ns: i64,
+) -> *const std::ffi::c_void {
+    (&raw const TOKEN).cast()
+}
+
+/// Dropped.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_set_operation(_span: *const std::ffi::c_void, _op: abi::EB) {}
+
+/// Dropped.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_set_tag(
+    _span: *const std::ffi::c_void,
+    _k: abi::EB,
+    _v: abi::EB,
+) {
+}
+
+/// Dropped.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_log(_span: *const std::ffi::c_void, _ts: i64, _event: abi::EB) {}
+
+/// Dropped.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_finish(_span: *const std::ffi::c_void) {}
+
+/// Dropped.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_set_sampled(_span: *const std::ffi::c_void, _sampled: bool) {}
+
+/// Envoy's decision stands.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_use_local_decision(_span: *const std::ffi::c_void) -> bool {
+    true
+}
+
+/// No baggage.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_get_baggage(
+    _span: *const std::ffi::c_void,
+    _key: abi::EB,
+    _out: *mut abi::MB,
+) -> bool {
+    false
+}
+
+/// Dropped.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_set_baggage(
+    _span: *const std::ffi::c_void,
+    _k: abi::EB,
+    _v: abi::EB,
+) {
+}
+
+/// No id.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_get_trace_id(
+    _span: *const std::ffi::c_void,
+    _out: *mut abi::MB,
+) -> bool {
+    false
+}
+
+/// No id.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_get_span_id(
+    _span: *const std::ffi::c_void,
+    _out: *mut abi::MB,
+) -> bool {
+    false
+}
+
+/// Nothing to free.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_tracer_span_destroy(_span: *const std::ffi::c_void) {}
