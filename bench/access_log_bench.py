@@ -419,8 +419,8 @@ def main():
         room = 0.5 * added["builtin"] - added["abi_floor"]
         lines += [
             f"- **ABI floor** (a module making the same ABI calls as ours for this map, keeping nothing): "
-            f"+{added['abi_floor']:.3f} µs, **{added['abi_floor'] / added['builtin']:.2f} of the built-in's added "
-            f"cost** (90 % interval {lo:.2f}–{hi:.2f}), all of it on the worker (+{worker_added['abi_floor']:.3f} µs "
+            f"{added['abi_floor']:+.3f} µs, **{added['abi_floor'] / added['builtin']:.2f} of the built-in's added "
+            f"cost** (90 % interval {lo:.2f}–{hi:.2f}), all of it on the worker ({worker_added['abi_floor']:+.3f} µs "
             f"against the 1 µs target for ours); under the 0.5 target that leaves {room:+.3f} µs per record "
             f"for capturing, rendering and writing 17 fields (ours spends "
             f"{added['ours'] - added['abi_floor']:+.3f} µs on them, the kernel's write included)",
