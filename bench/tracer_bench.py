@@ -13,7 +13,10 @@ work on its flush thread ("obs-otlp-spans"), measured over the whole run and div
 spans it exported. Envoy's tracer encodes and sends on the worker itself. A sixth listener,
 `abifloor_0`, runs bench/abi_floor's tracer: it reads `traceparent`, writes one upstream and keeps
 nothing, so its cost is what any dynamic-module tracer adds (Envoy's own work around the spans
-included). Then, with valgrind, instructions per request under callgrind.
+included). A seventh, `none_aa`, has no tracing: the A/A control, whose difference from `none`
+every verdict allows for (see access_log_bench.aa_check). Bursts are short (1,000 requests, 120
+rounds) so one round's variants see about the same machine speed. Then, with valgrind,
+instructions per request under callgrind.
 
 Results go to bench/results/tracer.md."""
 from __future__ import annotations
@@ -35,8 +38,10 @@ import access_log_bench as alb  # noqa: E402
 from harness import ENVOY_BIN, TRACER_SO, free_port, hcm_listener, route, socket_address, static_cluster  # noqa: E402
 from otlp_receiver import h2_cluster  # noqa: E402
 
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "30"))
-REQUESTS = int(os.environ.get("BENCH_REQUESTS", "4000"))
+# Many short rounds (as in access_log_bench.py): a burst of 1,000 requests takes 0.2 s, so the
+# variants of one round see about the same machine speed.
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "120"))
+REQUESTS = int(os.environ.get("BENCH_REQUESTS", "1000"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "8000"))
 # Open loop by default: a closed loop does not keep this worker saturated here (h2load shares
 # core 1 with the upstream Envoy and the Python null collector), and an unsaturated closed loop
@@ -49,7 +54,8 @@ STREAMS = int(os.environ.get("BENCH_STREAMS", "16"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "4" if STREAMS else str(alb.CLIENTS)))
 # abifloor_0: bench/abi_floor's tracer (reads traceparent, writes one, keeps nothing): what any
 # dynamic-module tracer adds, Envoy's own work around its spans included.
-VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0", "abifloor_0"]
+# none_aa: a second listener without tracing, the A/A control (access_log_bench.aa_check).
+VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0", "abifloor_0", "none_aa"]
 PAIRS = [("builtin_100", "ours_100", "100 % sampling", 0.2), ("builtin_0", "ours_0", "0 % sampling", 0.5)]
 
 
@@ -75,7 +81,7 @@ def provider(kind: str, collector_cluster: str, collector_port: int) -> dict:
 
 def listener(variant: str, port: int, collector_port: int) -> dict:
     extra = {}
-    if variant != "none":
+    if variant not in ("none", "none_aa"):
         kind, pct = variant.split("_")
         extra["tracing"] = {"random_sampling": {"value": int(pct)}, "provider": provider(kind, "otlp", collector_port)}
     lst = hcm_listener(variant, port, [route("/", "upstream")], stat_prefix=variant, **extra)
@@ -146,13 +152,14 @@ def instruction_counts(workdir: pathlib.Path, up_port: int, collector_port: int)
     cg.mkdir()
     proc, admin, ports = start_envoy(workdir, up_port, collector_port, ready_timeout=300, wrapper=[
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg}/cg.out"])
-    out: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    measured = [v for v in VARIANTS if v != "none_aa"]  # no listener offsets in instruction counts
+    out: dict[str, list[float]] = {v: [] for v in measured}
     try:
-        for v in VARIANTS:
+        for v in measured:
             alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", 200, clients=4, streams=STREAMS)
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
         for rnd in range(2):
-            for v in VARIANTS:
+            for v in measured:
                 subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
                 alb.harness_h2load(f"http://127.0.0.1:{ports[v]}/bench", n, clients=4, streams=STREAMS)
                 time.sleep(2.5)  # our flush interval is 1 s; the built-in flushes every 5 spans
@@ -224,13 +231,15 @@ def main():
     ] + [f"| {v} | {statistics.median(res[v]):.2f} | {added[v]:+.2f} | {statistics.median(busy[v]):.0%} |"
          for v in VARIANTS] + [""]
     noise = alb.spread(res["none"])
+    aa_med, aa_lo, aa_hi, aa_bound = alb.aa_check(res["none_aa"], res["none"])
     for theirs, ours, what, target in PAIRS:
         ratio = added[ours] / added[theirs] if added[theirs] > 0 else float("nan")
         lo, hi = alb.ratio_interval(*[[x - n + bg.get(v, 0.0) for x, n in zip(res[v], res["none"])]
                                       for v in (ours, theirs)])
         lines.append(f"- **{what}: ours / built-in added CPU per request {ratio:.2f}** (target ≤ {target}); "
                      f"ours {added[ours]:+.2f} µs, built-in {added[theirs]:+.2f} µs; 90 % bootstrap interval "
-                     f"over rounds {lo:.2f}–{hi:.2f} → target **{alb.verdict(lo, hi, target, noise > alb.NOISY)}**")
+                     f"over rounds {lo:.2f}–{hi:.2f}, ±{aa_bound / added[theirs]:.2f} for the A/A control → target "
+                     f"**{alb.verdict(lo, hi, target, aa_bound / added[theirs])}**")
     floor = [x - n for x, n in zip(res["abifloor_0"], res["none"])]
     lo, hi = alb.ratio_interval(floor, [x - n for x, n in zip(res["builtin_0"], res["none"])])
     lines.append(f"- **ABI floor** (a tracer that reads `traceparent`, writes one and keeps nothing): "
@@ -239,14 +248,17 @@ def main():
                  f"{added['ours_0'] - added['abifloor_0']:+.2f} µs over it")
     lines.append(f"- our flush thread: {bg['ours_100']:.2f} µs per request at 100 % sampling; spans exported "
                  f"{exported:,} = sampled")
-    lines.append(f"- run quality: the no-tracing worker's interquartile spread was {noise:.0%} of its median"
-                 + (" — **noisy: rerun**" if noise > alb.NOISY else ""))
+    lines.append(f"- A/A control (a second listener without tracing, last in the listener list): {aa_med:+.2f} µs a "
+                 f"request against the first (90 % interval {aa_lo:+.2f} to {aa_hi:+.2f}); each verdict allows "
+                 f"±{aa_bound:.2f} µs on both variants' side")
+    lines.append(f"- run quality: the no-tracing worker's interquartile spread was {noise:.0%} of its median (the "
+                 "machine's speed across rounds; paired short rounds take most of it out of the differences)")
     lines += alb.saturation_warning(busy, RATE)
     if ir:
-        ia = {v: ir[v] - ir["none"] for v in VARIANTS}
+        ia = {v: ir[v] - ir["none"] for v in ir}
         lines += ["", "Instructions per request under valgrind (callgrind; deterministic, all Envoy threads):", "",
                   "| variant | instructions/request | added over no tracing |", "|---|---:|---:|"]
-        lines += [f"| {v} | {ir[v]:,.0f} | {ia[v]:+,.0f} |" for v in VARIANTS] + [""]
+        lines += [f"| {v} | {ir[v]:,.0f} | {ia[v]:+,.0f} |" for v in ir] + [""]
         lines += [f"- **{what}: ours / built-in added instructions {ia[o] / ia[t]:.2f}**" for t, o, what, _ in PAIRS
                   if ia[t] > 0]
     report = "\n".join(lines) + "\n"
