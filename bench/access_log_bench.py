@@ -291,14 +291,26 @@ def spread(xs: list[float]) -> float:
     return (q[2] - q[0]) / statistics.median(xs)
 
 
-def median_interval(xs: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
-    """Bootstrap interval of the median of `xs` over rounds."""
+def bootstrap(n: int, stat, level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
+    """Bootstrap interval of `stat(indices)` over `n` rounds resampled with replacement (a draw
+    whose `stat` is None is skipped; nan when more than half are)."""
     import random
-    rng = random.Random(1)
-    n = len(xs)
-    meds = sorted(statistics.median(xs[rng.randrange(n)] for _ in range(n)) for _ in range(draws))
+    rng = random.Random(1)  # reproducible for a given run's data
+    vals = []
+    for _ in range(draws):
+        v = stat([rng.randrange(n) for _ in range(n)])
+        if v is not None:
+            vals.append(v)
+    if len(vals) < draws // 2:
+        return float("nan"), float("nan")
+    vals.sort()
     tail = (1 - level) / 2
-    return meds[int(tail * draws)], meds[min(draws - 1, int((1 - tail) * draws))]
+    return vals[int(tail * len(vals))], vals[min(len(vals) - 1, int((1 - tail) * len(vals)))]
+
+
+def median_interval(xs: list[float]) -> tuple[float, float]:
+    """Bootstrap interval of the median of `xs` over rounds."""
+    return bootstrap(len(xs), lambda idx: statistics.median(xs[i] for i in idx))
 
 
 def aa_check(control: list[float], baseline: list[float]) -> tuple[float, float, float, float]:
@@ -313,22 +325,13 @@ def aa_check(control: list[float], baseline: list[float]) -> tuple[float, float,
     return statistics.median(d), lo, hi, max(abs(lo), abs(hi))
 
 
-def ratio_interval(ours: list[float], theirs: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
+def ratio_interval(ours: list[float], theirs: list[float]) -> tuple[float, float]:
     """Bootstrap interval of median(ours) / median(theirs) over rounds: rounds are resampled with
     replacement, pairs kept together (both figures of a round share that round's baseline)."""
-    import random
-    rng = random.Random(1)  # reproducible for a given run's data
-    n, ratios = len(ours), []
-    for _ in range(draws):
-        idx = [rng.randrange(n) for _ in range(n)]
+    def ratio(idx: list[int]) -> float | None:
         b = statistics.median(theirs[i] for i in idx)
-        if b > 0:
-            ratios.append(statistics.median(ours[i] for i in idx) / b)
-    if len(ratios) < draws // 2:
-        return float("nan"), float("nan")
-    ratios.sort()
-    tail = (1 - level) / 2
-    return ratios[int(tail * len(ratios))], ratios[min(len(ratios) - 1, int((1 - tail) * len(ratios)))]
+        return statistics.median(ours[i] for i in idx) / b if b > 0 else None
+    return bootstrap(len(ours), ratio)
 
 
 def verdict(lo: float, hi: float, target: float, slack: float) -> str:
