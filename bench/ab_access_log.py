@@ -9,7 +9,9 @@ has three listeners: no access log, build A, build B, each with the benchmark's 
 Bursts rotate over the three for AB_ROUNDS rounds (60). Per round, each build's worker CPU
 per request minus the same round's no-log burst. The printed figure is the median over rounds
 of B's cost minus A's. Passing the same file twice (an A/A run) shows the method's resolution,
-about ±0.15 µs here.
+about ±0.15 µs here, which includes the listeners' own offsets: identical listeners of one Envoy
+differ by a few tenths of a µs (access_log_bench.aa_check), so an A/B difference that small says
+nothing about the builds.
 
 AB_B_TIMING=0 turns `self_timing` off for B (both have it on otherwise).
 """
