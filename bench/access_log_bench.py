@@ -21,7 +21,10 @@ offset no interval over rounds shows), so every verdict allows that run's A/A bo
 A fourth variant, `abi_floor` (bench/abi_floor), makes exactly the ABI calls our logger makes for
 the map and keeps nothing: no capture, no queue, no write. Its added cost is the least any
 dynamic module can add for this map through Envoy 1.40's ABI (Envoy's dispatch plus its getters),
-so the report can say how much of the built-in's cost is left for the logging itself.
+so the report can say how much of the built-in's cost is left for the logging itself. A fifth,
+`floor_queue` (the same crate's `queue` logger), makes the same calls through our safe FFI and
+copies their values into our per-worker queue as one hand-written record, which its flush thread
+drops: a capture with no format plan, so that ours minus it is the price of the generic plan.
 
 A second, deterministic measurement follows when valgrind is installed: the same Envoy under
 callgrind, counting instructions per request per variant (BENCH_CALLGRIND=0 skips it).
@@ -64,17 +67,18 @@ SETTLE_S = 0.3
 # The worker thread is always pinned to core 0; Envoy's other threads (main, flush threads) may
 # use these cores. BENCH_PROCESS_CPUS=0 makes them share the worker's core.
 PROCESS_CPUS = os.environ.get("BENCH_PROCESS_CPUS", "0-1")
-ALL_VARIANTS = ["none", "builtin", "ours", "abi_floor", "builtin_otel", "ours_otlp"]
+ALL_VARIANTS = ["none", "builtin", "ours", "abi_floor", "floor_queue", "builtin_otel", "ours_otlp"]
 # BENCH_VARIANTS=json (file loggers only) or otel (OpenTelemetry loggers only); default all.
 # The last listener, "none_aa", is a second no-log listener: the A/A control (see aa_check).
-VARIANTS = {"json": ALL_VARIANTS[:4], "otel": ["none", "builtin_otel", "ours_otlp"]}.get(
+VARIANTS = {"json": ALL_VARIANTS[:5], "otel": ["none", "builtin_otel", "ours_otlp"]}.get(
     os.environ.get("BENCH_VARIANTS", "all"), ALL_VARIANTS) + ["none_aa"]
 # (built-in, ours, what): the pairs whose ratio is reported, with their targets.
 PAIRS = [p for p in [("builtin", "ours", "JSON file logger", 0.5), ("builtin_otel", "ours_otlp", "OpenTelemetry logger", 0.33)]
          if p[0] in VARIANTS]
 # Threads doing a logger's work off the request path. Envoy's OTel logger encodes and sends on
 # the worker itself (its flush timer and gRPC client run on the worker's dispatcher).
-BACKGROUND = {"builtin": "AccessLogFlush", "ours": "obs-json-flush", "ours_otlp": "obs-otlp-logs"}
+BACKGROUND = {"builtin": "AccessLogFlush", "ours": "obs-json-flush", "ours_otlp": "obs-otlp-logs",
+              "floor_queue": "obs-floor-queue"}
 FILE_VARIANTS = [v for v in ("builtin", "ours") if v in VARIANTS]
 # The ABI-floor logger (bench/abi_floor, built by `make bench`): the same ABI calls as ours for
 # the map, nothing kept.
@@ -192,6 +196,7 @@ def start_envoy(workdir: pathlib.Path, logs: dict[str, pathlib.Path], wrapper: l
         "ours": [our_json_logger({"path": str(logs.get("ours")), "json_format": FORMAT, "self_timing": True},
                                  so=ACCESS_LOG_SO)],
         "abi_floor": [our_logger("json", {}, so=FLOOR_SO, namespace="obsfloor")],
+        "floor_queue": [our_logger("queue", {}, so=FLOOR_SO, namespace="obsfloorq")],
         "builtin_otel": [builtin_otel_access_logger("otlp", attributes=FORMAT, body=OTEL_BODY,
                                                     resource_attributes={"service.name": "bench"})],
         "ours_otlp": [our_otlp_logger({"endpoint": f"http://127.0.0.1:{collector}", "body": OTEL_BODY,
@@ -458,6 +463,17 @@ def main():
             f"against the 1 µs target for ours); under the 0.5 target that leaves {room:+.3f} µs per record "
             f"for capturing, rendering and writing 17 fields (ours spends "
             f"{added['ours'] - added['abi_floor']:+.3f} µs on them, the kernel's write included)",
+        ]
+    if "floor_queue" in VARIANTS:
+        plan = [o - q for o, q in zip(added_rounds["ours"], added_rounds["floor_queue"])]
+        lo, hi = median_interval(plan)
+        lines += [
+            f"- **Floor + queue** (the same calls, their values copied into our per-worker queue as one "
+            f"hand-written record, dropped by a flush thread: a capture with no format plan): "
+            f"{added['floor_queue']:+.3f} µs ({worker_added['floor_queue']:+.3f} µs on the worker); ours over it, "
+            f"the generic plan plus rendering and writing: {statistics.median(plan):+.3f} µs a record (90 % interval "
+            f"{lo:+.3f} to {hi:+.3f}), of which {worker_added['ours'] - worker_added['floor_queue']:+.3f} µs on the "
+            "worker",
         ]
     lines += [
         f"- A/A control (a second no-log listener, last in the listener list): {aa_med:+.3f} µs a request against "

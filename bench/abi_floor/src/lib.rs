@@ -6,18 +6,24 @@
 //!   `json_format` map — both header maps fetched whole, timing, bytes, protocol, response code,
 //!   response flags, the upstream and downstream remote addresses, the upstream cluster — and
 //!   throws the answers away: nothing is captured, queued or written.
+//! - Access logger `queue` (variant `floor_queue`): the same calls through our safe FFI
+//!   (`LogStream`), their values copied into our per-worker queue (`Pipeline`) as one
+//!   hand-written record of the 17 fields, which a flush thread drops. That is what a capture
+//!   with no format plan costs: ours minus this is the price of the generic plan.
 //! - Tracer (`bench/tracer_bench.py`, variant `abifloor_0`): the propagation a tracer cannot do
 //!   without — `start_span` reads `traceparent`, `inject_context` writes one — and nothing else:
 //!   every span is one static token, tags, events and finishes are dropped, nothing is exported.
 //!
-//! Thread model: the hooks run on Envoy's workers and touch only their stack and one relaxed
-//! atomic store. This is not a product module: it follows none of the config rules, and it
+//! Thread model: the floor's hooks run on Envoy's workers and touch only their stack and one
+//! relaxed atomic store; `queue` is our pipeline's model (one producer per worker, one flush
+//! thread). This is not a product module: it follows none of the config rules, and the floor
 //! talks to the raw bindings directly because it has nothing to make safe above them.
-use std::ffi::c_char;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use envoy_obs_abi as abi;
+use envoy_obs_common::ffi::access_log::{AddrField, HeaderKind, HeaderTable, LogStream, StrField, Stream};
+use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Pipeline, PipelineConfig, Producer};
 
 /// Where the answers go, so the calls' results are used (one store per record).
 static SINK: AtomicU64 = AtomicU64::new(0);
@@ -29,38 +35,120 @@ const MAX_HEADERS: usize = 64;
 const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
 
-/// Called once by Envoy when it dlopen()s this module.
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
-    abi::ABI_VERSION.as_ptr().cast()
-}
+// The ABI version, and the module pinned: `queue` has a flush thread.
+envoy_obs_common::declare_program_init!();
 
-/// Accepts any config.
+/// Accepts any config: logger `queue` gets a pipeline (none under `--mode validate`), any other
+/// name the floor's token.
+///
+/// # Safety
+/// Called by Envoy on the main thread with a valid name buffer.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_access_logger_config_new(
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_new(
     _config_envoy_ptr: *mut std::ffi::c_void,
-    _name: abi::envoy_dynamic_module_type_envoy_buffer,
+    name: abi::envoy_dynamic_module_type_envoy_buffer,
     _config: abi::envoy_dynamic_module_type_envoy_buffer,
 ) -> *const std::ffi::c_void {
-    (&raw const TOKEN).cast()
+    // SAFETY: Envoy's name buffer is valid during the call.
+    let name = unsafe { std::slice::from_raw_parts(name.ptr.cast::<u8>(), name.length) };
+    if name != b"queue" || envoy_obs_common::ffi::is_validation_mode() {
+        return (&raw const TOKEN).cast();
+    }
+    let cfg = PipelineConfig {
+        thread_name: "obs-floor-queue".into(),
+        slots: envoy_obs_common::ffi::concurrency() as usize + 1,
+        queue_capacity: 16_384,
+        flush_interval: std::time::Duration::from_secs(1),
+        shutdown_timeout: std::time::Duration::from_secs(5),
+    };
+    match Pipeline::start(cfg, Drop_, ()) {
+        Ok(p) => Box::into_raw(Box::new(p)).cast_const().cast(),
+        Err(_) => std::ptr::null(),
+    }
 }
 
-/// Nothing to free.
+/// Frees a `queue` pipeline (draining it).
+///
+/// # Safety
+/// `config` comes from `config_new` and is not used afterwards.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_access_logger_config_destroy(_config: *const std::ffi::c_void) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_destroy(config: *const std::ffi::c_void) {
+    if config != (&raw const TOKEN).cast() {
+        // SAFETY: made by Box::into_raw in config_new.
+        drop(unsafe { Box::from_raw(config.cast::<Pipeline>().cast_mut()) });
+    }
+}
 
-/// The same token for every thread.
+/// The floor's token, or for `queue` this worker's producer.
+///
+/// # Safety
+/// `config` comes from `config_new`; `logger_envoy_ptr` is this thread's logger context.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_access_logger_new(
-    _config: *const std::ffi::c_void,
-    _logger_envoy_ptr: *mut std::ffi::c_void,
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_new(
+    config: *const std::ffi::c_void,
+    logger_envoy_ptr: *mut std::ffi::c_void,
 ) -> *const std::ffi::c_void {
-    (&raw const TOKEN).cast()
+    if config == (&raw const TOKEN).cast() {
+        return (&raw const TOKEN).cast();
+    }
+    // SAFETY: a live pipeline (config outlives its loggers); get_worker_index is valid here.
+    let (p, worker) = unsafe { (&*config.cast::<Pipeline>(), LogStream::worker_index(logger_envoy_ptr)) };
+    Box::into_raw(Box::new(p.producer(worker as usize))).cast_const().cast()
 }
 
-/// Nothing to free.
+/// Drops every batch: the flush thread of `queue`.
+struct Drop_;
+
+impl Exporter for Drop_ {
+    fn export(&mut self, batch: &Batch) -> Outcome {
+        Outcome { written: batch.len() as u64, failed: 0 }
+    }
+}
+
+/// The 17 fields as one hand-written record: the values the plan would capture, without it.
+fn capture(s: &LogStream<'_>, out: &mut Vec<u8>) {
+    fn put(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    let t = s.timing();
+    out.extend_from_slice(&t.get(0).unwrap_or(-1).to_le_bytes());
+    out.extend_from_slice(&t.get(17).unwrap_or(-1).to_le_bytes());
+    let b = s.bytes();
+    out.extend_from_slice(&b.received.to_le_bytes());
+    out.extend_from_slice(&b.sent.to_le_bytes());
+    let mut req = HeaderTable::default();
+    s.headers(HeaderKind::Request, &mut req);
+    put(out, req.get(b":method").unwrap_or_default());
+    put(out, req.get(b"x-envoy-original-path").or_else(|| req.get(b":path")).unwrap_or_default());
+    for n in [&b"x-forwarded-for"[..], b"user-agent", b"x-request-id", b":authority"] {
+        put(out, req.get(n).unwrap_or_default());
+    }
+    let mut resp = HeaderTable::default();
+    s.headers(HeaderKind::Response, &mut resp);
+    put(out, resp.get(b"x-envoy-upstream-service-time").unwrap_or_default());
+    put(out, s.string(StrField::Protocol).unwrap_or_default());
+    out.extend_from_slice(&s.response_code().to_le_bytes());
+    out.extend_from_slice(&s.response_flags().to_le_bytes());
+    for f in [AddrField::UpstreamRemote, AddrField::DownstreamRemote] {
+        let (ip, port) = s.address(f).unwrap_or_default();
+        put(out, ip);
+        out.extend_from_slice(&port.to_le_bytes());
+    }
+    put(out, s.string(StrField::UpstreamCluster).unwrap_or_default());
+}
+
+/// Frees a `queue` producer (the floor's token: nothing).
+///
+/// # Safety
+/// `logger` comes from `logger_new` on this thread and is not used afterwards.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_access_logger_destroy(_logger: *const std::ffi::c_void) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_destroy(logger: *const std::ffi::c_void) {
+    if logger != (&raw const TOKEN).cast() {
+        // SAFETY: made by Box::into_raw in logger_new, on this thread.
+        drop(unsafe { Box::from_raw(logger.cast::<Producer>().cast_mut()) });
+    }
+}
 
 fn header_map(l: *mut std::ffi::c_void, kind: u32) -> u64 {
     // SAFETY: `l` is the live log context of the current `log` call.
@@ -99,10 +187,16 @@ fn address(
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_log(
     l: *mut std::ffi::c_void,
-    _logger: *const std::ffi::c_void,
+    logger: *const std::ffi::c_void,
     _log_type: u32,
 ) {
     use abi::*;
+    if logger != (&raw const TOKEN).cast() {
+        // SAFETY: this thread's producer; `l` is live for the call.
+        let (p, s) = unsafe { (&*logger.cast::<Producer>(), LogStream::new(l)) };
+        p.push_with(|out| capture(&s, out));
+        return;
+    }
     let mut timing = MaybeUninit::<envoy_dynamic_module_type_timing_info_v2>::uninit();
     let mut bytes = MaybeUninit::<envoy_dynamic_module_type_bytes_info>::uninit();
     // SAFETY: `l` is live; Envoy fills both structs whole.
