@@ -131,7 +131,14 @@ def assert_same_records(a: dict, b: dict, n: int) -> None:
         for k in x:
             u, v = x[k], y[k]
             if k in TIME_FIELDS and u is not None and v is not None:
-                assert type(u) is type(v) and abs(u - v) <= 1, (rid, k, u, v)
+                # A record logged before the request completes (DownstreamStart, periodic ones)
+                # has its duration so far, read by each logger at its own call: ours against the
+                # wall clock (the ABI gives the start only as Unix time), Envoy's against its
+                # monotonic one (README: the documented difference). Usually both read 0 here; a
+                # loaded CI run read ours 2 and the built-in 5 ms, so the same 5 ms as `emit`. A
+                # completed request's durations are fixed: 1 ms (rounding).
+                live = k == "dur" and str(x.get("alt", "")).endswith(("Start", "Periodic"))
+                assert type(u) is type(v) and abs(u - v) <= (5 if live else 1), (rid, k, u, v)
             elif k == "start":
                 assert abs(start_ms(u) - start_ms(v)) <= 1, (rid, k, u, v)
             elif k == "emit":  # each logger's own clock when it logs
