@@ -49,8 +49,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_new(
     name: abi::envoy_dynamic_module_type_envoy_buffer,
     _config: abi::envoy_dynamic_module_type_envoy_buffer,
 ) -> *const std::ffi::c_void {
-    // SAFETY: Envoy's name buffer is valid during the call.
-    let name = unsafe { std::slice::from_raw_parts(name.ptr.cast::<u8>(), name.length) };
+    let name = if name.ptr.is_null() {
+        &[][..]
+    } else {
+        // SAFETY: Envoy's non-null name buffer is valid for `length` bytes during the call.
+        unsafe { std::slice::from_raw_parts(name.ptr.cast::<u8>(), name.length) }
+    };
     if name != b"queue" || envoy_obs_common::ffi::is_validation_mode() {
         return (&raw const TOKEN).cast();
     }
