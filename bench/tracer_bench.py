@@ -35,7 +35,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 import access_log_bench as alb  # noqa: E402
-from harness import ENVOY_BIN, TRACER_SO, free_port, hcm_listener, route, socket_address, static_cluster  # noqa: E402
+from harness import (ENVOY_BIN, builtin_tracer, free_port, hcm_listener, our_tracer, route,  # noqa: E402
+                     socket_address, static_cluster)
 from otlp_receiver import h2_cluster  # noqa: E402
 
 # Many short rounds (as in access_log_bench.py): a burst of 1,000 requests takes 0.2 s, so the
@@ -61,22 +62,10 @@ PAIRS = [("builtin_100", "ours_100", "100 % sampling", 0.2), ("builtin_0", "ours
 
 def provider(kind: str, collector_cluster: str, collector_port: int) -> dict:
     if kind == "abifloor":
-        return {"name": "envoy.tracers.dynamic_modules", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.tracers.dynamic_modules.v3.DynamicModuleTracer",
-            "dynamic_module_config": {"module": {"local": {"filename": str(alb.FLOOR_SO)}},
-                                      "metrics_namespace": "obsfloor"},
-            "tracer_name": "floor",
-            "tracer_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": {}}}}
+        return our_tracer({}, so=alb.FLOOR_SO, namespace="obsfloor", tracer_name="floor")
     if kind == "builtin":
-        return {"name": "envoy.tracers.opentelemetry", "typed_config": {
-            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
-            "grpc_service": {"envoy_grpc": {"cluster_name": collector_cluster}}, "service_name": "bench"}}
-    return {"name": "envoy.tracers.dynamic_modules", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.tracers.dynamic_modules.v3.DynamicModuleTracer",
-        "dynamic_module_config": {"module": {"local": {"filename": str(TRACER_SO)}}, "metrics_namespace": "obs"},
-        "tracer_name": "opentelemetry",
-        "tracer_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": {
-            "endpoint": f"http://127.0.0.1:{collector_port}", "service_name": "bench"}}}}
+        return builtin_tracer(collector_cluster, service_name="bench")
+    return our_tracer({"endpoint": f"http://127.0.0.1:{collector_port}", "service_name": "bench"})
 
 
 def listener(variant: str, port: int, collector_port: int) -> dict:
