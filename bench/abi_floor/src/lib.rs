@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use envoy_obs_abi as abi;
 use envoy_obs_common::ffi::access_log::{AddrField, HeaderKind, HeaderTable, LogStream, StrField, Stream};
+use envoy_obs_common::ffi::{envoy_bytes, module_buffer};
 use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Pipeline, PipelineConfig, Producer};
 
 /// Where the answers go, so the calls' results are used (one store per record).
@@ -49,12 +50,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_access_logger_config_new(
     name: abi::envoy_dynamic_module_type_envoy_buffer,
     _config: abi::envoy_dynamic_module_type_envoy_buffer,
 ) -> *const std::ffi::c_void {
-    let name = if name.ptr.is_null() {
-        &[][..]
-    } else {
-        // SAFETY: Envoy's non-null name buffer is valid for `length` bytes during the call.
-        unsafe { std::slice::from_raw_parts(name.ptr.cast::<u8>(), name.length) }
-    };
+    // SAFETY: Envoy's name buffer is valid during the call (a null one reads as empty).
+    let name = unsafe { envoy_bytes(name) };
     if name != b"queue" || envoy_obs_common::ffi::is_validation_mode() {
         return (&raw const TOKEN).cast();
     }
@@ -238,10 +235,6 @@ pub extern "C" fn envoy_dynamic_module_on_tracer_config_new(
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_tracer_config_destroy(_config: *const std::ffi::c_void) {}
 
-fn mb(b: &[u8]) -> abi::MB {
-    abi::MB { ptr: b.as_ptr().cast(), length: b.len() }
-}
-
 /// Reads the incoming `traceparent`, as any tracer continuing W3C traces must.
 ///
 /// # Safety
@@ -257,7 +250,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_start_span(
     let mut v = abi::EB { ptr: std::ptr::null(), length: 0 };
     // SAFETY: the trace context is valid during this hook; `v` is a valid out-parameter.
     unsafe {
-        abi::envoy_dynamic_module_callback_tracer_get_trace_context_value(span_envoy_ptr, mb(b"traceparent"), &mut v)
+        abi::envoy_dynamic_module_callback_tracer_get_trace_context_value(
+            span_envoy_ptr,
+            module_buffer(b"traceparent"),
+            &mut v,
+        )
     };
     SINK.store(v.length as u64 + traced as u64, Relaxed);
     (&raw const TOKEN).cast()
@@ -277,8 +274,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_inject_context(
     unsafe {
         abi::envoy_dynamic_module_callback_tracer_set_trace_context_value(
             span_envoy_ptr,
-            mb(b"traceparent"),
-            mb(TRACEPARENT),
+            module_buffer(b"traceparent"),
+            module_buffer(TRACEPARENT),
         )
     };
 }
