@@ -11,8 +11,8 @@ BENCH_STREAMS streams each; the upstream hop is HTTP/2 too; BENCH_STREAMS=0: HTT
 alternating variants round after round. Per burst the worker thread's CPU; ours also does
 work on its flush thread ("obs-otlp-spans"), measured over the whole run and divided by the
 spans it exported. Envoy's tracer encodes and sends on the worker itself. A sixth listener,
-`abifloor_0`, runs bench/abi_floor's tracer: it reads `traceparent`, writes one upstream and keeps
-nothing, so its cost is what any dynamic-module tracer adds (Envoy's own work around the spans
+`abifloor_0`, runs bench/abi_floor's tracer: it reads `traceparent`, writes one with fresh ids
+upstream and keeps nothing, so its cost is what any dynamic-module tracer adds (Envoy's own work around the spans
 included). A seventh, `none_aa`, has no tracing: the A/A control, whose difference from `none`
 every verdict allows for (see access_log_bench.aa_check). Bursts are short (1,000 requests, 120
 rounds) so one round's variants see about the same machine speed. Then, with valgrind,
@@ -53,7 +53,7 @@ RATE = int(os.environ.get("BENCH_RATE", "5000"))
 # request costs ~30-35 µs and the swing is 3-5 µs (bench/README.md).
 STREAMS = int(os.environ.get("BENCH_STREAMS", "16"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "4" if STREAMS else str(alb.CLIENTS)))
-# abifloor_0: bench/abi_floor's tracer (reads traceparent, writes one, keeps nothing): what any
+# abifloor_0: bench/abi_floor's tracer (reads traceparent, writes a fresh one, keeps nothing): what any
 # dynamic-module tracer adds, Envoy's own work around its spans included.
 # none_aa: a second listener without tracing, the A/A control (access_log_bench.aa_check).
 VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0", "abifloor_0", "none_aa"]
@@ -231,7 +231,7 @@ def main():
                      f"**{alb.verdict(lo, hi, target, aa_bound / added[theirs])}**")
     floor = [x - n for x, n in zip(res["abifloor_0"], res["none"])]
     lo, hi = alb.ratio_interval(floor, [x - n for x, n in zip(res["builtin_0"], res["none"])])
-    lines.append(f"- **ABI floor** (a tracer that reads `traceparent`, writes one and keeps nothing): "
+    lines.append(f"- **ABI floor** (a tracer that reads `traceparent`, writes a fresh one and keeps nothing): "
                  f"{added['abifloor_0']:+.2f} µs, **{added['abifloor_0'] / added['builtin_0']:.2f} of the built-in's "
                  f"added cost at 0 %** (90 % interval {lo:.2f}–{hi:.2f}); ours at 0 % adds "
                  f"{added['ours_0'] - added['abifloor_0']:+.2f} µs over it")

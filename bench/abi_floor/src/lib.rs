@@ -11,8 +11,9 @@
 //!   hand-written record of the 17 fields, which a flush thread drops. That is what a capture
 //!   with no format plan costs: ours minus this is the price of the generic plan.
 //! - Tracer (`bench/tracer_bench.py`, variant `abifloor_0`): the propagation a tracer cannot do
-//!   without — `start_span` reads `traceparent`, `inject_context` writes one — and nothing else:
-//!   every span is one static token, tags, events and finishes are dropped, nothing is exported.
+//!   without — `start_span` reads `traceparent`, `inject_context` writes one with fresh ids — and
+//!   nothing else: every span is one static token, tags, events and finishes are dropped, nothing
+//!   is exported.
 //!
 //! Thread model: the floor's hooks run on Envoy's workers and touch only their stack and one
 //! relaxed atomic store; `queue` is our pipeline's model (one producer per worker, one flush
@@ -25,6 +26,7 @@ use envoy_obs_abi as abi;
 use envoy_obs_common::ffi::access_log::{AddrField, HeaderKind, HeaderTable, LogStream, StrField, Stream};
 use envoy_obs_common::ffi::{envoy_bytes, module_buffer};
 use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Pipeline, PipelineConfig, Producer};
+use envoy_obs_common::rand::rand64;
 
 /// Where the answers go, so the calls' results are used (one store per record).
 static SINK: AtomicU64 = AtomicU64::new(0);
@@ -260,7 +262,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_start_span(
     (&raw const TOKEN).cast()
 }
 
-/// Writes a (fixed, unsampled) `traceparent` for the upstream, as any propagating tracer must.
+/// Writes an unsampled `traceparent` with fresh ids for the upstream, as any propagating tracer
+/// must. Fresh per request, not one fixed value: over HTTP/2 Envoy's HPACK encoder would index a
+/// value that repeats and send it as a one-byte reference, while every real trace context is
+/// new and costs a Huffman-coded literal (about 2,000 of Envoy's instructions a request).
 ///
 /// # Safety
 /// Called by Envoy with the upstream request's trace context.
@@ -269,13 +274,21 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_inject_context(
     _span: *const std::ffi::c_void,
     span_envoy_ptr: *mut std::ffi::c_void,
 ) {
-    const TRACEPARENT: &[u8] = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    for (i, x) in [rand64(), rand64(), rand64()].into_iter().enumerate() {
+        // Trace id (two words) at 3..35, span id at 36..52.
+        let at = 3 + i * 16 + (i / 2);
+        for (k, o) in tp[at..at + 16].iter_mut().enumerate() {
+            *o = HEX[(x >> (60 - 4 * k) & 15) as usize];
+        }
+    }
     // SAFETY: the trace context is valid during this hook; Envoy copies both buffers.
     unsafe {
         abi::envoy_dynamic_module_callback_tracer_set_trace_context_value(
             span_envoy_ptr,
             module_buffer(b"traceparent"),
-            module_buffer(TRACEPARENT),
+            module_buffer(&tp),
         )
     };
 }
