@@ -2,6 +2,17 @@
 //! trace, the OTLP access logger's record ids and the JSON logger's `%TRACE_ID%`/`%SPAN_ID%`;
 //! and the percent-decoding of baggage values and query parameters.
 
+/// Lower-case hex digits by value.
+pub const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of `b` into the first `2 * b.len()` bytes of `out`.
+pub fn hex_to(b: &[u8], out: &mut [u8]) {
+    for (&x, o) in b.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = HEX[(x >> 4) as usize];
+        o[1] = HEX[(x & 15) as usize];
+    }
+}
+
 /// `N` bytes from `2 * N` hex digits (either case; callers that need lower case check it).
 pub fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     if s.len() != 2 * N {

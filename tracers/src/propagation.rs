@@ -2,8 +2,9 @@
 //! (`b3`) and B3 multi (`x-b3-*`) headers. Parsing never panics; malformed input is ignored,
 //! as the specifications require.
 use envoy_obs_common::ffi::tracer::Carrier;
+pub use envoy_obs_common::w3c::hex_to;
 pub use envoy_obs_common::w3c::parse_traceparent;
-use envoy_obs_common::w3c::{trim, unhex};
+use envoy_obs_common::w3c::{trim, unhex, HEX};
 
 /// A propagation format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -68,16 +69,6 @@ pub struct Carry {
     /// without a single header): with only the single-header propagator they must go, or the
     /// next hop would read the client's ids and decision beside ours.
     pub b3_multi_seen: bool,
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// Lower-case hex of `b` into the first `2 * b.len()` bytes of `out`.
-pub fn hex_to(b: &[u8], out: &mut [u8]) {
-    for (&x, o) in b.iter().zip(out.chunks_exact_mut(2)) {
-        o[0] = HEX[(x >> 4) as usize];
-        o[1] = HEX[(x & 15) as usize];
-    }
 }
 
 /// `hex(trace_id)-hex(span_id)` followed by `tail` and padding: the common core of

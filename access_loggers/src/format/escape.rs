@@ -2,6 +2,8 @@
 //! byte from 0x80 up written as `\u00XX` (as Envoy's JSON formatter does), control
 //! characters become `\uXXXX` (or their short escapes), quotes and backslashes are escaped.
 
+use envoy_obs_common::w3c::HEX;
+
 const fn build_table() -> [u8; 256] {
     // 0 = copy, b'u' = \u00XX, other = short escape letter.
     let mut t = [0u8; 256];
@@ -20,7 +22,6 @@ const fn build_table() -> [u8; 256] {
     t
 }
 static ESCAPE: [u8; 256] = build_table();
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;

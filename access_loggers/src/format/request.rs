@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use envoy_obs_common::w3c::percent_decode;
+use envoy_obs_common::w3c::{percent_decode, HEX};
 
 /// How `%GRPC_STATUS(...)%` prints a code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +194,6 @@ pub fn strip_port(host: &[u8]) -> &[u8] {
 pub fn uuid4(mut b: [u8; 16]) -> Vec<u8> {
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = Vec::with_capacity(36);
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {

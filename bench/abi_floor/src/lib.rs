@@ -27,6 +27,7 @@ use envoy_obs_common::ffi::access_log::{AddrField, HeaderKind, HeaderTable, LogS
 use envoy_obs_common::ffi::{envoy_bytes, module_buffer};
 use envoy_obs_common::pipeline::{Batch, Exporter, Outcome, Pipeline, PipelineConfig, Producer};
 use envoy_obs_common::rand::rand64;
+use envoy_obs_common::w3c::hex_to;
 
 /// Where the answers go, so the calls' results are used (one store per record).
 static SINK: AtomicU64 = AtomicU64::new(0);
@@ -274,15 +275,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_tracer_span_inject_context(
     _span: *const std::ffi::c_void,
     span_envoy_ptr: *mut std::ffi::c_void,
 ) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    for (i, x) in [rand64(), rand64(), rand64()].into_iter().enumerate() {
-        // Trace id (two words) at 3..35, span id at 36..52.
-        let at = 3 + i * 16 + (i / 2);
-        for (k, o) in tp[at..at + 16].iter_mut().enumerate() {
-            *o = HEX[(x >> (60 - 4 * k) & 15) as usize];
-        }
+    // Trace id (16 bytes) then span id (8), random.
+    let mut ids = [0u8; 24];
+    for w in ids.chunks_exact_mut(8) {
+        w.copy_from_slice(&rand64().to_be_bytes());
     }
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_to(&ids[..16], &mut tp[3..35]);
+    hex_to(&ids[16..], &mut tp[36..52]);
     // SAFETY: the trace context is valid during this hook; Envoy copies both buffers.
     unsafe {
         abi::envoy_dynamic_module_callback_tracer_set_trace_context_value(
