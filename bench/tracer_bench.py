@@ -12,8 +12,8 @@ alternating variants round after round. Per burst the worker thread's CPU; ours 
 work on its flush thread ("obs-otlp-spans"), measured over the whole run and divided by the
 spans it exported. Envoy's tracer encodes and sends on the worker itself. A sixth listener,
 `abifloor_0`, runs bench/abi_floor's tracer: it reads `traceparent`, writes one with fresh ids
-upstream and keeps nothing, so its cost is what any dynamic-module tracer adds (Envoy's own work around the spans
-included). A seventh, `none_aa`, has no tracing: the A/A control, whose difference from `none`
+upstream and keeps nothing, so its cost is what any dynamic-module tracer adds (Envoy's own work
+around the spans included). A seventh, `none_aa`, has no tracing: the A/A control, whose difference from `none`
 every verdict allows for (see access_log_bench.aa_check). Bursts are short (1,000 requests, 120
 rounds) so one round's variants see about the same machine speed. Then, with valgrind,
 instructions per request under callgrind.
@@ -53,8 +53,8 @@ RATE = int(os.environ.get("BENCH_RATE", "5000"))
 # request costs ~30-35 µs and the swing is 3-5 µs (bench/README.md).
 STREAMS = int(os.environ.get("BENCH_STREAMS", "16"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "4" if STREAMS else str(alb.CLIENTS)))
-# abifloor_0: bench/abi_floor's tracer (reads traceparent, writes a fresh one, keeps nothing): what any
-# dynamic-module tracer adds, Envoy's own work around its spans included.
+# abifloor_0: bench/abi_floor's tracer (reads traceparent, writes a fresh one, keeps nothing):
+# what any dynamic-module tracer adds, Envoy's own work around its spans included.
 # none_aa: a second listener without tracing, the A/A control (access_log_bench.aa_check).
 VARIANTS = ["none", "builtin_100", "ours_100", "builtin_0", "ours_0", "abifloor_0", "none_aa"]
 PAIRS = [("builtin_100", "ours_100", "100 % sampling", 0.2), ("builtin_0", "ours_0", "0 % sampling", 0.5)]
