@@ -296,14 +296,22 @@ def spread(xs: list[float]) -> float:
     return (q[2] - q[0]) / statistics.median(xs)
 
 
-def bootstrap(n: int, stat, level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
+def bootstrap(n: int, stat, level: float = 0.9, draws: int = 2000,
+              blocks: list[int] | None = None) -> tuple[float, float]:
     """Bootstrap interval of `stat(indices)` over `n` rounds resampled with replacement (a draw
-    whose `stat` is None is skipped; nan when more than half are)."""
+    whose `stat` is None is skipped; nan when more than half are). With `blocks` (each round's
+    block, e.g. the Envoy process it ran in), a draw resamples blocks first, then rounds within
+    each drawn block: what differs from block to block counts in the interval too."""
     import random
     rng = random.Random(1)  # reproducible for a given run's data
+    groups = [[i for i in range(n) if blocks[i] == b] for b in sorted(set(blocks))] if blocks else [list(range(n))]
     vals = []
     for _ in range(draws):
-        v = stat([rng.randrange(n) for _ in range(n)])
+        idx = []
+        for _ in groups:
+            g = groups[rng.randrange(len(groups))] if blocks else groups[0]
+            idx += [g[rng.randrange(len(g))] for _ in g]
+        v = stat(idx)
         if v is not None:
             vals.append(v)
     if len(vals) < draws // 2:
@@ -313,12 +321,13 @@ def bootstrap(n: int, stat, level: float = 0.9, draws: int = 2000) -> tuple[floa
     return vals[int(tail * len(vals))], vals[min(len(vals) - 1, int((1 - tail) * len(vals)))]
 
 
-def median_interval(xs: list[float]) -> tuple[float, float]:
-    """Bootstrap interval of the median of `xs` over rounds."""
-    return bootstrap(len(xs), lambda idx: statistics.median(xs[i] for i in idx))
+def median_interval(xs: list[float], blocks: list[int] | None = None) -> tuple[float, float]:
+    """Bootstrap interval of the median of `xs` over rounds (and blocks, see `bootstrap`)."""
+    return bootstrap(len(xs), lambda idx: statistics.median(xs[i] for i in idx), blocks=blocks)
 
 
-def aa_check(control: list[float], baseline: list[float]) -> tuple[float, float, float, float]:
+def aa_check(control: list[float], baseline: list[float],
+             blocks: list[int] | None = None) -> tuple[float, float, float, float]:
     """The A/A control: two identical no-log listeners, so their per-round difference should be
     zero. It is not: each listener of an Envoy carries its own offset (seen +0.30 µs, 90 %
     interval 0.14-0.47, with the control second in the listener list, and -0.14 µs,
@@ -326,17 +335,17 @@ def aa_check(control: list[float], baseline: list[float]) -> tuple[float, float,
     median difference, its interval, and the bound a verdict must allow for: the larger end of
     the interval in absolute value."""
     d = [c - b for c, b in zip(control, baseline)]
-    lo, hi = median_interval(d)
+    lo, hi = median_interval(d, blocks)
     return statistics.median(d), lo, hi, max(abs(lo), abs(hi))
 
 
-def ratio_interval(ours: list[float], theirs: list[float]) -> tuple[float, float]:
+def ratio_interval(ours: list[float], theirs: list[float], blocks: list[int] | None = None) -> tuple[float, float]:
     """Bootstrap interval of median(ours) / median(theirs) over rounds: rounds are resampled with
     replacement, pairs kept together (both figures of a round share that round's baseline)."""
     def ratio(idx: list[int]) -> float | None:
         b = statistics.median(theirs[i] for i in idx)
         return statistics.median(ours[i] for i in idx) / b if b > 0 else None
-    return bootstrap(len(ours), ratio)
+    return bootstrap(len(ours), ratio, blocks=blocks)
 
 
 def verdict(lo: float, hi: float, target: float, slack: float) -> str:
