@@ -112,21 +112,34 @@ def wait_ready(proc: subprocess.Popen, admin: int, timeout: float = 30) -> None:
 
 
 def start_envoy(workdir: pathlib.Path, up_port: int, collector_port: int, wrapper: list[str] | None = None,
-                ready_timeout: float = 30, order: list[str] | None = None):
-    """An Envoy with a listener per variant, in `order` (default VARIANTS')."""
+                ready_timeout: float = 30, order: list[str] | None = None, attempts: int = 3):
+    """An Envoy with a listener per variant, in `order` (default VARIANTS'). A start that fails
+    (a port taken between picking and binding it) is retried with new ports; the last failure
+    raises with the tail of Envoy's log."""
     order = order or VARIANTS
-    ports = {v: free_port() for v in order}
-    admin = free_port()
-    cfg = workdir / "envoy.yaml"
-    cfg.write_text(json.dumps({
-        "admin": {"address": socket_address(admin)},
-        "static_resources": {"listeners": [listener(v, ports[v], collector_port) for v in order],
-                             "clusters": [h2_cluster("upstream", up_port) if STREAMS else static_cluster("upstream", up_port),
-                                          h2_cluster("otlp", collector_port)]}}))
-    proc = subprocess.Popen(["taskset", "-c", "0-1"] + (wrapper or []) + [
-        str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1", "--use-dynamic-base-id", "--disable-hot-restart",
-        "-l", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_ready(proc, admin, ready_timeout)
+    for attempt in range(attempts):
+        ports = {v: free_port() for v in order}
+        admin = free_port()
+        cfg, log = workdir / "envoy.yaml", workdir / f"envoy-{attempt}.log"
+        cfg.write_text(json.dumps({
+            "admin": {"address": socket_address(admin)},
+            "static_resources": {"listeners": [listener(v, ports[v], collector_port) for v in order],
+                                 "clusters": [h2_cluster("upstream", up_port) if STREAMS else static_cluster("upstream", up_port),
+                                              h2_cluster("otlp", collector_port)]}}))
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(["taskset", "-c", "0-1"] + (wrapper or []) + [
+                str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1", "--use-dynamic-base-id", "--disable-hot-restart",
+                "-l", "warning"], stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_ready(proc, admin, ready_timeout)
+            break
+        except RuntimeError:
+            proc.kill()
+            proc.wait()
+            tail = log.read_text(errors="replace")[-2000:]
+            print(f"Envoy start {attempt + 1}/{attempts} failed:\n{tail}", file=sys.stderr, flush=True)
+            if attempt + 1 == attempts:
+                raise RuntimeError(f"Envoy did not start: {tail}") from None
     if not wrapper:
         for task in pathlib.Path(f"/proc/{proc.pid}/task").iterdir():
             if (task / "comm").read_text().strip().startswith("wrk:"):
