@@ -114,8 +114,8 @@ def wait_ready(proc: subprocess.Popen, admin: int, timeout: float = 30) -> None:
 def start_envoy(workdir: pathlib.Path, up_port: int, collector_port: int, wrapper: list[str] | None = None,
                 ready_timeout: float = 30, order: list[str] | None = None, attempts: int = 3):
     """An Envoy with a listener per variant, in `order` (default VARIANTS'). A start that fails
-    (a port taken between picking and binding it) is retried with new ports; the last failure
-    raises with the tail of Envoy's log."""
+    is retried with new ports (one failure was seen in a long run, cause unknown: the log went to
+    /dev/null then); the last failure raises with the tail of Envoy's log."""
     order = order or VARIANTS
     for attempt in range(attempts):
         ports = {v: free_port() for v in order}
